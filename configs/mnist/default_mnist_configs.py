@@ -1,0 +1,73 @@
+"""IHDM's MNIST configuration (values from the IHDM reference configs), plus lintrans keys."""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config():
+    return get_default_configs()
+
+
+def get_default_configs():
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 128  # global batch, split over DDP ranks
+    training.n_iters = 1300001
+    training.snapshot_freq = 50000
+    training.log_freq = 50
+    training.eval_freq = 100
+    training.sampling_freq = 1000
+    training.snapshot_freq_for_preemption = 10000  # checkpoints-meta/checkpoint.pth
+    training.num_samples = 36
+    training.mixed_precision = "no"  # or "bf16" (autocast)
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.delta = placeholder(float)  # sampling noise; None means 1.25 * model.sigma
+
+    config.eval = evaluate = ml_collections.ConfigDict()
+    evaluate.batch_size = 256
+    evaluate.num_batches = 4  # held-out batches averaged for the periodic eval loss
+
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "MNIST"
+    data.path = ""  # default: data/<dataset>
+    data.image_size = 28
+    data.num_channels = 1
+    data.random_flip = False
+    data.centered = False
+    data.uniform_dequantization = False
+    data.num_workers = 0
+
+    config.model = model = ml_collections.ConfigDict()
+    model.forward = "heat"  # key of lintrans.forward.FORWARD_PROCESSES
+    model.K = 100
+    model.sigma = 0.01
+    model.blur_sigma_max = 20.0
+    model.blur_sigma_min = 0.5
+    model.max_dense_bytes = 2**31  # refuse dense random matrices above this
+    model.product_step = 0.1  # random_product: rotation per factor
+    model.dropout = 0.1
+    model.model_channels = 128
+    model.channel_mult = (1, 2, 2)
+    model.conv_resample = True
+    model.num_heads = 1
+    model.num_head_channels = -1
+    model.attention_levels = (2,)
+    model.ema_rate = 0.999
+    model.normalization = "GroupNorm"
+    model.nonlinearity = "swish"
+    model.num_res_blocks = 4
+    model.use_scale_shift_norm = False
+    model.skip_rescale = True
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.optimizer = "Adam"
+    optim.weight_decay = 0.0
+    optim.lr = 2e-4
+    optim.beta1 = 0.9
+    optim.eps = 1e-8
+    optim.warmup = 5000
+    optim.grad_clip = 1.0
+    return config

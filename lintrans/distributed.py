@@ -1,0 +1,119 @@
+"""One DDP set-up for every way a run can be started.
+
+``python train.py`` (one process), ``torchrun`` (``env://``), ``mpirun`` (rank and size from
+MPI; rank 0's address and a free port are broadcast over MPI) and ``srun`` (``SLURM_PROCID``,
+``SLURM_NTASKS``, ``SLURM_LOCALID``, first host of the node list) all end in
+``torch.distributed.init_process_group``: world size 1 is the degenerate case, not a separate
+code path. NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"``."""
+    m = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def detect(env: dict[str, str] | None = None) -> DistInfo:
+    """Work out rank, world size and rendezvous from the launcher's environment."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or a user who set env:// by hand
+        return DistInfo(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "torchrun",
+        )
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "MPI_LOCALNRANKS" in env:
+        return _from_mpi(env)
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return DistInfo(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            int(env.get("MASTER_PORT") or 20000 + job % 20000),
+            "srun",
+        )
+    return DistInfo(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "single")
+
+
+def _from_mpi(env: dict[str, str]) -> DistInfo:
+    from mpi4py import MPI  # imported only under mpirun: it initialises MPI on import
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", 0)))
+    addr, port = (socket.gethostname(), free_port()) if rank == 0 else (None, None)
+    addr, port = comm.bcast((addr, port), root=0)
+    if size > 1 and addr == socket.gethostname():
+        addr = "127.0.0.1"
+    return DistInfo(rank, size, local, addr, port, "mpirun")
+
+
+def init(backend: str | None = None) -> tuple[DistInfo, torch.device]:
+    """Initialise the process group (if not already) and pick this rank's device."""
+    info = detect()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        os.environ["MASTER_ADDR"] = info.master_addr
+        os.environ["MASTER_PORT"] = str(info.master_port)
+        dist.init_process_group(
+            backend or ("nccl" if device.type == "cuda" else "gloo"),
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(minutes=30),
+        )
+    return info, device
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_gather_object(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

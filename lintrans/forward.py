@@ -1,0 +1,375 @@
+"""Deterministic linear forward processes ``u_k = T(k) u_0`` and their registry.
+
+Each process is a small ``nn.Module`` keyed by name in ``FORWARD_PROCESSES``; the name in
+``config.model.forward`` selects it. A process maps a batch ``x`` of shape ``(B, C, H, W)``
+and one level per sample ``k`` (``LongTensor (B,)``, values in ``0..K``) to ``T(k) x``.
+``pair`` returns ``(T(k) x, T(k-1) x)`` in one pass where the structure allows it (the
+training loss needs both), and ``matrix(k)`` gives the dense ``d x d`` matrix (float64,
+``d = C*H*W``) for small images, built independently of ``forward`` so that tests can
+check one against the other.
+
+Adding a process is one class plus a name::
+
+    @register_forward("my_process")
+    class MyProcess(ForwardProcess):
+        def forward(self, x, k): ...
+        def matrix(self, k): ...
+
+A config file may do exactly that before ``get_config`` returns; the class is then
+available wherever that config is loaded (every DDP rank loads it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lintrans.errors import UsageError, choices
+
+FORWARD_PROCESSES: dict[str, type[ForwardProcess]] = {}
+
+_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def register_forward(name: str) -> Callable[[type[ForwardProcess]], type[ForwardProcess]]:
+    """Class decorator adding a forward process to the registry under ``name``."""
+
+    def decorator(cls: type[ForwardProcess]) -> type[ForwardProcess]:
+        FORWARD_PROCESSES[name] = cls
+        cls.name = name
+        return cls
+
+    return decorator
+
+
+def create_forward(config) -> ForwardProcess:
+    """Build the process named by ``config.model.forward`` (validated: name, K, image shape)."""
+    name = config.model.get("forward", "heat")
+    if name not in FORWARD_PROCESSES:
+        raise UsageError(
+            f"unknown forward process '{name}' (config.model.forward); valid: {choices(FORWARD_PROCESSES)}"
+        )
+    K = config.model.K
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise UsageError(f"config.model.K must be an integer >= 1, got {K!r}")
+    return FORWARD_PROCESSES[name](config)
+
+
+def image_shape(config) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the configured data; images are square as in IHDM."""
+    size = config.data.image_size
+    return (config.data.num_channels, size, size)
+
+
+class ForwardProcess(nn.Module):
+    """Base class: ``T(k)`` for ``k = 0..K`` on images of a fixed shape, ``T(0) = I``."""
+
+    name: str = ""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.K: int = config.model.K
+        self.shape: tuple[int, int, int] = image_shape(config)
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
+
+    def forward(self, x: Tensor, k: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def pair(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """``(T(k) x, T(k-1) x)``; subclasses share work between the two where they can."""
+        return self(x, k), self(x, k - 1)
+
+    def matrix(self, k: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def levels(self, k: int | Tensor, batch: int, device: torch.device) -> Tensor:
+        """A ``LongTensor (batch,)`` of levels from an int or a tensor."""
+        if isinstance(k, Tensor):
+            return k.to(device=device, dtype=torch.long).expand(batch)
+        return torch.full((batch,), int(k), device=device, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- scalar maps
+
+
+class ScalarProcess(ForwardProcess):
+    """``T(k) = c_k I``: a per-level coefficient, cheap and exact in any dtype."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        coeffs = self.coefficients(torch.arange(self.K + 1, dtype=torch.float64), self.K)
+        self.register_buffer("coeffs", coeffs.float(), persistent=False)
+
+    @staticmethod
+    def coefficients(k: Tensor, K: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, k: Tensor) -> Tensor:
+        return x * self.coeffs[k].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def matrix(self, k: int) -> Tensor:
+        return self.coeffs[k].double().cpu() * torch.eye(self.dim, dtype=torch.float64)
+
+
+@register_forward("identity")
+class Identity(ScalarProcess):
+    """``T(k) = I``: the seed's first experiment (only the noise changes between levels)."""
+
+    @staticmethod
+    def coefficients(k: Tensor, K: int) -> Tensor:
+        return torch.ones_like(k)
+
+
+@register_forward("constant_velocity")
+class ConstantVelocity(ScalarProcess):
+    """``T(k) = (1 - k/K) I``: a particle at ``u_0`` reaching the origin at ``K`` at constant speed."""
+
+    @staticmethod
+    def coefficients(k: Tensor, K: int) -> Tensor:
+        return 1.0 - k / K
+
+
+@register_forward("constant_deceleration")
+class ConstantDeceleration(ScalarProcess):
+    """``T(k) = (1 - k/K)^2 I``: starts with velocity ``-u_0 * 2/K``, comes to rest at the origin at K.
+
+    The seed writes ``(k^2/K^2 - k/K) I``, which gives ``T(0) = 0`` and contradicts its own
+    description; ``(1 - k/K)^2`` is the motion it describes (``T(0) = I``, ``T(K) = 0``,
+    zero velocity at ``K``).
+    """
+
+    @staticmethod
+    def coefficients(k: Tensor, K: int) -> Tensor:
+        return (1.0 - k / K) ** 2
+
+
+# --------------------------------------------------------------------------- heat (IHDM)
+
+
+def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The orthonormal DCT-II matrix ``D`` (``X = D x``); used as an independent reference."""
+    i = torch.arange(n, dtype=torch.float64)
+    D = torch.cos(math.pi * (2 * i[None, :] + 1) * i[:, None] / (2 * n)) * math.sqrt(2.0 / n)
+    D[0] /= math.sqrt(2.0)
+    return D.to(dtype)
+
+
+def dct(x: Tensor) -> Tensor:
+    """Orthonormal DCT-II along the last dimension through one FFT (Makhoul's reordering)."""
+    n = x.shape[-1]
+    v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
+    V = torch.fft.fft(v, dim=-1)
+    k = torch.arange(n, device=x.device, dtype=x.dtype)
+    X = (V * torch.exp(-1j * math.pi * k / (2 * n))).real * math.sqrt(2.0 / n)
+    X[..., 0] /= math.sqrt(2.0)
+    return X
+
+
+def idct(X: Tensor) -> Tensor:
+    """Inverse of :func:`dct` (orthonormal DCT-III) through one inverse FFT."""
+    n = X.shape[-1]
+    Y = X * math.sqrt(2.0 * n)  # unnormalised DCT-II coefficients Y_k = 2 Re(W_k V_k)
+    Y[..., 0] *= math.sqrt(2.0)
+    Y_rev = torch.cat([torch.zeros_like(Y[..., :1]), Y[..., 1:].flip(-1)], dim=-1)  # Y_{n-k}
+    k = torch.arange(n, device=X.device, dtype=X.dtype)
+    V = torch.complex(Y, -Y_rev) / 2 * torch.exp(1j * math.pi * k / (2 * n))
+    v = torch.fft.ifft(V, dim=-1).real
+    x = torch.empty_like(v)
+    half = (n + 1) // 2
+    x[..., ::2] = v[..., :half]
+    x[..., 1::2] = v[..., half:].flip(-1)
+    return x
+
+
+def dct_2d(x: Tensor) -> Tensor:
+    return dct(dct(x).transpose(-1, -2)).transpose(-1, -2)
+
+
+def idct_2d(X: Tensor) -> Tensor:
+    return idct(idct(X).transpose(-1, -2)).transpose(-1, -2)
+
+
+def blur_schedule(K: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """IHDM's blur widths: ``s_0 = 0``, ``s_1..s_K`` log-spaced from ``sigma_min`` to ``sigma_max``."""
+    s = torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), K, dtype=torch.float64))
+    return torch.cat([torch.zeros(1, dtype=torch.float64), s])
+
+
+@register_forward("heat")
+class Heat(ForwardProcess):
+    """IHDM's heat dissipation: DCT coefficient ``(i, j)`` times ``exp(-pi^2 (i^2/H^2 + j^2/W^2) s_k^2 / 2)``."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        lo, hi = config.model.blur_sigma_min, config.model.blur_sigma_max
+        if not 0 < lo <= hi:
+            raise UsageError(f"heat needs 0 < blur_sigma_min <= blur_sigma_max, got {lo!r} and {hi!r}")
+        _, H, W = self.shape
+        fy = (math.pi * torch.arange(H, dtype=torch.float64) / H) ** 2
+        fx = (math.pi * torch.arange(W, dtype=torch.float64) / W) ** 2
+        self.register_buffer("freq2", (fy[:, None] + fx[None, :]).float(), persistent=False)
+        t = blur_schedule(self.K, lo, hi) ** 2 / 2
+        self.register_buffer("t", t.float(), persistent=False)
+
+    def masks(self, k: Tensor) -> Tensor:
+        """Per-sample DCT multipliers, ``(B, 1, H, W)``."""
+        return torch.exp(-self.freq2 * self.t[k].view(-1, 1, 1))[:, None]
+
+    def forward(self, x: Tensor, k: Tensor) -> Tensor:
+        xf = x.float() if x.dtype in _REDUCED_PRECISION else x
+        out = idct_2d(dct_2d(xf) * self.masks(k).to(xf.dtype))
+        return out.to(x.dtype)
+
+    def pair(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """One DCT, two masks, one inverse DCT over both (stacked along the batch)."""
+        xf = x.float() if x.dtype in _REDUCED_PRECISION else x
+        coeffs = dct_2d(xf)
+        masks = self.masks(torch.cat([k, k - 1])).to(xf.dtype)
+        both = idct_2d(coeffs.repeat(2, 1, 1, 1) * masks).to(x.dtype)
+        return both[: len(x)], both[len(x) :]
+
+    def matrix(self, k: int) -> Tensor:
+        C, H, W = self.shape
+        D = torch.kron(dct_matrix(H), dct_matrix(W))  # row-major vec of D_H X D_W^T
+        m = torch.exp(-self.freq2.double().cpu() * float(self.t[k])).reshape(-1)
+        block = D.T @ torch.diag(m) @ D
+        return torch.block_diag(*([block] * C))
+
+
+# --------------------------------------------------------------------------- random maps
+
+
+def _generator(config, salt: int) -> torch.Generator:
+    """A CPU generator seeded from the config, so every rank and every restart agrees."""
+    seed = config.model.get("forward_seed", config.get("seed", 0))
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + salt)
+
+
+class MatrixProcess(ForwardProcess):
+    """``T(k)`` stored as matrices: dense ``(K+1, d, d)`` or separable row/column factors.
+
+    Dense storage needs ``(K+1) d^2`` floats; it refuses above ``config.model.max_dense_bytes``
+    and points to the separable variant, which stores ``(K+1)(H^2 + W^2)`` floats and acts as
+    ``T(k) X = A_k X B_k^T`` on every channel (``T(k) = I_C (x) A_k (x) B_k``).
+    """
+
+    separable: bool = False
+    salt: int = 0
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        C, H, W = self.shape
+        gen = _generator(config, self.salt)
+        if self.separable:
+            self.register_buffer("rows", self.build(H, gen).float(), persistent=False)
+            self.register_buffer("cols", self.build(W, gen).float(), persistent=False)
+            return
+        need = (self.K + 1) * self.dim**2 * 4
+        budget = int(config.model.get("max_dense_bytes", 2**31))
+        if need > budget:
+            raise UsageError(
+                f"forward process '{self.name}' would store {need / 2**30:.1f} GiB of dense "
+                f"matrices for K={self.K} at {C}x{H}x{W} (config.model.max_dense_bytes="
+                f"{budget}); use '{self.name}_separable' instead"
+            )
+        self.register_buffer("mats", self.build(self.dim, gen).float(), persistent=False)
+
+    def build(self, n: int, gen: torch.Generator) -> Tensor:  # pragma: no cover - abstract
+        """``(K+1, n, n)`` float64 matrices with index 0 the identity."""
+        raise NotImplementedError
+
+    def _apply_level(self, x: Tensor, level: int) -> Tensor:
+        if self.separable:
+            A, B = self.rows[level].to(x.dtype), self.cols[level].to(x.dtype)
+            return A @ x @ B.T
+        M = self.mats[level].to(x.dtype)
+        return (x.reshape(len(x), -1) @ M.T).reshape(x.shape)
+
+    def forward(self, x: Tensor, k: Tensor) -> Tensor:
+        """Groups the batch by level, so each distinct level costs one batched matmul."""
+        out = torch.empty_like(x)
+        for level in torch.unique(k).tolist():
+            idx = (k == level).nonzero(as_tuple=True)[0]
+            out[idx] = self._apply_level(x[idx], level)
+        return out
+
+    def matrix(self, k: int) -> Tensor:
+        C = self.shape[0]
+        if self.separable:
+            block = torch.kron(self.rows[k].double().cpu(), self.cols[k].double().cpu())
+            return torch.block_diag(*([block] * C))
+        return self.mats[k].double().cpu()
+
+
+def gaussian_levels(K: int, n: int, gen: torch.Generator) -> Tensor:
+    """``R_0 = I`` and independent ``R_k`` with ``N(0, 1/n)`` entries (``E|R x|^2 = |x|^2``)."""
+    mats = torch.randn(K + 1, n, n, generator=gen, dtype=torch.float64) / math.sqrt(n)
+    mats[0] = torch.eye(n, dtype=torch.float64)
+    return mats
+
+
+def orthogonal_products(K: int, n: int, gen: torch.Generator, step: float) -> Tensor:
+    """``T(k) = R_k ... R_1`` with near-identity orthogonal factors, stable for any K.
+
+    Each factor is the Cayley transform ``(I - eps A/2)^{-1} (I + eps A/2)`` of a random
+    skew-symmetric ``A`` (entries ``N(0, 1/n)``): exactly orthogonal, so the product keeps
+    every singular value at 1 instead of growing or shrinking geometrically as a product of
+    Gaussian matrices does. The running product is accumulated in float64 and
+    re-orthonormalised by QR (sign-fixed, so it stays continuous in k) to remove rounding drift.
+    """
+    eye = torch.eye(n, dtype=torch.float64)
+    mats = torch.empty(K + 1, n, n, dtype=torch.float64)
+    mats[0] = eye
+    product = eye
+    for k in range(1, K + 1):
+        G = torch.randn(n, n, generator=gen, dtype=torch.float64) / math.sqrt(n)
+        A = (G - G.T) * (step / 2)
+        R = torch.linalg.solve(eye - A, eye + A)
+        product = R @ product
+        Q, Rtri = torch.linalg.qr(product)
+        product = Q * torch.sign(torch.diagonal(Rtri))[None, :]
+        mats[k] = product
+    return mats
+
+
+@register_forward("random_fixed")
+class RandomFixed(MatrixProcess):
+    """A fixed random Gaussian matrix per level (``R_0 = I``), seeded by the config."""
+
+    salt = 1
+
+    def build(self, n: int, gen: torch.Generator) -> Tensor:
+        return gaussian_levels(self.K, n, gen)
+
+
+@register_forward("random_fixed_separable")
+class RandomFixedSeparable(RandomFixed):
+    separable = True
+
+
+@register_forward("random_product")
+class RandomProduct(MatrixProcess):
+    """``T(k) = R_k ... R_1`` with orthogonal near-identity ``R_i`` (see :func:`orthogonal_products`).
+
+    ``config.model.product_step`` sets how far each factor rotates (default 0.1).
+    """
+
+    salt = 2
+
+    def __init__(self, config) -> None:
+        self.step = float(config.model.get("product_step", 0.1))
+        super().__init__(config)
+
+    def build(self, n: int, gen: torch.Generator) -> Tensor:
+        return orthogonal_products(self.K, n, gen, self.step)
+
+
+@register_forward("random_product_separable")
+class RandomProductSeparable(RandomProduct):
+    separable = True

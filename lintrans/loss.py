@@ -1,0 +1,36 @@
+"""The IHDM training objective, a pure function of the model, process, data and randomness.
+
+``E || T(k-1) u_0 - (u_k + f(u_k, k)) ||^2`` with ``u_k = T(k) u_0 + sigma * eps``: summed over
+pixels, averaged over the batch, ``k ~ Uniform{1..K}`` (``K`` included, since sampling starts
+there). Levels and noise are passed in rather than drawn here, so that a sharded DDP step and a
+single-process step see exactly the same randomness per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from lintrans.forward import ForwardProcess
+
+
+def sample_levels(batch: int, K: int, generator: torch.Generator) -> Tensor:
+    """``k ~ Uniform{1..K}``, one per sample."""
+    return torch.randint(1, K + 1, (batch,), generator=generator)
+
+
+def per_sample_loss(
+    model: Callable[[Tensor, Tensor], Tensor],
+    process: ForwardProcess,
+    x0: Tensor,
+    k: Tensor,
+    noise: Tensor,
+    sigma: float,
+) -> Tensor:
+    """Squared error of the one-level denoising prediction, ``(B,)`` (summed over pixels)."""
+    target_k, target_prev = process.pair(x0, k)
+    u_k = target_k + sigma * noise
+    prediction = u_k + model(u_k, k)
+    return (target_prev - prediction).float().pow(2).flatten(1).sum(1)

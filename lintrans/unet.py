@@ -1,0 +1,178 @@
+"""The IHDM U-Net (the guided-diffusion architecture IHDM uses), conditioned on the level k.
+
+``UNet(config)(u_k, k)`` predicts the residual ``f`` with ``u_{k-1} ~ u_k + f``. Knobs come from
+``config.model``: ``model_channels``, ``channel_mult``, ``num_res_blocks``,
+``attention_levels`` (indices into ``channel_mult``, IHDM's convention), ``dropout``,
+``use_scale_shift_norm``, ``skip_rescale``, ``conv_resample``, ``num_heads`` /
+``num_head_channels``. Normalisation is GroupNorm and the non-linearity swish (SiLU), as in
+every IHDM config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lintrans.errors import UsageError
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups where the width allows it (guided-diffusion's choice)."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def level_embedding(k: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of the (integer) level, ``(B, dim)``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=k.device) / half)
+    args = k.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero-initialise the last layer of a residual branch, so every block starts as identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        emb_dim: int,
+        dropout: float,
+        scale_shift: bool,
+        skip_rescale: bool,
+    ) -> None:
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.skip_rescale = skip_rescale
+        self.in_layers = nn.Sequential(group_norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch))
+        self.out_norm = group_norm(out_ch)
+        self.out_layers = nn.Sequential(
+            nn.SiLU(), nn.Dropout(dropout), zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        )
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)
+        e = self.emb(emb)[:, :, None, None].to(h.dtype)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_norm(h) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + e)
+        h = self.skip(x) + self.out_layers(h)
+        return h / math.sqrt(2.0) if self.skip_rescale else h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over pixels with fused scaled-dot-product attention."""
+
+    def __init__(self, channels: int, num_heads: int, num_head_channels: int) -> None:
+        super().__init__()
+        self.heads = channels // num_head_channels if num_head_channels > 0 else num_heads
+        if channels % self.heads:
+            raise UsageError(f"attention: {channels} channels do not split into {self.heads} heads")
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x).reshape(B, C, H * W))
+        q, k, v = qkv.reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
+        h = h.transpose(-1, -2).reshape(B, C, H * W)
+        return x + self.proj(h).reshape(B, C, H, W)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else nn.Identity()
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class UNet(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        m = config.model
+        ch = m.model_channels
+        in_ch = config.data.num_channels
+        emb_dim = 4 * ch
+        self.model_channels = ch
+        self.level_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def res(i: int, o: int) -> ResBlock:
+            return ResBlock(i, o, emb_dim, m.dropout, m.use_scale_shift_norm, m.skip_rescale)
+
+        def attn(c: int) -> AttentionBlock:
+            return AttentionBlock(c, m.num_heads, m.get("num_head_channels", -1))
+
+        self.input_conv = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skips = [ch]
+        cur = ch
+        levels = len(m.channel_mult)
+        for level, mult in enumerate(m.channel_mult):
+            for _ in range(m.num_res_blocks):
+                layers = [res(cur, mult * ch)]
+                cur = mult * ch
+                if level in m.attention_levels:
+                    layers.append(attn(cur))
+                self.down.append(nn.ModuleList(layers))
+                skips.append(cur)
+            if level != levels - 1:
+                self.down.append(nn.ModuleList([Downsample(cur, m.conv_resample)]))
+                skips.append(cur)
+        self.middle = nn.ModuleList([res(cur, cur), attn(cur), res(cur, cur)])
+        self.up = nn.ModuleList()
+        self.upsamplers = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(m.channel_mult))):
+            for i in range(m.num_res_blocks + 1):
+                layers = [res(cur + skips.pop(), mult * ch)]
+                cur = mult * ch
+                if level in m.attention_levels:
+                    layers.append(attn(cur))
+                self.up.append(nn.ModuleList(layers))
+                if level and i == m.num_res_blocks:
+                    self.upsamplers[str(len(self.up) - 1)] = Upsample(cur, m.conv_resample)
+        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), zero_module(nn.Conv2d(cur, in_ch, 3, padding=1)))
+
+    def forward(self, x: Tensor, k: Tensor) -> Tensor:
+        emb = self.level_mlp(level_embedding(k, self.model_channels))
+        h = self.input_conv(x)
+        hs = [h]
+        for layers in self.down:
+            for layer in layers:
+                h = layer(h, emb)
+            hs.append(h)
+        for layer in self.middle:
+            h = layer(h, emb)
+        for idx, layers in enumerate(self.up):
+            h = torch.cat([h, hs.pop()], dim=1)
+            for layer in layers:
+                h = layer(h, emb)
+            up = self.upsamplers[str(idx)] if str(idx) in self.upsamplers else None
+            if up is not None:
+                h = up(h, hs[-1].shape[-2:])
+        return self.out(h)

@@ -1,0 +1,155 @@
+"""Forward processes: dense-matrix agreement, T(0)=I, closed forms, dtypes, batching, stability."""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+
+from lintrans.errors import UsageError
+from lintrans.forward import FORWARD_PROCESSES, create_forward, dct, dct_2d, idct_2d
+
+NAMES = sorted(FORWARD_PROCESSES)
+SHAPES = [(1, 6, 6), (3, 4, 4)]
+
+
+def make(name: str, shape=(1, 6, 6), K: int = 7, **model) -> torch.nn.Module:
+    config = ml_collections.ConfigDict(
+        {
+            "seed": 3,
+            "data": {"num_channels": shape[0], "image_size": shape[1]},
+            "model": {"forward": name, "K": K, "blur_sigma_min": 0.5, "blur_sigma_max": 4.0, **model},
+        }
+    )
+    return create_forward(config)
+
+
+def test_dct_matches_scipy_and_inverts():
+    x = torch.randn(4, 3, 7, 10, dtype=torch.float64)
+    np.testing.assert_allclose(dct(x).numpy(), scipy.fft.dct(x.numpy(), norm="ortho", axis=-1), atol=1e-12)
+    np.testing.assert_allclose(idct_2d(dct_2d(x)).numpy(), x.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", NAMES)
+def test_apply_matches_dense_matrix(name, shape):
+    p = make(name, shape)
+    x = torch.randn(5, *shape)
+    k = torch.tensor([0, 1, 3, 6, 7])  # per-sample levels, including 0 and K
+    y = p(x, k)
+    for i, level in enumerate(k.tolist()):
+        expected = p.matrix(level) @ x[i].double().reshape(-1)
+        torch.testing.assert_close(y[i].double().reshape(-1), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_identity_at_level_zero_and_pair(name):
+    p = make(name, (3, 4, 4))
+    torch.testing.assert_close(p.matrix(0), torch.eye(48, dtype=torch.float64), atol=1e-6, rtol=0)
+    x = torch.randn(4, 3, 4, 4)
+    k = torch.tensor([1, 2, 7, 4])
+    now, prev = p.pair(x, k)
+    torch.testing.assert_close(now, p(x, k), atol=1e-6, rtol=0)
+    torch.testing.assert_close(prev, p(x, k - 1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+def test_dtype_is_kept(name, dtype):
+    p = make(name, (1, 6, 6))
+    x = torch.rand(3, 1, 6, 6).to(dtype)
+    k = torch.tensor([1, 5, 7])
+    assert p(x, k).dtype == dtype
+    assert all(t.dtype == dtype for t in p.pair(x, k))
+
+
+def test_mechanics_closed_forms():
+    K = 10
+    vel, dec = make("constant_velocity", K=K), make("constant_deceleration", K=K)
+    d = vel.dim
+    for k in range(K + 1):
+        torch.testing.assert_close(vel.matrix(k), (1 - k / K) * torch.eye(d, dtype=torch.float64))
+        torch.testing.assert_close(dec.matrix(k), (1 - k / K) ** 2 * torch.eye(d, dtype=torch.float64))
+    zero = torch.zeros(d, d, dtype=torch.float64)
+    torch.testing.assert_close(vel.matrix(K), zero)
+    torch.testing.assert_close(dec.matrix(K), zero)
+    # deceleration: the discrete velocity shrinks linearly to (almost) rest at K; velocity is constant
+    c = dec.coeffs.double()
+    v = c[1:] - c[:-1]
+    torch.testing.assert_close(v[1:] - v[:-1], torch.full((K - 1,), 2 / K**2, dtype=torch.float64))
+    assert abs(v[-1]) < abs(v[0]) / (K - 1) * 1.01
+    cv = vel.coeffs.double()
+    torch.testing.assert_close(cv[1:] - cv[:-1], torch.full((K,), -1 / K, dtype=torch.float64))
+
+
+def test_heat_is_the_ihdm_blur():
+    p = make("heat", (1, 6, 6), K=7)
+    s = torch.exp(torch.linspace(math.log(0.5), math.log(4.0), 7, dtype=torch.float64))
+    i = torch.arange(6, dtype=torch.float64)
+    for k in (1, 7):
+        mask = torch.exp(-(math.pi**2) * (i[:, None] ** 2 + i[None, :] ** 2) / 36 * s[k - 1] ** 2 / 2)
+        x = torch.randn(1, 1, 6, 6, dtype=torch.float64)
+        torch.testing.assert_close(p(x, torch.tensor([k])), idct_2d(dct_2d(x) * mask), atol=1e-6, rtol=0)
+
+
+def condition(m: torch.Tensor) -> float:
+    s = torch.linalg.svdvals(m)
+    return (s.max() / s.min()).item()
+
+
+def test_random_product_is_stable_at_K_1000_on_28x28():
+    K = 1000
+    p = make("random_product_separable", (1, 28, 28), K=K)
+    for k in range(K + 1):
+        A, B = p.rows[k].double(), p.cols[k].double()
+        assert torch.isfinite(A).all() and torch.isfinite(B).all()
+        # T(k) = A (x) B on the 784 pixels, and cond(A (x) B) = cond(A) cond(B)
+        assert condition(A) * condition(B) < 1e3, k
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.isfinite(p(x, torch.tensor([K, K // 2]))).all()
+    # the dense variant at a smaller size, same K
+    dense = make("random_product", (1, 6, 6), K=K)
+    conds = [condition(dense.mats[k].double()) for k in range(0, K + 1, 50)]
+    assert max(conds) < 1e3
+
+
+def test_naive_gaussian_product_breaks_down_at_28x28():
+    """The seed's T(k) = R_k ... R_1 with Gaussian R_i: not finite long before K = 1000."""
+    gen = torch.Generator().manual_seed(0)
+    d, product, broke_at = 28 * 28, torch.eye(28 * 28), None
+    for k in range(1, 1001):
+        product = torch.randn(d, d, generator=gen) @ product
+        if not torch.isfinite(product).all():
+            broke_at = k
+            break
+    assert broke_at is not None and broke_at < 100, broke_at
+
+
+@pytest.mark.parametrize("name", ["random_fixed", "random_product", "random_fixed_separable"])
+def test_random_processes_are_reproducible(name):
+    a, b = make(name, (1, 6, 6)), make(name, (1, 6, 6))
+    for k in (1, 4, 7):
+        torch.testing.assert_close(a.matrix(k), b.matrix(k), atol=0, rtol=0)
+    other = make(name, (1, 6, 6), forward_seed=99)
+    assert not torch.equal(a.matrix(4), other.matrix(4))
+
+
+def test_dense_storage_refuses_and_separable_works_on_cifar_size():
+    with pytest.raises(UsageError, match="random_fixed_separable"):
+        make("random_fixed", (3, 32, 32), K=200)
+    p = make("random_fixed_separable", (3, 32, 32), K=200)
+    x = torch.randn(4, 3, 32, 32)
+    y = p(x, torch.tensor([0, 1, 100, 200]))
+    assert torch.equal(y[0], x[0]) and torch.isfinite(y).all()
+    with pytest.raises(UsageError, match="random_product_separable"):
+        make("random_product", (3, 32, 32), K=200, max_dense_bytes=2**20)
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(UsageError) as err:
+        make("warp_drive")
+    assert "warp_drive" in str(err.value) and all(n in str(err.value) for n in NAMES)

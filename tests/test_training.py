@@ -1,0 +1,207 @@
+"""Training: DDP equivalence (torchrun, mpirun), exact resume, preemption, learning, sampling."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lintrans.errors import EXIT_NONFINITE, EXIT_PREEMPTED
+from lintrans.training_loop import build_model
+from tests.configs import tiny
+from tests.conftest import ROOT, env, require, run, train_args, weights
+
+# Same data, levels and noise per sample; dropout off; SGD so the update is linear in the
+# gradient. Averaging two half-batch gradients instead of one full-batch gradient only changes
+# float32 summation order (~1e-7 relative); 5 SGD steps at lr 0.05 keep that below 1e-5.
+DDP_OVERRIDES = [
+    "--config.optim.optimizer=SGD",
+    "--config.optim.lr=0.05",
+    "--config.optim.warmup=0",
+    "--config.training.n_iters=5",
+    "--config.training.batch_size=16",
+]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[key] - b[key]).abs().max().item() for key in a)
+    assert worst <= atol, worst
+    moved = max((a[key] - b[key]).abs().max().item() for key in a if "out." in key)
+    assert moved <= atol
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> dict:
+    workdir = tmp_path_factory.mktemp("single")
+    result = run(train_args(workdir, *DDP_OVERRIDES))
+    assert result.returncode == 0, result.stderr
+    return weights(workdir)
+
+
+def test_ddp_torchrun_matches_single_process(tmp_path, single_run):
+    cmd = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=0",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        *train_args(tmp_path, *DDP_OVERRIDES),
+    ]
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(weights(tmp_path), single_run, atol=1e-5)
+    initial = build_model(tiny.get_config(), torch.device("cpu")).state_dict()
+    assert max((single_run[k] - initial[k]).abs().max() for k in single_run) > 1e-3  # training moved them
+
+
+def test_ddp_mpirun_matches_single_process(tmp_path, single_run):
+    mpirun = require("mpirun")
+    cmd = [
+        mpirun,
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "2",
+        sys.executable,
+        *train_args(tmp_path, *DDP_OVERRIDES),
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(weights(tmp_path), single_run, atol=1e-5)
+
+
+def wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    meta = workdir / "checkpoints-meta" / "checkpoint.pth"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "run ended before its checkpoint"
+        if meta.is_file():
+            if torch.load(meta, weights_only=True)["step"] >= step:
+                return
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint in time")
+
+
+SLOW = [
+    "--config=configs/mnist5k/default_mnist5k_configs.py",
+    "--config.training.batch_size=16",
+    "--config.training.sampling_freq=0",
+    "--config.training.eval_freq=1000",
+]
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    args = [*SLOW, "--config.training.n_iters=40", "--config.training.snapshot_freq_for_preemption=20"]
+    full = run(["train.py", f"--workdir={tmp_path / 'full'}", *args])
+    assert full.returncode == 0, full.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", f"--workdir={killed}", *args],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_step(killed, 20, proc)
+    proc.kill()
+    proc.wait()
+    assert torch.load(killed / "checkpoints-meta" / "checkpoint.pth", weights_only=True)["step"] == 20
+    resumed = run(["train.py", f"--workdir={killed}", *args])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "at step 20" in resumed.stdout
+    for key in ("model", "ema"):
+        a, b = weights(tmp_path / "full", key), weights(killed, key)
+        assert all(torch.equal(a[k], b[k]) for k in a), key
+
+
+def test_sigusr1_checkpoints_and_resumes(tmp_path):
+    args = [*SLOW, "--config.training.n_iters=100000", "--config.training.snapshot_freq_for_preemption=5"]
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", f"--workdir={tmp_path}", *args],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(tmp_path, 6, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    step = torch.load(tmp_path / "checkpoints-meta" / "checkpoint.pth", weights_only=True)["step"]
+    assert step >= 6 and f"checkpoint written at step {step}" in out + err
+    again = run(["train.py", f"--workdir={tmp_path}", *args[:-2], f"--config.training.n_iters={step + 3}"])
+    assert again.returncode == 0, again.stderr
+    assert f"at step {step}" in again.stdout
+    assert torch.load(tmp_path / "checkpoints-meta" / "checkpoint.pth", weights_only=True)["step"] == step + 3
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
+    ok = run(train_args(tmp_path))
+    assert ok.returncode == 0, ok.stderr
+    meta = tmp_path / "checkpoints-meta" / "checkpoint.pth"
+    before = meta.read_bytes()
+    bad = run(
+        train_args(
+            tmp_path,
+            "--config.optim.lr=1e30",
+            "--config.optim.grad_clip=0",
+            "--config.training.n_iters=30",
+            "--config.optim.warmup=0",
+        )
+    )
+    assert bad.returncode == EXIT_NONFINITE, bad.stderr
+    assert "non-finite" in bad.stderr and "Traceback" not in bad.stderr
+    assert meta.read_bytes() == before
+
+
+def test_config_file_registers_its_own_forward_process(tmp_path):
+    result = run(train_args(tmp_path, config="tests/configs/custom_forward.py"))
+    assert result.returncode == 0, result.stderr
+    state = torch.load(tmp_path / "checkpoints-meta" / "checkpoint.pth", weights_only=True)
+    assert state["step"] == 5 and '"half_fade"' in state["config"]
+
+
+def test_mnist5k_heat_learns_and_samples_in_every_mode(tmp_path):
+    result = run(
+        [
+            "train.py",
+            "--config=configs/mnist5k/default_mnist5k_configs.py",
+            f"--workdir={tmp_path}",
+            "--config.training.n_iters=200",
+            "--config.training.eval_freq=200",
+            "--config.training.sampling_freq=200",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = dict(re.findall(r"step (\d+): eval loss ([0-9.]+)", result.stdout + result.stderr))
+    first, last = float(losses["0"]), float(losses["200"])
+    print(f"held-out loss {first:.4f} -> {last:.4f} ({first / last:.1f}x)")
+    assert last * 3 <= first
+    assert {p.name for p in (tmp_path / "samples" / "iter_200").iterdir()} >= {
+        "samples.png",
+        "prior.png",
+        "process.gif",
+    }
+    for mode in ([], ["--same_init"], ["--share_noise"], ["--interpolate", "--num_points=6"]):
+        out = tmp_path / ("out" + "".join(mode).replace("-", "_").replace("=", ""))
+        s = run(
+            [
+                "sample.py",
+                "--config=configs/mnist5k/default_mnist5k_configs.py",
+                f"--workdir={tmp_path}",
+                "--batch_size=4",
+                f"--outdir={out}",
+                *mode,
+            ]
+        )
+        assert s.returncode == 0, s.stderr
+        assert {p.name for p in out.iterdir()} == {"process.gif", "prior.png", "samples.npz", "samples.png"}
