@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import signal
+import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -35,8 +37,9 @@ class Preemption:
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in PREEMPT_SIGNALS:
-            signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():  # Ray runs trainables in threads
+            for sig in PREEMPT_SIGNALS:
+                signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
@@ -139,20 +142,28 @@ def write_samples(config, ema_model, process, train_set, folder: Path, device: t
         writer.add_image("samples", images.to_tensorboard(final.cpu()), step)
 
 
-def train(config, workdir: str | Path) -> int:
-    """Train (or resume) in ``workdir``; returns an exit code (see :mod:`lintrans.errors`)."""
+Report = Callable[[int, dict], None]
+
+
+def train(config, workdir: str | Path, report: Report | None = None) -> int:
+    """Train (or resume) in ``workdir``; returns an exit code (see :mod:`lintrans.errors`).
+
+    ``report(step, metrics)`` is called on rank 0 after every evaluation and checkpoint (the
+    Ray Tune backend forwards it to ``tune.report``; metrics hold ``eval_loss`` and
+    ``checkpoint_dir`` where one was just written).
+    """
     validate(config)
     workdir = Path(workdir)
     process = create_forward(config)  # fails fast on bad input, before any process group exists
     train_set, eval_set = datasets.load(config)
     info, device = distributed.init()
     try:
-        return _train(config, workdir, process.to(device), train_set, eval_set, info, device)
+        return _train(config, workdir, process.to(device), train_set, eval_set, info, device, report)
     finally:
         distributed.cleanup()
 
 
-def _train(config, workdir, process, train_set, eval_set, info, device) -> int:
+def _train(config, workdir, process, train_set, eval_set, info, device, report: Report | None) -> int:
     rank, world, main = info.rank, info.world_size, info.rank == 0
     gb = config.training.batch_size
     sampler = datasets.GlobalBatchSampler(len(train_set), gb, rank, world, int(config.seed))
@@ -286,11 +297,12 @@ def _train(config, workdir, process, train_set, eval_set, info, device) -> int:
                     )
                 per_level.zero_()
                 bar.set_postfix(loss=f"{global_loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
+        metrics = {}
         if done % t.eval_freq == 0 or done == t.n_iters:
-            ev = eval_loss(config, model, process, eval_set, rank, world, device)
+            metrics["eval_loss"] = eval_loss(config, model, process, eval_set, rank, world, device)
             if main:
-                writer.add_scalar("eval/loss", ev, done)
-                bar.write(f"step {done}: eval loss {ev:.4f}")
+                writer.add_scalar("eval/loss", metrics["eval_loss"], done)
+                bar.write(f"step {done}: eval loss {metrics['eval_loss']:.4f}")
         if main and t.sampling_freq > 0 and (done % t.sampling_freq == 0 or done == t.n_iters):
             write_samples(
                 config, ema.model, process, train_set, workdir / "samples" / f"iter_{done}", device, writer, done
@@ -298,6 +310,9 @@ def _train(config, workdir, process, train_set, eval_set, info, device) -> int:
         preempted = stats[1].item() > 0
         if preempted or done % t.snapshot_freq_for_preemption == 0 or done % t.snapshot_freq == 0 or done == t.n_iters:
             save_checkpoints(done, numbered=done % t.snapshot_freq == 0)
+            metrics["checkpoint_dir"] = str(meta.parent)
+        if main and report is not None and metrics:
+            report(done, {"train_loss": global_loss, **metrics})
         if preempted:
             if main:
                 bar.write(f"preemption signal: checkpoint written at step {done}, exiting with {EXIT_PREEMPTED}")

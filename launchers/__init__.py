@@ -1,0 +1,1 @@
+"""Sweeps over lintrans trials: expansion, trial state, backends (local, SLURM, Ray Tune), tables."""

@@ -1,0 +1,5 @@
+import sys
+
+from launchers.cli import main
+
+sys.exit(main())
