@@ -42,7 +42,7 @@ BACKENDS = ("local", "slurm", "ray")
 EVAL_MODES = ("elbo", "fid")
 EVAL_KEYS = {
     "mode", "checkpoint", "delta", "batch_size", "num_gen", "experiment_name", "param_name",
-    "dataset_name_cleanfid", "dataset_split", "cleanfid_mode", "metric",
+    "dataset_name_cleanfid", "dataset_split", "cleanfid_mode", "metric", "num_train", "num_test", "seed",
 }  # fmt: skip
 RESOURCE_KEYS = {"gpus": int, "cpus": int, "mem_gb": (int, float), "time_min": int, "nodes": int}
 SECTIONS = {

@@ -49,6 +49,7 @@ def write_spec(sweep: Sweep, trial: Trial) -> None:
         "axes": list(sweep.axes),
         "evaluations": sweep.evaluations,
         "max_requeues": sweep.section("slurm").get("max_requeues", 3),
+        "runs_dir": str(sweep.runs_dir.resolve()),
     }
     path = trial.run_dir / SPEC
     if state.read(path) != json.loads(json.dumps(spec, default=str)):
@@ -116,6 +117,7 @@ def run_trial(trial_dir: str | Path, backend: str = "local", report: Callable | 
     if not spec:
         raise UsageError(f"no trial spec: {trial_dir / SPEC} is missing or unreadable")
     os.chdir(spec["cwd"])  # config files import configs.* relative to the launch directory
+    os.environ["LINTRANS_RUNS_DIR"] = spec["runs_dir"]  # seed-style evaluation summaries beside the sweep
     if _rank() != 0:  # other ranks only train; rank 0 owns state, records and evaluations
         return _train_only(spec, trial_dir)
     lock = TrialLock(trial_dir)
@@ -174,7 +176,7 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
                 continue
             from lintrans.evaluation import evaluate
 
-            ev = dict(ev)
+            ev = {"experiment_name": spec["sweep"], "param_name": spec["id"], **ev}
             evaluate(config, trial_dir, mode=ev.pop("mode"), overrides=spec["overrides"], **ev)
             done.append(i)
             state.write_status(trial_dir, "running", evaluations_done=done, step=step, **common)

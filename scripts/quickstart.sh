@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up, then the main job on the embedded MNIST digits (no download needed).
+# Set up, then the main job: sweeps/quickstart.yaml (3 forward processes x 2 horizons on the
+# embedded MNIST digits, CPU) through the local backend, ending in the results table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python train.py --config configs/mnist5k/default_mnist5k_configs.py --workdir runs/mnist5k/quickstart
-.venv/bin/python sample.py --config configs/mnist5k/default_mnist5k_configs.py --workdir runs/mnist5k/quickstart --batch_size=16
+exec .venv/bin/python -m launchers run sweeps/quickstart.yaml --backend local
