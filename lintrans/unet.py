@@ -119,6 +119,12 @@ class UNet(nn.Module):
         ch = m.model_channels
         in_ch = config.data.num_channels
         emb_dim = 4 * ch
+        bad = [lvl for lvl in m.attention_levels if not 0 <= lvl < len(m.channel_mult)]
+        if bad:
+            raise UsageError(
+                f"config.model.attention_levels {tuple(m.attention_levels)}: levels {bad} do not exist; "
+                f"valid: 0..{len(m.channel_mult) - 1} (indices into channel_mult {tuple(m.channel_mult)})"
+            )
         self.model_channels = ch
         self.level_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
