@@ -94,6 +94,7 @@ class SlurmTrial:
 
     def __call__(self, trial_dir: str) -> int:
         env = dict(os.environ, LINTRANS_BACKEND="slurm", PYTHONUNBUFFERED="1")
+        env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))  # no oversubscription
         self.proc = subprocess.Popen([sys.executable, "-m", "launchers.trial", trial_dir], env=env)
         code = self.proc.wait()
         if code == EXIT_PREEMPTED:  # SIGTERM from scontrol requeue / scancel: SLURM decides what follows
@@ -209,6 +210,7 @@ def sbatch_scripts(sweep: Sweep, trials: list[Trial], folder: Path) -> list[Path
             f"manifest={shlex.quote(str(manifest.resolve()))}",
             'trial_dir=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$manifest")',
             "export LINTRANS_BACKEND=sbatch PYTHONUNBUFFERED=1",
+            'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
             "# USR1 (time limit / preemption, sent to this shell by --signal=B:USR1) reaches the",
             "# trainers through srun; they checkpoint and exit 75, and the task requeues itself.",
             f'srun {shlex.quote(sys.executable)} -m launchers.trial "$trial_dir" &',

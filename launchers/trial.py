@@ -101,6 +101,16 @@ def is_running(trial_dir: Path) -> bool:
         lock.release()
 
 
+def checkpoint_step(trial_dir: Path) -> int:
+    """The step a (re)start resumes from: that of ``checkpoints-meta``, or 0."""
+    import torch
+
+    from lintrans.checkpoint import meta_path
+
+    meta = meta_path(trial_dir)
+    return int(torch.load(meta, map_location="cpu", weights_only=True, mmap=True)["step"]) if meta.is_file() else 0
+
+
 def failure_reason(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
@@ -152,6 +162,7 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
     if attempt > 1 + spec.get("max_requeues", 3) and previous.get("state") == "preempted":
         state.write_status(trial_dir, "failed", reason=f"requeue limit reached ({attempt - 1} starts)", **common)
         return EXIT_FAILED
+    common["resumed_from"] = checkpoint_step(trial_dir)
     state.write_status(trial_dir, "running", **common)
     started = time.time()
 

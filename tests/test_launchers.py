@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -130,9 +132,10 @@ def test_local_sweep_survives_killed_launcher(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
+def slurm_cluster():
     require("slurmctld")
-    folder = tmp_path_factory.mktemp("slurm")
+    folder = Path(tempfile.mkdtemp(prefix="lintrans-slurm-", dir="/tmp"))  # munge needs o+x on every parent
+    folder.chmod(0o755)
     cluster = str(ROOT / "slurm" / "cluster.sh")
     started = subprocess.run(["bash", cluster, "start", str(folder)], capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
@@ -142,6 +145,7 @@ def slurm_cluster(tmp_path_factory):
     os.environ["SLURM_CONF"] = conf
     yield {"dir": folder, "script": cluster, "conf": conf}
     subprocess.run(["bash", cluster, "stop", str(folder)], capture_output=True, timeout=180)
+    shutil.rmtree(folder, ignore_errors=True)
     if previous is None:
         os.environ.pop("SLURM_CONF", None)
     else:
@@ -184,10 +188,9 @@ def test_slurm_interrupted_task_resumes_once(tmp_path, slurm_cluster, how):
         slurm("scancel", "--signal=USR2", job)  # submitit's preemption / time-limit signal
     wait_done(tmp_path, "long", 1)
     st = status(trial)
-    assert st["state"] == "done" and st["attempt"] == 2 and st["step"] == 400, st
-    assert len(records(trial)) == 1
-    log = (trial / "tensorboard").exists() and json.loads((trial / "launch.json").read_text())["log"]
-    assert log
+    assert st["state"] == "done" and st["attempt"] == 2 and st["step"] == 200, st
+    assert st["resumed_from"] >= 20, st
+    assert len(records(trial)) == 1  # finished once: one evaluation record
 
 
 def test_slurm_cancel_leaves_sweep_resumable(tmp_path, slurm_cluster):
@@ -201,7 +204,7 @@ def test_slurm_cancel_leaves_sweep_resumable(tmp_path, slurm_cluster):
     step = status(trial)["step"]
     assert launchers(tmp_path, "run", LONG, "--backend", "slurm").returncode == 0
     wait_done(tmp_path, "long", 1)
-    assert status(trial)["state"] == "done" and status(trial)["step"] == 400 and step < 400
+    assert status(trial)["state"] == "done" and status(trial)["step"] == 200 and step < 200
 
 
 def test_slurm_splits_arrays_above_max_array_size(tmp_path, slurm_cluster):
@@ -260,9 +263,8 @@ def test_ray_retries_a_killed_worker_from_its_checkpoint(tmp_path):
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
     st = status(trial)
-    assert st["state"] == "done" and st["attempt"] == 2 and st["step"] == 400, st
-    log = (trial / "train.log").read_text() if (trial / "train.log").exists() else out
-    assert "resuming from" in log or "resuming from" in out
+    assert st["state"] == "done" and st["attempt"] == 2 and st["step"] == 200, st
+    assert st["resumed_from"] >= 20, st  # the retry continued from the checkpoint, not from scratch
 
 
 def require_ray() -> None:
