@@ -20,7 +20,8 @@ def get_config():
     config.model.forward = "half_fade"
     config.model.K = 4
     config.model.model_channels = 8
-    config.model.channel_mult = (1,)
+    config.model.channel_mult = (1, 1, 1)
+    config.model.num_res_blocks = 1
     config.model.attention_levels = ()
     config.training.batch_size = 8
     config.training.n_iters = 5

@@ -1,4 +1,4 @@
-"""A tiny mnist5k model for fast tests (one resolution level, 8 channels)."""
+"""A tiny mnist5k model for fast tests: 8 channels, attention only in the 7x7 middle block."""
 
 from configs.mnist5k import default_mnist5k_configs
 
@@ -17,7 +17,7 @@ def get_config():
     model = config.model
     model.K = 5
     model.model_channels = 8
-    model.channel_mult = (1,)
+    model.channel_mult = (1, 1, 1)
     model.num_res_blocks = 1
     model.attention_levels = ()
     model.dropout = 0.0
