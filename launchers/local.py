@@ -102,8 +102,9 @@ def run(sweep: Sweep, trials: list[Trial], say=print) -> int:
                     time.sleep(1)
                     continue
                 st = state.summary(r.trial.run_dir)
+                shown = "interrupted" if st["state"] == "running" else st["state"]  # killed before it could say
                 detail = f": {st['reason']}" if st.get("reason") else ""
-                say(f"  {st['state']:<8} {r.trial.id} {r.trial.label} (exit {code}){detail}")
+                say(f"  {shown:<8} {r.trial.id} {r.trial.label} (exit {code}){detail}")
             if stop["requested"] and not running:
                 break
     finally:

@@ -1,0 +1,176 @@
+"""Held-out loss after N real-trainer steps, fp32 vs bf16 autocast (is bf16 within 5 %?).
+
+    .venv/bin/python bench/bf16_heldout.py                 # small_mnist, 300 steps, batch 32
+    .venv/bin/python bench/bf16_heldout.py --quick         # smoke run: 10 steps, 8-channel model
+    .venv/bin/python bench/bf16_heldout.py --config configs/mnist5k/default_mnist5k_configs.py
+
+Runs the real trainer twice, as a user runs it::
+
+    train.py --config=CONFIG --workdir=TMP --config.data.dataset=mnist5k \\
+        --config.training.n_iters=300 --config.training.batch_size=32 \\
+        --config.training.mixed_precision={no,bf16} --config.training.sampling_freq=0 ...
+
+and reads ``eval/loss`` (the trainer's held-out loss: all 500 held-out mnist5k digits, fixed levels
+and noise, evaluated in fp32 in both runs) and ``train/img_per_s`` from TensorBoard. By default
+the two runs go side by side, one intra-op thread each (``--serial`` runs them one after the
+other with the default threads). Same seed, same data order, same randomness per step.
+
+Cost: small_mnist is 188 GFLOP per training step at batch 32, so 300 fp32 steps are 56 TFLOP --
+about 9 minutes at the fp32 matmul peak of both cores of a 2-core machine, before bf16 and
+before any other load: the default run takes longer than 10 minutes on such a machine.
+``--steps`` or a smaller ``--config`` bring it under.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common as C
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/mnist/small_mnist.py")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--serial", action="store_true", help="one run after the other, default threads")
+    p.add_argument("--tolerance", type=float, default=0.05)
+    p.add_argument("--quick", action="store_true", help="smoke run: 10 steps, 8-channel model")
+    p.add_argument("--name", default="bf16_heldout")
+    a = p.parse_args()
+    if a.quick:
+        a.steps = 10
+    return a
+
+
+def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def command(a, precision: str, workdir: Path) -> list[str]:
+    cmd = [
+        sys.executable,
+        "train.py",
+        f"--config={a.config}",
+        f"--workdir={workdir}",
+        "--config.data.dataset=mnist5k",
+        f"--config.training.n_iters={a.steps}",
+        f"--config.training.batch_size={a.batch_size}",
+        f"--config.training.mixed_precision={precision}",
+        "--config.training.sampling_freq=0",
+        f"--config.training.log_freq={max(1, min(20, a.steps // 5))}",
+        f"--config.training.eval_freq={max(a.steps // 3, 1)}",
+        f"--config.training.snapshot_freq={a.steps}",
+        f"--config.training.snapshot_freq_for_preemption={a.steps}",
+    ]
+    if a.seed is not None:
+        cmd.append(f"--config.seed={a.seed}")
+    if a.quick:
+        cmd.append("--config.model.model_channels=8")
+    return cmd
+
+
+def result(a, precision: str, workdir: Path, wall: float, cmd: list[str]) -> dict:
+    sc = read_scalars(workdir / "tensorboard")
+    evals = dict(sc.get("eval/loss", []))
+    ips = [v for _, v in sc.get("train/img_per_s", [])]
+    steady = ips[1:] if len(ips) > 2 else ips  # the first interval holds warm-up
+    return {
+        "precision": "fp32" if precision == "no" else precision,
+        "command": " ".join(cmd[1:]),
+        "wall_s": wall,
+        "heldout_loss": evals.get(a.steps),
+        "heldout_loss_by_step": evals,
+        "trainer_img_per_s_median": statistics.median(steady) if steady else None,
+        "train_loss_last": sc.get("train/loss", [(0, None)])[-1][1],
+    }
+
+
+def main() -> None:
+    a = parse()
+    info = C.machine("cpu")
+    out = []
+    with tempfile.TemporaryDirectory(prefix="bench-heldout-") as tmp:
+        procs = {}
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if not a.serial:
+            env["OMP_NUM_THREADS"] = "1"
+        for precision in ("no", "bf16"):
+            workdir = Path(tmp) / precision
+            cmd = command(a, precision, workdir)
+            log = open(Path(tmp) / f"{precision}.log", "w")
+            t0 = time.perf_counter()
+            p = subprocess.Popen(cmd, cwd=C.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            procs[precision] = (p, t0, cmd, workdir, log)
+            if a.serial:
+                p.wait()
+                procs[precision] = (p, t0, cmd, workdir, log, time.perf_counter() - t0)
+        for precision, entry in procs.items():
+            p, t0, cmd, workdir, log = entry[:5]
+            p.wait()
+            wall = entry[5] if len(entry) > 5 else time.perf_counter() - t0
+            log.close()
+            if p.returncode != 0:
+                text = (Path(tmp) / f"{precision}.log").read_text()[-3000:]
+                raise SystemExit(f"train.py ({precision}) failed with {p.returncode}:\n{text}")
+            r = result(a, precision, workdir, wall, cmd)
+            out.append(r)
+            print(
+                f"{r['precision']}: held-out loss {r['heldout_loss']:.4f} after {a.steps} steps, "
+                f"trainer {r['trainer_img_per_s_median']:.1f} img/s, wall {wall:.0f} s"
+            )
+    by = {r["precision"]: r for r in out}
+    rel = by["bf16"]["heldout_loss"] / by["fp32"]["heldout_loss"] - 1.0
+    ok = abs(rel) <= a.tolerance
+    print(
+        f"bf16 vs fp32 held-out loss: {100 * rel:+.2f} % ({'within' if ok else 'outside'} ±{100 * a.tolerance:.0f} %)"
+    )
+    data = {
+        "machine": info,
+        "config": a.config,
+        "steps": a.steps,
+        "batch_size": a.batch_size,
+        "quick": a.quick,
+        "mode": "serial, default threads" if a.serial else "side by side, 1 thread each",
+        "runs": out,
+        "relative_difference_bf16_vs_fp32": rel,
+        "within_tolerance": ok,
+        "tolerance": a.tolerance,
+    }
+    md = C.header_md("Held-out loss, fp32 vs bf16 autocast (real trainer)", info)
+    md += (
+        f"`train.py --config={a.config}` on mnist5k, {a.steps} steps, batch {a.batch_size}, "
+        f"{data['mode']}; held-out loss = the trainer's `eval/loss` (500 held-out digits, fp32 evaluation).\n\n"
+    )
+    md += C.md_table(
+        ["precision", "held-out loss", "held-out loss by step", "trainer img/s", "wall s"],
+        [
+            [
+                r["precision"],
+                r["heldout_loss"],
+                ", ".join(f"{k}: {v:.4g}" for k, v in sorted(r["heldout_loss_by_step"].items())),
+                r["trainer_img_per_s_median"],
+                round(r["wall_s"], 1),
+            ]
+            for r in out
+        ],
+    )
+    verdict = "met" if ok else "missed"
+    md += f"\nbf16 vs fp32: {100 * rel:+.2f} % (target: within ±{100 * a.tolerance:.0f} %: {verdict}).\n"
+    C.write_results(a.name, data, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Training throughput (img/s) in fp32 and bf16 autocast, against the device's dense matmul peak.
+
+    .venv/bin/python bench/train_throughput.py                       # small_mnist, batch 32, CPU
+    .venv/bin/python bench/train_throughput.py --quick               # smoke run (seconds)
+    .venv/bin/python bench/train_throughput.py --config configs/cifar10/default_cifar10_configs.py \
+        --batch-size 8 --no-heldout
+
+What it measures, in one process:
+
+* img/s of the real training step (``bench/_step.py``: the components ``_train`` builds, its loop
+  body statement for statement, DDP with world size 1) for fp32 and for
+  ``config.training.mixed_precision = "bf16"`` (``torch.autocast``), median over timed steps;
+* the device's dense matmul peak (best ``n x n`` ``torch.mm`` FLOP/s, fp32 and bf16), the model's
+  FLOPs per training step (forward + backward, ``torch.utils.flop_counter.FlopCounterMode``) and
+  the achieved fraction of the peak;
+* the share of step time in the forward process (``process.pair``), the optimizer (lr, clipping,
+  ``opt.step``) and the EMA update (a separate, device-synchronised pass);
+* the top operators of each step (``torch.profiler``), to name the hot spots.
+
+``--threads 2,1`` repeats everything per intra-op thread count (``torch.set_num_threads``). The
+held-out loss after 300 real-trainer steps, fp32 vs bf16, is ``bench/bf16_heldout.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import _common as C
+import torch
+from _step import TrainStep, train_images
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/mnist/small_mnist.py")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument(
+        "--data", default="auto", help="auto (mnist5k for 1x28x28, else synthetic), synthetic, or a data set name"
+    )
+    p.add_argument("--precisions", default="no,bf16", help="comma list of 'no' (fp32) and 'bf16'")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per precision")
+    p.add_argument("--breakdown-steps", type=int, default=3)
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--threads", default="default", help="comma list of intra-op thread counts, or 'default'")
+    p.add_argument("--seed", type=int, default=None, help="config seed (default: the config's)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 warm-up + 3 timed steps")
+    p.add_argument("--name", default="train_throughput", help="result file stem under bench/results/")
+    a = p.parse_args()
+    if a.quick:
+        a.warmup, a.steps, a.breakdown_steps, a.profile_steps = 2, 3, 2, 1
+    return a
+
+
+def flops_per_step(ts: TrainStep) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        ts.forward_backward()
+    ts.opt.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def profile_top(ts: TrainStep, steps: int, rows: int = 12) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ts.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            ts.step()
+    key = "self_cuda_time_total" if ts.device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1
+    return [
+        {
+            "op": e.key,
+            "self_ms_per_step": getattr(e, key) / 1e3 / steps,
+            "share": getattr(e, key) / total,
+            "calls_per_step": e.count / steps,
+        }
+        for e in events[:rows]
+    ]
+
+
+def measure(config, device, train_set, precision: str, a) -> dict:
+    ts = TrainStep(config, device, train_set, precision)
+    flops = flops_per_step(ts)
+    times = C.time_calls(ts.step, device, a.warmup, a.steps)
+    ts.instrument = True
+    ts.timers = dict.fromkeys(ts.timers, 0.0)
+    inst = C.time_calls(ts.step, device, 0, a.breakdown_steps)
+    ts.instrument = False
+    step_inst = sum(inst)
+    shares = {k: v / step_inst for k, v in ts.timers.items()}
+    ms = {k: 1e3 * v / len(inst) for k, v in ts.timers.items()}
+    top = profile_top(ts, a.profile_steps) if a.profile_steps > 0 else []
+    s = C.summarise(times)
+    ips = config.training.batch_size / s["median_s"]
+    return {
+        "precision": "fp32" if precision == "no" else precision,
+        "step": s,
+        "img_per_s": ips,
+        "img_per_s_mean": config.training.batch_size / s["mean_s"],
+        "flops_per_step": flops,
+        "achieved_flop_s": flops / s["median_s"],
+        "breakdown_ms_per_step": {**ms, "step": 1e3 * step_inst / len(inst)},
+        "breakdown_share": shares,
+        "profile_top_ops": top,
+    }
+
+
+def main() -> None:
+    a = parse()
+    device = C.pick_device(a.device)
+    info = C.machine(device.type)
+    overrides = {"training.batch_size": a.batch_size}
+    if a.seed is not None:
+        overrides["seed"] = a.seed
+    config = C.load_config(a.config, overrides)
+    train_set, data_name = train_images(config, a.data)
+    default_threads = torch.get_num_threads()
+    thread_counts = [default_threads] if a.threads == "default" else [int(t) for t in a.threads.split(",")]
+
+    peaks, results = {}, []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        print(f"{a.config}: batch {a.batch_size}, data {data_name}, device {device}, threads {threads}")
+        for dtype in (torch.float32, torch.bfloat16):
+            name = f"{str(dtype).replace('torch.', '')}@{threads}"
+            peaks[name] = C.matmul_peak(device, dtype, n=1024 if a.quick else 2048, seconds=0.5 if a.quick else 2.0)
+            print(f"matmul peak {name}: {C.fmt_rate(peaks[name]['flop_s'])}")
+        for precision in a.precisions.split(","):
+            r = measure(config, device, train_set, precision, a)
+            r["threads"] = threads
+            peak = peaks[f"{'float32' if precision == 'no' else 'bfloat16'}@{threads}"]["flop_s"]
+            r["peak_flop_s"] = peak
+            r["fraction_of_peak"] = r["achieved_flop_s"] / peak
+            results.append(r)
+            print(
+                f"{r['precision']} x{threads}: {r['img_per_s']:.1f} img/s (step {1e3 * r['step']['median_s']:.0f} ms, "
+                f"best {a.batch_size / r['step']['min_s']:.1f} img/s), {C.fmt_rate(r['achieved_flop_s'])} = "
+                f"{100 * r['fraction_of_peak']:.1f}% of peak; "
+                + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["breakdown_share"].items()),
+                flush=True,
+            )
+    torch.set_num_threads(default_threads)
+
+    data = {
+        "machine": info,
+        "config": a.config,
+        "batch_size": a.batch_size,
+        "data": data_name,
+        "quick": a.quick,
+        "matmul_peak": peaks,
+        "results": results,
+        "targets": {"fp32_img_per_s": 42, "bf16_img_per_s": 73},
+    }
+    md = C.header_md("Training throughput", info)
+    md += (
+        f"Config `{a.config}`, global batch {a.batch_size}, data {data_name}, DDP world size 1; img/s from the "
+        "median step (best step in brackets); FLOPs per step from `FlopCounterMode` (forward + backward).\n\n"
+    )
+    md += C.md_table(
+        [
+            "precision",
+            "threads",
+            "img/s",
+            "step ms",
+            "GFLOP/step",
+            "achieved",
+            "peak (mm)",
+            "% of peak",
+            "fwd process %",
+            "optimizer %",
+            "EMA %",
+        ],
+        [
+            [
+                r["precision"],
+                r["threads"],
+                f"{r['img_per_s']:.1f} ({a.batch_size / r['step']['min_s']:.1f})",
+                round(1e3 * r["step"]["median_s"], 1),
+                round(r["flops_per_step"] / 1e9, 2),
+                C.fmt_rate(r["achieved_flop_s"]),
+                C.fmt_rate(r["peak_flop_s"]),
+                round(100 * r["fraction_of_peak"], 1),
+            ]
+            + [round(100 * r["breakdown_share"][k], 2) for k in ("forward_process", "optimizer", "ema")]
+            for r in results
+        ],
+    )
+    for r in results:
+        if r["profile_top_ops"]:
+            md += f"\nTop operators, {r['precision']}, {r['threads']} thread(s) (self time per step):\n\n"
+            md += C.md_table(
+                ["op", "ms/step", "share", "calls/step"],
+                [
+                    [t["op"], round(t["self_ms_per_step"], 2), f"{100 * t['share']:.1f}%", t["calls_per_step"]]
+                    for t in r["profile_top_ops"]
+                ],
+            )
+    C.write_results(a.name, data, md)
+
+
+if __name__ == "__main__":
+    main()
