@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import ml_collections
 
@@ -50,3 +51,59 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def from_json(text: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(text))
+
+
+# Keys that fix what a checkpoint means: the forward process, its horizon and noise, the network,
+# and the data it models. Training-only knobs (dropout, EMA rate) and memory budgets may differ.
+_RUN_KEYS = ("model", "data.dataset", "data.image_size", "data.num_channels", "data.centered")
+_FREE_MODEL_KEYS = ("dropout", "ema_rate", "max_dense_bytes")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_matches_run(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    """Refuse a config that disagrees with the one the run in ``workdir`` was trained with.
+
+    A checkpoint does not store the forward process, K or σ, so evaluating (or resuming) a
+    ``constant_velocity`` run under a config that says ``heat`` loads fine and silently gives
+    numbers for the wrong model. ``config.json``, written by the trainer, is the run's truth.
+    """
+    saved_path = Path(workdir) / "config.json"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = _flatten(json.loads(saved_path.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read the run's config {saved_path}: {exc}") from None
+    given = _flatten(json.loads(to_json(config)))
+    differ = []
+    for key in sorted(saved.keys() & given.keys()):
+        if not any(key == k or key.startswith(f"{k}.") for k in _RUN_KEYS):
+            continue
+        if key.startswith("model.") and key.split(".", 1)[1] in _FREE_MODEL_KEYS:
+            continue
+        if saved[key] != given[key]:
+            differ.append(key)
+    if differ:
+        shown = ", ".join(f"{k}={given[k]!r} (run: {saved[k]!r})" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        fix = " ".join(f"--config.{k}={_flag_value(saved[k])}" for k in differ[:4])
+        raise UsageError(
+            f"the config disagrees with the run in {workdir} ({saved_path.name}): {shown}{more}; pass {fix}"
+        )
+
+
+def _flag_value(value: object) -> str:
+    """A value as ``--config.x=...`` accepts it (tuples for lists, as ml_collections parses them)."""
+    if isinstance(value, list):
+        return "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)

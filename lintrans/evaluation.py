@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lintrans import checkpoint as ckpt
 from lintrans import datasets, records, sampling
-from lintrans.config import sampling_delta, to_json, validate
+from lintrans.config import check_matches_run, sampling_delta, to_json, validate
 from lintrans.errors import UsageError, choices
 from lintrans.forward import ForwardProcess, create_forward
 from lintrans.training_loop import model_state
@@ -170,6 +170,7 @@ def evaluate(
     records.check_name(param_name, "--param_name")
     dataset_name = records.check_name(dataset_name or config.data.dataset, "--dataset_name")
     validate(config)
+    check_matches_run(config, workdir)
     if batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {batch_size}")
     for flag, n in (("--num_train", num_train), ("--num_test", num_test)):

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lintrans import checkpoint, datasets, distributed, images, sampling
 from lintrans.atomic import write_text
-from lintrans.config import sampling_delta, to_json, validate
+from lintrans.config import check_matches_run, sampling_delta, to_json, validate
 from lintrans.ema import EMA
 from lintrans.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError, UsageError
 from lintrans.forward import create_forward
@@ -179,6 +179,7 @@ def _train(config, workdir, process, train_set, eval_set, info, device, report: 
     start = 0
     meta = checkpoint.meta_path(workdir)
     if meta.is_file():
+        check_matches_run(config, workdir)
         state = checkpoint.load(meta, device)
         try:
             model.load_state_dict(state["model"], strict=True)

@@ -159,6 +159,10 @@ BAD = {
     ),
     "unknown cleanfid mode": (["--cleanfid_mode=tf"], "unknown --cleanfid_mode 'tf'"),
     "path in a name": (["--param_name=../x"], "--param_name='../x' must start with a letter or digit"),
+    "config disagrees with the run": (
+        ["--config.model.forward=constant_velocity"],
+        "model.forward='constant_velocity' (run: 'heat'); pass --config.model.forward=heat",
+    ),
 }
 
 
@@ -175,6 +179,15 @@ def test_bad_input(tiny_run, tmp_path, case):
     )
     assert_usage_error(result, needle)
     assert not list(tmp_path.iterdir())  # nothing recorded
+
+
+def test_resume_under_another_forward_process_is_refused(tiny_run):
+    """A checkpoint does not know its forward process: resuming it as another one must not start."""
+    meta = tiny_run / "checkpoints-meta" / "checkpoint.pth"
+    before = meta.read_bytes()
+    result = run(train_args(tiny_run, "--config.model.forward=identity", "--config.training.n_iters=20"))
+    assert_usage_error(result, "model.forward='identity' (run: 'heat')")
+    assert meta.read_bytes() == before
 
 
 def test_elbo_record(tiny_run, tmp_path):
