@@ -1,8 +1,8 @@
 """Held-out loss after N real-trainer steps, fp32 vs bf16 autocast (is bf16 within 5 %?).
 
-    .venv/bin/python bench/bf16_heldout.py                 # small_mnist, 300 steps, batch 32
+    .venv/bin/python bench/bf16_heldout.py                 # mnist5k config, 300 steps, batch 32
     .venv/bin/python bench/bf16_heldout.py --quick         # smoke run: 10 steps, 8-channel model
-    .venv/bin/python bench/bf16_heldout.py --config configs/mnist5k/default_mnist5k_configs.py
+    .venv/bin/python bench/bf16_heldout.py --config configs/mnist/small_mnist.py   # about 30 min here
 
 Runs the real trainer twice, as a user runs it::
 
@@ -16,9 +16,9 @@ the two runs go side by side, one intra-op thread each (``--serial`` runs them o
 other with the default threads). Same seed, same data order, same randomness per step.
 
 Cost: small_mnist is 188 GFLOP per training step at batch 32, so 300 fp32 steps are 56 TFLOP --
-about 9 minutes at the fp32 matmul peak of both cores of a 2-core machine, before bf16 and
-before any other load: the default run takes longer than 10 minutes on such a machine.
-``--steps`` or a smaller ``--config`` bring it under.
+about 4 minutes at the fp32 matmul peak of a 2-core machine and, at the 20-25 % of peak a step
+reaches there, 15-20 minutes before the bf16 run. The default is therefore the mnist5k config
+(a 32-channel U-Net that learns on 2 cores), which fits in the 10 minutes a benchmark may take.
 """
 
 from __future__ import annotations
@@ -37,14 +37,16 @@ import _common as C
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/mnist/small_mnist.py")
+    p.add_argument("--config", default="configs/mnist5k/default_mnist5k_configs.py")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--serial", action="store_true", help="one run after the other, default threads")
     p.add_argument("--tolerance", type=float, default=0.05)
     p.add_argument("--quick", action="store_true", help="smoke run: 10 steps, 8-channel model")
-    p.add_argument("--name", default="bf16_heldout")
+    p.add_argument(
+        "--name", default="bf16_heldout", help="result file stem; bench/summary.py pools every bf16_heldout*.json"
+    )
     a = p.parse_args()
     if a.quick:
         a.steps = 10
@@ -142,6 +144,7 @@ def main() -> None:
         "config": a.config,
         "steps": a.steps,
         "batch_size": a.batch_size,
+        "seed": a.seed,
         "quick": a.quick,
         "mode": "serial, default threads" if a.serial else "side by side, 1 thread each",
         "runs": out,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run every benchmark once, in sequence; results land in bench/results/.
+# Run every benchmark once, in sequence; results land in bench/results/, then bench/summary.py
+# rewrites the figures table of bench/README.md.
 #
 #   bash bench/run_all.sh                     # all of them
 #   bash bench/run_all.sh sampling elbo       # some of them
@@ -31,4 +32,5 @@ for name in "${names[@]}"; do
   fi
   "${cmd[@]}" || { echo "!! $name failed"; status=1; }
 done
+.venv/bin/python bench/summary.py || status=1
 exit $status

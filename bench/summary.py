@@ -1,0 +1,185 @@
+"""Rewrite the figures table of ``bench/README.md`` from the latest ``bench/results/*.json``.
+
+    .venv/bin/python bench/summary.py
+
+One row per target of the benchmark issue, each with the figure reached, the target, and the
+machine, date and commit of the run that measured it, so the README never quotes a number that
+is not in a result file. Missing or failed benchmarks show as such.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+import _common as C
+
+README = C.ROOT / "bench" / "README.md"
+BEGIN, END = "<!-- figures: written by bench/summary.py -->", "<!-- end of figures -->"
+
+
+def load(name: str) -> dict | None:
+    path = C.RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_of(data: dict) -> str:
+    m = data["machine"]
+    return f"{m['date'][:16].replace('T', ' ')}, `{m['commit']}`"
+
+
+def verdict(value: float | None, target: float, higher_is_better: bool) -> str:
+    if value is None or not math.isfinite(value):
+        return "not measured"
+    ok = value >= target if higher_is_better else value <= target
+    return "met" if ok else "missed"
+
+
+def rows() -> list[list[str]]:
+    out: list[list[str]] = []
+
+    def add(what: str, figure: str, target: str, status: str, data: dict | None, source: str) -> None:
+        out.append([what, figure, target, status, run_of(data) if data else "", f"`{source}`"])
+
+    tt = load("train_throughput")
+    if tt:
+        by = {r["precision"]: r for r in tt["results"]}
+        for precision, target in (("fp32", 42), ("bf16", 73)):
+            r = by.get(precision)
+            if r:
+                add(
+                    f"training img/s, {precision}, `{Path(tt['config']).name}` batch {tt['batch_size']}",
+                    f"{r['img_per_s']:.1f} ({100 * r['fraction_of_peak']:.0f} % of {precision} matmul peak)",
+                    f">= {target}",
+                    verdict(r["img_per_s"], target, True),
+                    tt,
+                    "train_throughput.json",
+                )
+        fp = by.get("fp32")
+        if fp:
+            shares = ", ".join(f"{k} {100 * v:.1f} %" for k, v in fp["breakdown_share"].items())
+            add("share of an fp32 step", shares, "", "", tt, "train_throughput.json")
+    pairs = [json.loads(p.read_text()) for p in sorted(C.RESULTS.glob("bf16_heldout*.json"))]
+    pairs = [d for d in pairs if not d.get("quick")]
+    if pairs:
+        by_precision = [{r["precision"]: r["heldout_loss"] for r in d["runs"]} for d in pairs]
+        losses = {prec: [b[prec] for b in by_precision] for prec in ("fp32", "bf16")}
+        per_seed = ", ".join(
+            f"seed {d.get('seed') if d.get('seed') is not None else 'default'}: "
+            f"{100 * d['relative_difference_bf16_vs_fp32']:+.1f} %"
+            for d in pairs
+        )
+        rel = statistics.fmean(losses["bf16"]) / statistics.fmean(losses["fp32"]) - 1.0
+        spread = max(losses["fp32"]) / min(losses["fp32"]) - 1.0 if len(pairs) > 1 else float("nan")
+        tol = pairs[0]["tolerance"]
+        add(
+            f"held-out loss bf16 vs fp32 after {pairs[0]['steps']} steps, `{Path(pairs[0]['config']).name}`",
+            f"mean over {len(pairs)} seed(s) {100 * rel:+.1f} % ({per_seed}); fp32 seed-to-seed spread "
+            + (f"{100 * spread:.1f} %" if math.isfinite(spread) else "n/a"),
+            f"within ±{100 * tol:.0f} %",
+            "below the noise" if spread > tol else ("met" if abs(rel) <= tol else "missed"),
+            pairs[-1],
+            "bf16_heldout*.json",
+        )
+    fw = load("forward_processes")
+    if fw:
+        for size, w in fw["worst_share"].items():
+            is_target = size == fw["target"]["size"]
+            add(
+                f"forward process, worst share of a step at {size}",
+                f"{100 * w['share']:.2f} % ({w['process']})",
+                "<= 5 %" if is_target else "",
+                verdict(w["share"], fw["target"]["max_share"], False) if is_target else "",
+                fw,
+                "forward_processes.json",
+            )
+    sp = load("sampling")
+    if sp:
+        for r in sp["results"]:
+            add(
+                f"sampling img/s, full K={r['K']} run, {r['precision']}, batch {r['batch_size']}",
+                f"{r['img_per_s']:.2f}",
+                "",
+                "",
+                sp,
+                "sampling.json",
+            )
+    el = load("elbo")
+    if el:
+        full = max(el["runs"], key=lambda r: (r["num_train"], r["num_test"]))
+        add(
+            f"ELBO wall time, mnist5k, {full['num_train']} train / {full['num_test']} test images",
+            f"{full['wall_s']:.0f} s; T(K) applied to {full['prior_applications']} training images "
+            f"(reference: {full['reference_prior_applications']})",
+            "pushed forward once",
+            "met" if full["prior_applications"] == full["num_train"] else "missed",
+            el,
+            "elbo.json",
+        )
+    so = load("sweep_overhead")
+    if so:
+        parts = so["parts"]
+        for part, field, label, target in (
+            ("dryrun", "wall_s", "expand + dry-run of {trials} trials", 2.0),
+            ("slurm", "submit_s", "submit {trials} trials to the test SLURM cluster", 10.0),
+            ("slurm", "dry_run_s", "dry-run of {trials} trials for SLURM", None),
+            ("table", "rows_plus_render_md_s", "table over {trials} records", 2.0),
+        ):
+            p = parts.get(part, {})
+            value = p.get(field)
+            add(
+                label.format(trials=p.get("trials", "?")),
+                f"{value:.2f} s" if value is not None else p.get("error", "not measured"),
+                f"< {target:g} s" if target else "",
+                verdict(value, target, False) if target else "",
+                so,
+                "sweep_overhead.json",
+            )
+        for backend, target in (("local", 0.5), ("ray", None)):
+            p = parts.get(backend, {})
+            value = p["points"][-1]["overhead_per_trial_s"] if "points" in p else None
+            add(
+                f"{backend} launcher overhead per trivial trial",
+                f"{value:.2f} s" if value is not None else p.get("error", "not measured"),
+                f"< {target:g} s" if target else "",
+                verdict(value, target, False) if target else "",
+                so,
+                "sweep_overhead.json",
+            )
+    dd = load("ddp_scaling")
+    if dd:
+        s = dd["summary"]
+        add(
+            f"DDP scaling, 1 -> 2 processes ({dd['backend']}), global batch {dd['global_batch']}",
+            ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in s.items()),
+            "",
+            "",
+            dd,
+            "ddp_scaling.json",
+        )
+    return out
+
+
+def main() -> None:
+    table = C.md_table(["measurement", "figure", "target", "", "run (UTC), commit", "file"], rows())
+    machines = {
+        (d["machine"]["cpu"], d["machine"]["cpus"], d["machine"].get("gpu"))
+        for d in (load(p.stem) for p in sorted(C.RESULTS.glob("*.json")))
+        if d
+    }
+    where = "; ".join(f"{cpu}, {n} CPUs, {'GPU ' + gpu if gpu else 'no GPU'}" for cpu, n, gpu in sorted(machines))
+    block = f"{BEGIN}\nMachine: {where}.\n\n{table}{END}"
+    text = README.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    tmp = README.with_name(f".{README.name}.tmp")
+    tmp.write_text(head + block + tail)
+    os.replace(tmp, README)
+    print(f"wrote the figures table of {README} ({len(table.splitlines()) - 2} rows)")
+
+
+if __name__ == "__main__":
+    main()
