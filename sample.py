@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from lintrans import checkpoint, cli, datasets, images, sampling
 from lintrans.atomic import write_atomic
-from lintrans.config import sampling_delta, validate
+from lintrans.config import check_matches_run, sampling_delta, validate
 from lintrans.errors import UsageError
 from lintrans.forward import create_forward
 from lintrans.training_loop import model_state
@@ -43,6 +43,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.delta is not None:
         config.sampling.delta = FLAGS.delta
     validate(config)
+    check_matches_run(config, FLAGS.workdir)
     if sum([FLAGS.same_init, FLAGS.share_noise, FLAGS.interpolate]) > 1:
         raise UsageError("--same_init, --share_noise and --interpolate exclude each other; pick one")
     n = FLAGS.num_points if FLAGS.interpolate else FLAGS.batch_size

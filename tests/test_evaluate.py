@@ -190,6 +190,13 @@ def test_resume_under_another_forward_process_is_refused(tiny_run):
     assert meta.read_bytes() == before
 
 
+def test_sampling_under_another_horizon_is_refused(tiny_run, tmp_path):
+    args = ["sample.py", f"--config={TINY}", f"--workdir={tiny_run}", "--config.model.K=3", f"--outdir={tmp_path}"]
+    result = run(args)
+    assert_usage_error(result, "model.K=3 (run: 5); pass --config.model.K=5")
+    assert not list(tmp_path.iterdir())
+
+
 def test_elbo_record(tiny_run, tmp_path):
     require_elbo()
     result = subprocess.run(
