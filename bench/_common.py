@@ -200,6 +200,35 @@ def header_md(title: str, info: dict) -> str:
     )
 
 
+def trainer_args(config: str, workdir: Path, steps: int, batch_size: int, precision: str) -> list[str]:
+    """``train.py`` on mnist5k as a user runs it, without sample grids; callers add their cadences."""
+    return [
+        "train.py",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        "--config.data.dataset=mnist5k",
+        f"--config.training.n_iters={steps}",
+        f"--config.training.batch_size={batch_size}",
+        f"--config.training.mixed_precision={precision}",
+        "--config.training.sampling_freq=0",
+    ]
+
+
+def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a TensorBoard log directory, as (step, value) pairs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def steady_median(values: list[float]) -> float | None:
+    """Median of a per-interval series with the first interval (warm-up) dropped when there are more."""
+    steady = values[1:] if len(values) > 1 else values
+    return statistics.median(steady) if steady else None
+
+
 def load_config(path: str, overrides: dict | None = None):
     """An ml_collections config file with dotted overrides (the launcher's own loader)."""
     cwd = os.getcwd()

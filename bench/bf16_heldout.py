@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,25 +52,10 @@ def parse() -> argparse.Namespace:
     return a
 
 
-def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def command(a, precision: str, workdir: Path) -> list[str]:
     cmd = [
         sys.executable,
-        "train.py",
-        f"--config={a.config}",
-        f"--workdir={workdir}",
-        "--config.data.dataset=mnist5k",
-        f"--config.training.n_iters={a.steps}",
-        f"--config.training.batch_size={a.batch_size}",
-        f"--config.training.mixed_precision={precision}",
-        "--config.training.sampling_freq=0",
+        *C.trainer_args(a.config, workdir, a.steps, a.batch_size, precision),
         f"--config.training.log_freq={max(1, min(20, a.steps // 5))}",
         f"--config.training.eval_freq={max(a.steps // 3, 1)}",
         f"--config.training.snapshot_freq={a.steps}",
@@ -85,17 +69,15 @@ def command(a, precision: str, workdir: Path) -> list[str]:
 
 
 def result(a, precision: str, workdir: Path, wall: float, cmd: list[str]) -> dict:
-    sc = read_scalars(workdir / "tensorboard")
+    sc = C.read_scalars(workdir / "tensorboard")
     evals = dict(sc.get("eval/loss", []))
-    ips = [v for _, v in sc.get("train/img_per_s", [])]
-    steady = ips[1:] if len(ips) > 2 else ips  # the first interval holds warm-up
     return {
         "precision": "fp32" if precision == "no" else precision,
         "command": " ".join(cmd[1:]),
         "wall_s": wall,
         "heldout_loss": evals.get(a.steps),
         "heldout_loss_by_step": evals,
-        "trainer_img_per_s_median": statistics.median(steady) if steady else None,
+        "trainer_img_per_s_median": C.steady_median([v for _, v in sc.get("train/img_per_s", [])]),
         "train_loss_last": sc.get("train/loss", [(0, None)])[-1][1],
     }
 

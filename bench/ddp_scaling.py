@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,14 +48,6 @@ def parse() -> argparse.Namespace:
     return a
 
 
-def read_ips(logdir: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.value for e in acc.Scalars("train/img_per_s")]
-
-
 def run(a, nproc: int, threads: int | None, workdir: Path) -> dict:
     cmd = [
         sys.executable,
@@ -64,18 +55,11 @@ def run(a, nproc: int, threads: int | None, workdir: Path) -> dict:
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
-        "train.py",
-        f"--config={a.config}",
-        f"--workdir={workdir}",
-        "--config.data.dataset=mnist5k",
-        f"--config.training.n_iters={a.steps}",
-        f"--config.training.batch_size={a.batch_size}",
+        *C.trainer_args(a.config, workdir, a.steps, a.batch_size, a.precision),
         f"--config.training.log_freq={a.log_freq}",
-        "--config.training.sampling_freq=0",
         f"--config.training.eval_freq={10 * a.steps}",
         f"--config.training.snapshot_freq={10 * a.steps}",
         f"--config.training.snapshot_freq_for_preemption={10 * a.steps}",
-        f"--config.training.mixed_precision={a.precision}",
     ]
     if a.quick:
         cmd.append("--config.model.model_channels=16")
@@ -89,12 +73,11 @@ def run(a, nproc: int, threads: int | None, workdir: Path) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    ips = read_ips(workdir / "tensorboard")
-    steady = ips[1:] if len(ips) > 1 else ips
+    ips = [v for _, v in C.read_scalars(workdir / "tensorboard")["train/img_per_s"]]
     return {
         "procs": nproc,
         "threads_per_proc": threads,
-        "img_per_s": statistics.median(steady),
+        "img_per_s": C.steady_median(ips),
         "intervals": ips,
         "wall_s": wall,
         "command": " ".join(cmd[1:]),

@@ -9,6 +9,7 @@ is not in a result file. Missing or failed benchmarks show as such.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ README = C.ROOT / "bench" / "README.md"
 BEGIN, END = "<!-- figures: written by bench/summary.py -->", "<!-- end of figures -->"
 
 
+@functools.cache
 def load(name: str) -> dict | None:
     path = C.RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -62,8 +64,7 @@ def rows() -> list[list[str]]:
         if fp:
             shares = ", ".join(f"{k} {100 * v:.1f} %" for k, v in fp["breakdown_share"].items())
             add("share of an fp32 step", shares, "", "", tt, "train_throughput.json")
-    pairs = [json.loads(p.read_text()) for p in sorted(C.RESULTS.glob("bf16_heldout*.json"))]
-    pairs = [d for d in pairs if not d.get("quick")]
+    pairs = [d for p in sorted(C.RESULTS.glob("bf16_heldout*.json")) if not (d := load(p.stem)).get("quick")]
     if pairs:
         by_precision = [{r["precision"]: r["heldout_loss"] for r in d["runs"]} for d in pairs]
         losses = {prec: [b[prec] for b in by_precision] for prec in ("fp32", "bf16")}
