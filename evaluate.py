@@ -1,11 +1,14 @@
 """Evaluate a lintrans checkpoint: FID or negative ELBO (flags as in the IHDM README).
 
-    python evaluate.py --config configs/mnist5k/default_mnist5k_configs.py --workdir runs/mnist5k/default \
-        --checkpoint 0 --mode=fid --num_gen=5000 --experiment_name=experiment1 --param_name=default
-    python evaluate.py --config configs/cifar10/default_cifar10_configs.py --workdir runs/cifar10/default \
-        --dataset_name=cifar10 --experiment_name=experiment1 --param_name=default --mode=fid \
-        --delta=0.013 --dataset_name_cleanfid=cifar10 --dataset_split=train --batch_size=128 --num_gen=50000
-    python evaluate.py ... --mode=elbo --delta=0.013 [--num_test=100 --num_train=1000]
+    python evaluate.py --workdir runs/mnist5k/default --checkpoint 0 --mode=fid --num_gen=5000 \
+        --experiment_name=experiment1 --param_name=default
+    python evaluate.py --workdir runs/cifar10/default --dataset_name=cifar10 --experiment_name=experiment1 \
+        --param_name=default --mode=fid --delta=0.013 --dataset_name_cleanfid=cifar10 --dataset_split=train \
+        --batch_size=128 --num_gen=50000
+    python evaluate.py --workdir ... --mode=elbo --delta=0.013 [--num_test=100 --num_train=1000]
+
+The run directory says what the model is (its config.json); ``--config`` (with overrides) is
+optional and, where given, must agree with it.
 
 Custom clean-fid statistics (then evaluate with --dataset_name_cleanfid=NAME --dataset_split=custom):
 
@@ -13,103 +16,98 @@ Custom clean-fid statistics (then evaluate with --dataset_name_cleanfid=NAME --d
 
 Compute nodes without internet: fetch clean-fid's Inception weights (and named statistics) first,
 
-    python evaluate.py --prefetch [--prefetch_from=<local copy>] [--config=... --dataset_name_cleanfid=cifar10]
+    python evaluate.py --prefetch [--prefetch_from=<local copy>] [--dataset_name_cleanfid=cifar10 --resolution=32]
 
 Each evaluation writes ``<workdir>/records/<mode>-<experiment>-<param>-ckpt<N>.json`` and adds a
 row to ``runs/<dataset_name>/evaluation_results/<experiment>/summary.{csv,md}`` (runs root:
 ``$LINTRANS_RUNS_DIR``). Exit codes: 0 done, 2 bad input (one line on stderr).
 """
 
+import sys
+import typing
+
 from absl import flags
-from ml_collections import config_flags
 
 from lintrans import cli
 from lintrans.errors import UsageError
+from lintrans.evaluation import EvalSpec, SpecError
 
-config_flags.DEFINE_config_file("config", None, "Configuration file of the run.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory holding the checkpoints.")
-flags.DEFINE_integer("checkpoint", 0, "0 = latest (checkpoints-meta), N = checkpoints/checkpoint_N.pth")
-flags.DEFINE_string("mode", "fid", "fid or elbo.")
-flags.DEFINE_string("metric", "auto", "FID flavour: auto, fid_inception or fid_mnist_features.")
-flags.DEFINE_float("delta", None, "Sampling noise (default: config.sampling.delta or 1.25 sigma).")
-flags.DEFINE_integer("batch_size", 256, "Batch size of sample generation and of the ELBO.")
-flags.DEFINE_integer("num_gen", 5000, "Number of samples generated for FID.")
-flags.DEFINE_integer("num_train", None, "ELBO: training images in the prior term (default: all).")
-flags.DEFINE_integer("num_test", None, "ELBO: test images evaluated (default: all).")
-flags.DEFINE_integer("seed", 0, "Seed of the prior images, the sampling noise and the ELBO subsets.")
-flags.DEFINE_string("dataset_name", None, "Results go to runs/<dataset_name>/ (default: config.data.dataset).")
-flags.DEFINE_string("experiment_name", "default", "A suite of evaluations, e.g. a sweep over delta.")
-flags.DEFINE_string("param_name", "default", "What makes this evaluation different within the experiment.")
-flags.DEFINE_string("dataset_name_cleanfid", None, "Reference statistics, clean-fid naming (fid_inception).")
-flags.DEFINE_string("dataset_split", "train", "clean-fid split of the statistics; 'custom' for --save_stats ones.")
-flags.DEFINE_string("cleanfid_mode", "clean", "clean or legacy_tensorflow.")
-flags.DEFINE_bool("save_stats", False, "Compute custom Inception statistics of --dataset_path as --custom_name.")
-flags.DEFINE_string("custom_name", None, "Name of the custom statistics (--save_stats).")
-flags.DEFINE_string("dataset_path", None, "Image folder of the custom statistics (--save_stats).")
-flags.DEFINE_bool("prefetch", False, "Fetch clean-fid's Inception weights (and --dataset_name_cleanfid statistics).")
-flags.DEFINE_string("prefetch_from", None, "--prefetch: a local copy or URL of the weights (default: clean-fid's URL).")
-FLAGS = flags.FLAGS
+DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
+CLI_DEFAULTS = {"mode": "fid"}  # the seed's evaluate.py evaluates FID unless told otherwise
 
 
-def prefetch() -> None:
+def define_spec_flags(fv: flags.FlagValues) -> None:
+    """One flag per :class:`EvalSpec` field, with its default and description."""
+    for name, info in EvalSpec.fields().items():
+        kinds = [t for t in typing.get_args(info.annotation) or (info.annotation,) if t is not type(None)]
+        kind = typing.get_origin(kinds[0]) or kinds[0]
+        if kind is typing.Annotated:
+            kind = typing.get_args(kinds[0])[0]
+        define = DEFINE.get(kind, flags.DEFINE_string)  # Literal choices are strings
+        default = CLI_DEFAULTS.get(name, None if info.is_required() else info.default)
+        define(name, default, info.description, flag_values=fv)
+
+
+def spec_from_flags(fv: flags.FlagValues) -> EvalSpec:
+    values = {name: fv[name].value for name in EvalSpec.fields() if fv[name].value is not None}
+    try:
+        return EvalSpec.parse(values)
+    except SpecError as exc:
+        raise UsageError(f"--{exc.field}={values.get(exc.field)!r}: {exc}") from None
+
+
+def prefetch(fv: flags.FlagValues) -> None:
     from lintrans import fid
 
-    if FLAGS.dataset_name_cleanfid and FLAGS.config is None:
-        raise UsageError("--prefetch with --dataset_name_cleanfid needs --config (for the image size)")
-    print(f"Inception weights: {fid.prefetch_inception(FLAGS.prefetch_from)}")
-    if FLAGS.dataset_name_cleanfid:
-        res = int(FLAGS.config.data.image_size)
-        name, mode, split = FLAGS.dataset_name_cleanfid, FLAGS.cleanfid_mode, FLAGS.dataset_split
-        print(f"statistics: {fid.ensure_reference_stats(name, res, mode, split)}")
+    print(f"Inception weights: {fid.prefetch_inception(fv.prefetch_from)}")
+    if fv.dataset_name_cleanfid:
+        if fv.resolution is None:
+            raise UsageError("--prefetch with --dataset_name_cleanfid needs --resolution (the image size)")
+        name, mode, split = fv.dataset_name_cleanfid, fv.cleanfid_mode, fv.dataset_split
+        print(f"statistics: {fid.ensure_reference_stats(name, fv.resolution, mode, split)}")
 
 
-def save_stats() -> None:
+def save_stats(fv: flags.FlagValues) -> None:
     import torch
 
     from lintrans import fid
 
-    if not FLAGS.custom_name or not FLAGS.dataset_path:
+    if not fv.custom_name or not fv.dataset_path:
         raise UsageError("--save_stats needs --custom_name and --dataset_path")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    path = fid.save_custom_stats(FLAGS.custom_name, FLAGS.dataset_path, FLAGS.cleanfid_mode, device, FLAGS.batch_size)
-    print(f"custom statistics '{FLAGS.custom_name}' ({FLAGS.cleanfid_mode}): {path}")
+    path = fid.save_custom_stats(fv.custom_name, fv.dataset_path, fv.cleanfid_mode, device, fv.batch_size)
+    print(f"custom statistics '{fv.custom_name}' ({fv.cleanfid_mode}): {path}")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
-    if FLAGS.prefetch:
-        return prefetch()
-    if FLAGS.save_stats:
-        return save_stats()
-    if FLAGS.config is None or FLAGS.workdir is None:
-        raise UsageError("--config and --workdir are required (except with --prefetch or --save_stats)")
+def main(argv: list[str]) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "Run directory holding the checkpoints.", flag_values=fv)
+    define_spec_flags(fv)
+    flags.DEFINE_bool("save_stats", False, "Compute custom Inception statistics of --dataset_path.", flag_values=fv)
+    flags.DEFINE_string("custom_name", None, "Name of the custom statistics (--save_stats).", flag_values=fv)
+    flags.DEFINE_string("dataset_path", None, "Image folder of the custom statistics (--save_stats).", flag_values=fv)
+    flags.DEFINE_bool("prefetch", False, "Fetch clean-fid's Inception weights (and statistics).", flag_values=fv)
+    flags.DEFINE_string("prefetch_from", None, "--prefetch: a local copy or URL of the weights.", flag_values=fv)
+    flags.DEFINE_integer("resolution", None, "--prefetch: image size of the named statistics.", flag_values=fv)
+    args = cli.parse(argv, fv, config_required=False)
+    if fv.prefetch:
+        return prefetch(fv)
+    if fv.save_stats:
+        return save_stats(fv)
+    if fv.workdir is None:
+        raise UsageError("--workdir is required (except with --prefetch or --save_stats)")
+    spec = spec_from_flags(fv)
     from lintrans.evaluation import evaluate
 
-    record = evaluate(
-        FLAGS.config,
-        FLAGS.workdir,
-        mode=FLAGS.mode,
-        checkpoint=FLAGS.checkpoint,
-        delta=FLAGS.delta,
-        batch_size=FLAGS.batch_size,
-        num_gen=FLAGS.num_gen,
-        experiment_name=FLAGS.experiment_name,
-        param_name=FLAGS.param_name,
-        dataset_name=FLAGS.dataset_name,
-        dataset_name_cleanfid=FLAGS.dataset_name_cleanfid,
-        dataset_split=FLAGS.dataset_split,
-        cleanfid_mode=FLAGS.cleanfid_mode,
-        metric=FLAGS.metric,
-        overrides=config_flags.get_override_values(FLAGS["config"]),
-        num_train=FLAGS.num_train,
-        num_test=FLAGS.num_test,
-        seed=FLAGS.seed,
-    )
+    try:
+        record = evaluate(fv.workdir, spec, config=args.config)
+    except SpecError as exc:
+        raise UsageError(f"--{exc.field}: {exc}") from None
     metrics = ", ".join(f"{k}={v:.6g}" for k, v in record["metrics"].items())
     run = record["run"]
     print(f"{metrics} (checkpoint {run['checkpoint']}, step {run['steps']}, {record['wall_s']:.1f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    sys.exit(cli.entry(main))

@@ -1,86 +1,88 @@
 """Sample from a trained lintrans model (flags as in the IHDM README).
 
-    python sample.py --config configs/mnist5k/default_mnist5k_configs.py \
-        --workdir runs/mnist5k/default --checkpoint 0 --batch_size=9 [--same_init | --share_noise]
-    python sample.py ... --interpolate --num_points=20
+    python sample.py --workdir runs/mnist5k/default --checkpoint 0 --batch_size=9 [--same_init | --share_noise]
+    python sample.py --workdir runs/mnist5k/default --interpolate --num_points=20
 
+The network is rebuilt from the run directory's own config (``--config``, if given, must agree).
 Writes ``samples.png`` (final grid), ``prior.png`` (u_K), ``process.gif`` (reverse process) and
 ``samples.npz`` into ``--outdir`` (default ``<workdir>/samples/sample_<mode>_ckpt<N>``).
 """
 
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 from absl import flags
-from ml_collections import config_flags
 
-from lintrans import checkpoint, cli, datasets, images, sampling
-from lintrans.atomic import write_atomic
-from lintrans.config import check_matches_run, sampling_delta, validate
+from lintrans import cli
 from lintrans.errors import UsageError
-from lintrans.forward import create_forward
-from lintrans.training_loop import model_state
-
-config_flags.DEFINE_config_file("config", None, "Configuration file of the run.", lock_config=False)
-flags.DEFINE_string("workdir", None, "Run directory holding the checkpoints.")
-flags.DEFINE_integer("checkpoint", 0, "0 = latest (checkpoints-meta), N = checkpoints/checkpoint_N.pth")
-flags.DEFINE_integer("batch_size", 16, "Number of samples.")
-flags.DEFINE_bool("same_init", False, "Share the prior state u_K, vary the sampling noise.")
-flags.DEFINE_bool("share_noise", False, "Share the sampling noise, vary the prior state.")
-flags.DEFINE_bool("interpolate", False, "Interpolate between two prior states (shared noise).")
-flags.DEFINE_integer("num_points", 10, "Points on the interpolation path.")
-flags.DEFINE_float("delta", None, "Sampling noise (default: config.sampling.delta or 1.25 sigma).")
-flags.DEFINE_integer("seed", 0, "Seed of the prior images and the noise.")
-flags.DEFINE_string("outdir", None, "Output folder.")
-flags.DEFINE_bool("raw", False, "Use the raw weights instead of the EMA weights.")
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> None:
-    config = FLAGS.config
-    if FLAGS.delta is not None:
-        config.sampling.delta = FLAGS.delta
-    validate(config)
-    check_matches_run(config, FLAGS.workdir)
-    if sum([FLAGS.same_init, FLAGS.share_noise, FLAGS.interpolate]) > 1:
-        raise UsageError("--same_init, --share_noise and --interpolate exclude each other; pick one")
-    n = FLAGS.num_points if FLAGS.interpolate else FLAGS.batch_size
-    if n < (2 if FLAGS.interpolate else 1):
-        raise UsageError(f"need at least {2 if FLAGS.interpolate else 1} samples, got {n}")
-    path = checkpoint.resolve(FLAGS.workdir, FLAGS.checkpoint)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    process = create_forward(config).to(device)
-    model = model_state(path, config, device, ema=not FLAGS.raw)
-    train_set, _ = datasets.load(config)
-    delta = sampling_delta(config)
-
-    gen = torch.Generator(device=device).manual_seed(FLAGS.seed)
-    pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(FLAGS.seed))
-    draws = 2 if FLAGS.interpolate else (1 if FLAGS.same_init else n)
-    x0 = datasets.batches(train_set, [pick[:draws]]).__next__().to(device)
-    u_K = sampling.prior(process, x0, delta, gen)
-    if FLAGS.interpolate:
-        u_K = sampling.interpolate(u_K[0], u_K[1], n)
-    elif FLAGS.same_init:
-        u_K = u_K.expand(n, *u_K.shape[1:]).contiguous()
-    share = FLAGS.share_noise or FLAGS.interpolate
-    final, frames = sampling.reverse(model, u_K, process.K, delta, gen, share_noise=share, num_frames=50)
-
-    mode = (
-        "interpolate" if FLAGS.interpolate else "same_init" if FLAGS.same_init else "share_noise" if share else "random"
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "Run directory holding the checkpoints.", flag_values=fv)
+    flags.DEFINE_integer(
+        "checkpoint", 0, "0 = latest (checkpoints-meta), N = checkpoints/checkpoint_N.pth", flag_values=fv
     )
-    ckpt = FLAGS.checkpoint
-    out = Path(FLAGS.outdir or Path(FLAGS.workdir) / "samples" / f"sample_{mode}_ckpt{ckpt}")
-    nrow = n if FLAGS.interpolate else None
+    flags.DEFINE_integer("batch_size", 16, "Number of samples.", flag_values=fv)
+    flags.DEFINE_bool("same_init", False, "Share the prior state u_K, vary the sampling noise.", flag_values=fv)
+    flags.DEFINE_bool("share_noise", False, "Share the sampling noise, vary the prior state.", flag_values=fv)
+    flags.DEFINE_bool("interpolate", False, "Interpolate between two prior states (shared noise).", flag_values=fv)
+    flags.DEFINE_integer("num_points", 10, "Points on the interpolation path.", flag_values=fv)
+    flags.DEFINE_float(
+        "delta", None, "Sampling noise (default: the run's sampling.delta or 1.25 sigma).", flag_values=fv
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of the prior images and the noise.", flag_values=fv)
+    flags.DEFINE_string("outdir", None, "Output folder.", flag_values=fv)
+    flags.DEFINE_bool("raw", False, "Use the raw weights instead of the EMA weights.", flag_values=fv)
+
+
+def main(argv: list[str]) -> int:
+    fv = flags.FlagValues()
+    define_flags(fv)
+    args = cli.parse(argv, fv, config_required=False, required=("workdir",))
+    if sum([fv.same_init, fv.share_noise, fv.interpolate]) > 1:
+        raise UsageError("--same_init, --share_noise and --interpolate exclude each other; pick one")
+    n = fv.num_points if fv.interpolate else fv.batch_size
+    if n < (2 if fv.interpolate else 1):
+        raise UsageError(f"need at least {2 if fv.interpolate else 1} samples, got {n}")
+    if fv.delta is not None and not 0 <= fv.delta < float("inf"):
+        raise UsageError(f"--delta must be a finite number >= 0, got {fv.delta}")
+
+    import numpy as np
+    import torch
+
+    from lintrans import datasets, images, sampling
+    from lintrans.atomic import write_atomic
+    from lintrans.config import sampling_delta
+    from lintrans.run import load_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(fv.workdir, fv.checkpoint, device, ema=not fv.raw, config=args.config)
+    process = loaded.process
+    train_set, _ = datasets.load(loaded.config)
+    delta = sampling_delta(loaded.config) if fv.delta is None else fv.delta
+
+    gen = torch.Generator(device=device).manual_seed(fv.seed)
+    pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(fv.seed))
+    draws = 2 if fv.interpolate else (1 if fv.same_init else n)
+    u_K = sampling.prior(process, train_set.batch(pick[:draws]).to(device), delta, gen)
+    if fv.interpolate:
+        u_K = sampling.interpolate(u_K[0], u_K[1], n)
+    elif fv.same_init:
+        u_K = u_K.expand(n, *u_K.shape[1:]).contiguous()
+    share = fv.share_noise or fv.interpolate
+    final, frames = sampling.reverse(loaded.model, u_K, process.K, delta, gen, share_noise=share, num_frames=50)
+
+    mode = "interpolate" if fv.interpolate else "same_init" if fv.same_init else "share_noise" if share else "random"
+    out = Path(fv.outdir or Path(fv.workdir) / "samples" / f"sample_{mode}_ckpt{fv.checkpoint}")
+    nrow = n if fv.interpolate else None
     images.save_grid(out / "samples.png", final.cpu(), nrow)
     images.save_grid(out / "prior.png", u_K.cpu(), nrow)
     images.save_gif(out / "process.gif", frames, nrow)
     arrays = {"samples": final.cpu().numpy(), "prior": u_K.cpu().numpy(), "trajectory": torch.stack(frames).numpy()}
     write_atomic(out / "samples.npz", lambda f: np.savez_compressed(f, **arrays))
-    print(f"{mode}: {n} samples from {path} (delta={delta:g}) -> {out}")
+    print(f"{mode}: {n} samples from {loaded.path} (delta={delta:g}) -> {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    sys.exit(cli.entry(main))

@@ -7,20 +7,21 @@ The same command runs under ``torchrun --nproc_per_node=N``, ``mpirun -np N`` an
 Exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 preempted (checkpoint written, requeue).
 """
 
+import sys
+
 from absl import flags
-from ml_collections import config_flags
 
 from lintrans import cli
-from lintrans.training_loop import run
-
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (checkpoints, samples, tensorboard).")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> int:
-    return run(flags.FLAGS.config, flags.FLAGS.workdir)
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, samples, tensorboard).", flag_values=fv)
+    args = cli.parse(argv, fv, config_required=True, required=("workdir",))
+    from lintrans.training_loop import run_cli
+
+    return run_cli(args.config, fv.workdir, args.config_file, args.overrides)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    sys.exit(cli.entry(main))

@@ -59,7 +59,7 @@ def machine(device: str = "cpu") -> dict:
         "python": platform.python_version(),
         "device": device,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "loadavg_at_start": os.getloadavg(),
         "env": {

@@ -1,19 +1,27 @@
-"""Sweep files: YAML with line-precise validation, and deterministic expansion into trials.
+"""Sweep files: YAML -> validated :class:`Sweep` -> :class:`Trial` list. Pure: nothing here writes.
 
-A sweep file names a base config, axes (any config key, e.g. ``model.forward``, ``model.K``,
-``model.sigma``) whose Cartesian product times ``seeds`` gives the trials, fixed overrides, the
-evaluations to run after training, per-trial resources and optional backend sections::
+A sweep file names a base config, axes (any config key; a list of values, or a distribution for
+random and adaptive search), seeds, fixed overrides, the evaluations to run after training,
+per-trial resources and optional backend and search sections::
 
     name: quickstart
     config: configs/mnist5k/default_mnist5k_configs.py
     axes:
       model.forward: [heat, constant_velocity, identity]
       model.K: [10, 20]
+      optim.lr: {loguniform: [1e-4, 1e-2]}      # random or optuna search only
     seeds: [0]
     overrides: {training.n_iters: 200}
     evaluations: [{mode: elbo}, {mode: fid, num_gen: 500}]
     resources: {cpus: 1, gpus: 0, mem_gb: 4, time_min: 30}
     slurm: {partition: debug, array_parallelism: 4, max_requeues: 3}
+    search: {method: random, n_trials: 8, seed: 0}
+
+Everything is validated before anything is written (:func:`load`): the schema
+(:mod:`launchers.schema`), every axis value and override against the config (type, range, a
+forward process that fits in ``model.max_dense_bytes``), every evaluation against the data set,
+duplicate keys and values, reserved names and the size of the grid. Errors are one line,
+``file:line: key: message``.
 
 A trial's id is a short stable hash of its base config and resolved overrides (seed included),
 so the same trial keeps its run directory ``runs/sweeps/<sweep>/<id>/`` across re-runs, edits
@@ -22,46 +30,32 @@ that add axis values, and backends.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import importlib.util
 import itertools
 import json
+import math
+import random
 import re
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+import pydantic
 import yaml
 
-from lintrans.errors import UsageError, choices
+from launchers.schema import Distribution, LocalSection, RaySection, Resources, Search, SlurmSection, SweepFile
+from lintrans import config as cfg
+from lintrans.errors import UsageError
+from lintrans.evaluation import EvalSpec, SpecError
 
 BACKENDS = ("local", "slurm", "ray")
-EVAL_MODES = ("elbo", "fid")
-EVAL_KEYS = {
-    "mode", "checkpoint", "delta", "batch_size", "num_gen", "experiment_name", "param_name",
-    "dataset_name_cleanfid", "dataset_split", "cleanfid_mode", "metric", "num_train", "num_test", "seed",
-}  # fmt: skip
-RESOURCE_KEYS = {"gpus": int, "cpus": int, "mem_gb": (int, float), "time_min": int, "nodes": int}
-SECTIONS = {
-    "slurm": {
-        "partition": str, "account": str, "qos": str, "constraint": str, "array_parallelism": int,
-        "max_requeues": int, "signal_delay_s": int, "setup": list,
-    },
-    "ray": {"address": str, "max_failures": int, "max_concurrent": int, "asha": dict},
-    "local": {"slots": int},
-}  # fmt: skip
-TOP_KEYS = {
-    "name", "config", "axes", "seeds", "overrides", "evaluations", "resources", "backend", "runs_dir", *SECTIONS,
-}  # fmt: skip
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_TRIALS = 10_000
 
 
 @dataclass(frozen=True)
 class Trial:
-    """One point of the sweep: base config + overrides (seed included) → one run directory."""
+    """One point of the sweep: base config + overrides (seed included) -> one run directory."""
 
     id: str
     index: int
@@ -72,40 +66,65 @@ class Trial:
     @property
     def label(self) -> str:
         """The values that tell this trial apart, e.g. ``forward=heat K=20 seed=0``."""
-        return " ".join(f"{k.split('.')[-1]}={self.overrides[k]}" for k in (*self.axes, "seed"))
+        return " ".join(f"{k.split('.')[-1]}={_short(self.overrides[k])}" for k in (*self.axes, "seed"))
 
 
-@dataclass
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
 class Sweep:
     path: Path
     name: str
     config: Path
-    axes: dict[str, list]
+    base: ml_collections.ConfigDict
+    axes: dict[str, list | Distribution]
     seeds: list[int]
     overrides: dict[str, Any]
-    evaluations: list[dict]
-    resources: dict[str, Any]
+    evaluations: list[EvalSpec]
+    resources: Resources
     backend: str | None
     runs_dir: Path
-    sections: dict[str, dict] = field(default_factory=dict)
+    slurm: SlurmSection
+    ray: RaySection
+    local: LocalSection
+    search: Search
 
     @property
     def dir(self) -> Path:
         return self.runs_dir / "sweeps" / self.name
 
-    def section(self, name: str) -> dict:
-        return self.sections.get(name, {})
+    @property
+    def size(self) -> int:
+        """How many trials the file describes (grid: the product of the axes; else n_trials) times the seeds."""
+        if self.search.method == "grid":
+            return math.prod(len(v) for v in self.axes.values()) * len(self.seeds)
+        return self.search.n_trials * len(self.seeds)
+
+    def trial(self, values: dict[str, Any], seed: int, index: int) -> Trial:
+        overrides = {**self.overrides, **values, "seed": seed}
+        tid = trial_id(self.config, overrides)
+        return Trial(tid, index, overrides, self.dir / tid, tuple(self.axes))
 
     def trials(self) -> list[Trial]:
-        """The Cartesian product of the axes (in file order) times the seeds."""
+        """Grid: the Cartesian product of the axes (file order) times the seeds. Random: ``n_trials``
+        draws from ``search.seed`` (the same ids on every backend and every run). Optuna trials come
+        from the study instead (:mod:`launchers.search`)."""
         keys = list(self.axes)
-        out = []
-        for values in itertools.product(*(self.axes[k] for k in keys)):
-            for seed in self.seeds:
-                ov = {**self.overrides, **dict(zip(keys, values, strict=True)), "seed": seed}
-                tid = trial_id(self.config, ov)
-                out.append(Trial(tid, len(out), ov, self.dir / tid, tuple(keys)))
-        return out
+        if self.search.method == "grid":
+            points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.axes.values())]
+        elif self.search.method == "random":
+            rng = random.Random(self.search.seed)
+            points = [{k: _draw(self.axes[k], rng) for k in keys} for _ in range(self.search.n_trials)]
+        else:
+            raise UsageError(f"{self.path}: optuna trials are asked of the study wave by wave, not listed")
+        return [self.trial(p, seed, i * len(self.seeds) + j) for i, p in enumerate(points)
+                for j, seed in enumerate(self.seeds)]  # fmt: skip
+
+
+def _draw(axis: list | Distribution, rng: random.Random) -> Any:
+    return axis.sample(rng) if isinstance(axis, Distribution) else axis[rng.randrange(len(axis))]
 
 
 def trial_id(config: Path, overrides: dict[str, Any]) -> str:
@@ -113,14 +132,28 @@ def trial_id(config: Path, overrides: dict[str, Any]) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
+# --------------------------------------------------------------------------- YAML with line numbers
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus floats such as ``1e-5`` (YAML 1.2 reads them as numbers, 1.1 as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 class _Lines:
-    """Line numbers of every mapping key and sequence item, from the YAML node tree."""
+    """Line numbers of every mapping key and sequence item, from the YAML node tree; refuses duplicate keys."""
 
     def __init__(self, text: str, path: Path) -> None:
         self.path = path
         self.lines: dict[tuple, int] = {}
         try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            node = yaml.compose(text, Loader=_Loader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark else 1
@@ -131,7 +164,13 @@ class _Lines:
     def _walk(self, node, at: tuple) -> None:
         self.lines.setdefault(at, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
+            seen: set = set()
             for key, value in node.value:
+                if key.value in seen:
+                    raise self.error(
+                        (*at, key.value), f"duplicate key (line {key.start_mark.line + 1}); give each key once"
+                    )
+                seen.add(key.value)
                 self.lines[(*at, key.value)] = key.start_mark.line + 1
                 self._walk(value, (*at, key.value))
         elif isinstance(node, yaml.SequenceNode):
@@ -139,146 +178,180 @@ class _Lines:
                 self._walk(item, (*at, i))
 
     def error(self, at: tuple, message: str) -> UsageError:
-        line = self.lines.get(at) or self.lines.get(at[:-1]) or 1
-        key = ".".join(str(a) for a in at if not isinstance(a, int)) or "(top)"
+        line = next((self.lines[at[:n]] for n in range(len(at), -1, -1) if at[:n] in self.lines), 1)
+        key = ".".join(str(a) for a in at) or "(top)"
         return UsageError(f"{self.path}:{line}: {key}: {message}")
 
 
-def load_config(path: Path) -> ml_collections.ConfigDict:
-    """Import an ml_collections config file (which may register forward processes) and build it."""
-    root = str(Path.cwd())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    spec = importlib.util.spec_from_file_location(f"lintrans_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def _schema_error(lines: _Lines, exc: pydantic.ValidationError) -> UsageError:
+    """The most telling error of a validation failure, at its line (union branches folded away)."""
+
+    def clean(loc: tuple) -> tuple:
+        return tuple(p for p in loc if isinstance(p, int) or not ("[" in p or p.startswith("function-")))
+
+    errors = exc.errors()
+    # Where an axis was a mapping (a distribution), the "not a list" branch is noise, and vice versa.
+    preferred = [e for e in errors if e["type"] not in ("list_type", "model_type", "dict_type")] or errors
+    err = preferred[0]
+    at = clean(err["loc"])
+    if err["type"] == "extra_forbidden":
+        section = _section_model(at[:-1])
+        valid = ", ".join(sorted(section.model_fields)) if section else ""
+        return lines.error(at, f"unknown key; valid: {valid}")
+    message = err["msg"].removeprefix("Value error, ")
+    given = "" if err["type"] in ("missing",) or "Value error" in err["msg"] else f", got {err['input']!r}"
+    return lines.error(at, message + given)
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-    """Set dotted keys with ml_collections' own type checks; YAML lists become tuples where a tuple stands."""
-    config = copy.deepcopy(config)
-    for key, value in overrides.items():
-        parent, _, leaf = key.rpartition(".")
-        node = config
-        for part in parent.split(".") if parent else []:
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(key)
-        if isinstance(node[leaf], tuple) and isinstance(value, list):
-            value = tuple(value)
-        node[leaf] = value
-    return config
+def _section_model(at: tuple):
+    model = SweepFile
+    for part in at:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, pydantic.BaseModel)
+        ):
+            return model if not at else None
+        model = field.annotation
+    return model
 
 
-def _impossible(key: str, value: Any) -> str | None:
-    """Values that type-check but cannot run; checked here so nothing is submitted."""
-    from lintrans.forward import FORWARD_PROCESSES  # after the config file: it may register more
-
-    if key == "model.forward" and value not in FORWARD_PROCESSES:
-        return f"unknown forward process '{value}'; valid: {choices(FORWARD_PROCESSES)}"
-    if key == "model.K" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        return f"K must be an integer >= 1, got {value!r}"
-    if key == "model.sigma" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-        return f"sigma must be a number >= 0, got {value!r}"
-    return None
+# --------------------------------------------------------------------------- load and validate
 
 
-def _type(value: Any) -> str:
-    return type(value).__name__
-
-
-def load(path: str | Path, runs_dir: str | Path | None = None) -> Sweep:
+def load(path: str | Path, runs_dir: str | Path | None = None, max_trials: int = MAX_TRIALS) -> Sweep:
     """Read and validate a sweep file; every error names the file, the line and the key."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"sweep file not found: {path}")
     text = path.read_text()
     lines = _Lines(text, path)
-    data = yaml.safe_load(text)
+    data = yaml.load(text, Loader=_Loader)
     if not isinstance(data, dict):
         raise lines.error((), "a sweep file is a mapping with at least 'config' and 'axes'")
-    for key in data:
-        if key not in TOP_KEYS:
-            raise lines.error((key,), f"unknown key; valid: {choices(TOP_KEYS)}")
-    name = data.get("name", path.stem)
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise lines.error(("name",), f"must match {NAME.pattern} (it names folders and jobs), got {name!r}")
-    if "config" not in data or not isinstance(data["config"], str):
-        raise lines.error(("config",), "required: the path of an ml_collections config file")
-    config_path = Path(data["config"])
+    try:
+        spec = SweepFile.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise _schema_error(lines, exc) from None
+    if "seed" in spec.axes:
+        raise lines.error(("axes", "seed"), "'seed' is reserved: list the seeds under the top-level 'seeds' key")
+    config_path = Path(spec.config)
     if not config_path.is_file():
         raise lines.error(("config",), f"config file not found: {config_path}")
     try:
-        base = load_config(config_path)
-    except Exception as exc:  # noqa: BLE001 - a broken config file is user input
-        raise lines.error(("config",), f"cannot load {config_path}: {type(exc).__name__}: {exc}") from None
+        base = cfg.load_file(config_path)
+    except UsageError as exc:
+        raise lines.error(("config",), str(exc)) from None
+    seeds = spec.seeds if spec.seeds is not None else [base.get("seed", 0)]
+    name = spec.name or path.stem
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise lines.error(("name",), f"the file name {path.stem!r} cannot name a sweep; give 'name:'")
+    _check_values(lines, spec, base, config_path)
+    evaluations = _check_evaluations(lines, spec, base)
+    sweep = Sweep(
+        path=path, name=name, config=config_path, base=base, axes=dict(spec.axes), seeds=list(seeds),
+        overrides=dict(spec.overrides), evaluations=evaluations, resources=spec.resources, backend=spec.backend,
+        runs_dir=Path(runs_dir or spec.runs_dir or "runs"), slurm=spec.slurm, ray=spec.ray, local=spec.local,
+        search=spec.search,
+    )  # fmt: skip
+    if sweep.size > max_trials:
+        raise lines.error(("axes",), f"{sweep.size:,} trials is more than --max-trials={max_trials:,}; "
+                                     "narrow the axes or raise --max-trials")  # fmt: skip
+    _check_forward_memory(lines, sweep)
+    return sweep
 
-    def check_override(at: tuple, key: Any, value: Any) -> None:
+
+def _check_values(lines: _Lines, spec: SweepFile, base: ml_collections.ConfigDict, config_path: Path) -> None:
+    """Every axis value and override: a key of the config, the right type, a value :func:`cfg.validate` accepts."""
+    if spec.search.method == "grid":
+        for key, axis in spec.axes.items():
+            if isinstance(axis, Distribution):
+                raise lines.error(("axes", key), "a distribution needs search: {method: random|optuna, n_trials: N}; "
+                                                 "grid search takes a list of values")  # fmt: skip
+    fixed = _apply(lines, base, spec.overrides, lambda key: ("overrides", key), config_path)
+    for key, axis in spec.axes.items():
+        if isinstance(axis, Distribution):
+            values = axis.choice or [axis.sample(random.Random(i)) for i in range(2)]
+            where = [("axes", key)] * len(values)
+        else:
+            if not axis:
+                raise lines.error(("axes", key), "an axis is a non-empty list of values")
+            duplicates = sorted({json.dumps(v, default=str) for v in axis if axis.count(v) > 1})
+            if duplicates:
+                raise lines.error(("axes", key), f"duplicate values {', '.join(duplicates)}: each gives the same trial")
+            values, where = axis, [("axes", key, i) for i in range(len(axis))]
+        for value, at in zip(values, where, strict=True):
+            _apply(lines, fixed, {key: value}, lambda _k, at=at: at, config_path)
+
+
+def _apply(lines, config, overrides: dict, where, config_path: Path) -> ml_collections.ConfigDict:
+    """``config`` with ``overrides`` applied and validated, or the error at the value's line."""
+    for key, value in overrides.items():
         if not isinstance(key, str):
-            raise lines.error(at, f"config keys are dotted strings, got {key!r}")
+            raise lines.error(where(key), f"config keys are dotted strings, got {key!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise lines.error(where(key), f"{value!r} is not a finite number")
+    try:
+        out = cfg.apply_overrides(config, overrides)
+    except KeyError as exc:
+        key = exc.args[0]
+        raise lines.error(where(key), f"unknown config key '{key}' in {config_path}") from None
+    except (TypeError, ValueError) as exc:
+        key = next(iter(overrides))
+        value = overrides[key]
+        raise lines.error(where(key), f"wrong type for '{key}': {type(value).__name__} {value!r} ({exc})") from None
+    try:
+        cfg.validate(out)
+    except UsageError as exc:
+        named = [k for k in overrides if f"config.{k}" in str(exc) or f"'{overrides[k]}'" in str(exc)]
+        at = where(named[0]) if named else where(next(iter(overrides))) if overrides else ("config",)
+        raise lines.error(at, str(exc)) from None
+    return out
+
+
+def _check_evaluations(lines: _Lines, spec: SweepFile, base: ml_collections.ConfigDict) -> list[EvalSpec]:
+    """Each evaluation as an :class:`EvalSpec`, valid for every data set the trials use."""
+    data_key = "data.dataset"
+    datasets = spec.axes.get(data_key) if isinstance(spec.axes.get(data_key), list) else None
+    datasets = datasets or [spec.overrides.get(data_key, base.data.dataset)]
+    out = []
+    for i, ev in enumerate(spec.evaluations):
         try:
-            apply_overrides(base, {key: value})
-        except KeyError:
-            raise lines.error(at, f"unknown config key '{key}' in {config_path}") from None
-        except (TypeError, ValueError) as exc:
-            raise lines.error(at, f"wrong type for '{key}': {_type(value)} {value!r} ({exc})") from None
-
-    axes = data.get("axes", {})
-    if not isinstance(axes, dict) or not axes:
-        raise lines.error(("axes",), "required: a mapping of config keys to non-empty lists of values")
-    overrides = data.get("overrides", {}) or {}
-    if not isinstance(overrides, dict):
-        raise lines.error(("overrides",), "a mapping of config keys to values")
-    settings = []  # (where, key, value) for every value the sweep sets
-    for key, values in axes.items():
-        if not isinstance(values, list) or not values:
-            raise lines.error(("axes", key), f"an axis is a non-empty list of values, got {values!r}")
-        settings += [(("axes", key, i), key, value) for i, value in enumerate(values)]
-    settings += [(("overrides", key), key, value) for key, value in overrides.items()]
-    for at, key, value in settings:
-        check_override(at, key, value)
-        problem = _impossible(key, value)
-        if problem:
-            raise lines.error(at, problem)
-    seeds = data.get("seeds", [base.get("seed", 0)])
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        raise lines.error(("seeds",), f"a non-empty list of integers, got {seeds!r}")
-
-    evaluations = data.get("evaluations", []) or []
-    if not isinstance(evaluations, list):
-        raise lines.error(("evaluations",), "a list of {mode: elbo|fid, ...flags}")
-    for i, ev in enumerate(evaluations):
-        if not isinstance(ev, dict) or ev.get("mode") not in EVAL_MODES:
-            raise lines.error(("evaluations", i), f"each evaluation needs mode: one of {choices(EVAL_MODES)}")
-        for key in ev:
-            if key not in EVAL_KEYS:
-                raise lines.error(("evaluations", i, key), f"unknown evaluation flag; valid: {choices(EVAL_KEYS)}")
-    resources = data.get("resources", {}) or {}
-    _check_section(lines, ("resources",), resources, RESOURCE_KEYS)
-    sections = {}
-    for name_ in SECTIONS:
-        sec = data.get(name_, {}) or {}
-        _check_section(lines, (name_,), sec, SECTIONS[name_])
-        sections[name_] = sec
-    backend = data.get("backend")
-    if backend is not None and backend not in BACKENDS:
-        raise lines.error(("backend",), f"unknown backend '{backend}'; valid: {choices(BACKENDS)}")
-    runs = Path(runs_dir or data.get("runs_dir", "runs"))
-    return Sweep(path, name, config_path, axes, seeds, overrides, evaluations, resources, backend, runs, sections)
+            parsed = EvalSpec.parse(ev if isinstance(ev, dict) else {"mode": ev})
+            for dataset in datasets:
+                parsed.resolved(dataset)
+        except SpecError as exc:
+            raise lines.error(("evaluations", i, exc.field), str(exc)) from None
+        out.append(parsed)
+    identities = [(e.mode, e.experiment_name, e.param_name, e.checkpoint) for e in out]
+    if len(set(identities)) != len(identities):
+        raise lines.error(
+            ("evaluations",), "two evaluations with the same mode, names and checkpoint write the same record"
+        )
+    return out
 
 
-def _check_section(lines: _Lines, at: tuple, section: Any, schema: dict) -> None:
-    if not isinstance(section, dict):
-        raise lines.error(at, f"a mapping with keys {choices(schema)}")
-    for key, value in section.items():
-        if key not in schema:
-            raise lines.error((*at, key), f"unknown key; valid: {choices(schema)}")
-        want = schema[key]
-        if isinstance(value, bool) or not isinstance(value, want):
-            names = "/".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
-            raise lines.error((*at, key), f"expected {names}, got {_type(value)} {value!r}")
+def _check_forward_memory(lines: _Lines, sweep: Sweep) -> None:
+    """The memory each distinct (process, K, shape, budget) of the trials would take, without building any."""
+    from lintrans.forward import check_forward
+
+    keys = ("model.forward", "model.K", "data.num_channels", "data.image_size", "model.max_dense_bytes")
+
+    def value(trial_overrides: dict, key: str):
+        if key in trial_overrides:
+            return trial_overrides[key]
+        section, leaf = key.split(".")
+        return sweep.base[section][leaf]
+
+    axes = {k: v for k, v in sweep.axes.items() if k in keys and isinstance(v, list)}
+    for combo in itertools.product(*axes.values()):
+        ov = {**sweep.overrides, **dict(zip(axes, combo, strict=True))}
+        name, K, C, size, budget = (value(ov, k) for k in keys)
+        try:
+            check_forward(name, K, (C, size, size), budget)
+        except UsageError as exc:
+            at = ("axes", next(iter(axes))) if axes else ("config",)
+            raise lines.error(
+                at, f"{exc} (for {', '.join(f'{k}={v}' for k, v in zip(axes, combo, strict=True))})"
+            ) from None

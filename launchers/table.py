@@ -1,16 +1,18 @@
-"""Results tables built from trial records (never appended to by concurrent writers).
+"""Results tables built from trial records (never appended to by concurrent writers), and their plots.
 
 One row per trial (axes, seed, status, steps, every metric and its breakdown, wall time, backend,
-job id); a grouped view with mean ± std over seeds; Markdown, CSV and JSON; a PNG of FID and NLL
-against K, one line per forward process, one panel per σ. ``runs/results.csv`` is the shared
-table over every sweep, rebuilt from scratch (so rebuilding is idempotent).
+job id); a grouped view with mean ± std over seeds; sorting and the best N by a metric;
+Markdown, CSV and JSON. Plots: FID and NLL against K (one line per forward process, one panel per
+σ), learning curves (held-out loss against step, from each trial's TensorBoard scalars), and the
+objective against each numeric axis (log scale for log-uniform axes). ``runs/results.csv`` is the
+shared table over every sweep, rebuilt from scratch, so rebuilding is idempotent. A damaged file
+anywhere is a warning, never a missing row or a crash.
 """
 
 from __future__ import annotations
 
-import csv
 import io
-import json
+import logging
 import math
 import statistics
 from collections import defaultdict
@@ -18,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from launchers import state
-from launchers.trial import SPEC
+from launchers.schema import Distribution
+from launchers.sweep import Sweep, Trial
+from lintrans import records
 from lintrans.atomic import write_atomic, write_text
+from lintrans.tables import render
 
 FIXED = ["sweep", "trial", "status", "reason", "steps"]
 TAIL = ["wall_s", "backend", "job_id"]
@@ -27,65 +32,93 @@ AXIS_NAMES = {"model.forward": "forward", "model.K": "K", "model.sigma": "sigma"
 FID_METRICS = ("fid_inception", "fid_mnist_features")
 NLL_METRIC = "nll_bpd"
 CONFIG_SECTIONS = ("model", "data", "training", "optim", "sampling", "eval")
+PLOTS = ("k", "curves", "axes")
+
+log = logging.getLogger(__name__)
 
 
-def trial_metrics(trial_dir: Path) -> dict[str, Any]:
-    """Every metric of a trial's evaluation records, plus scalar breakdown terms as ``<mode>.<term>``."""
-    from lintrans.records import read_records
+def axis_name(key: str) -> str:
+    return AXIS_NAMES.get(key, key)
 
-    out: dict[str, Any] = {}
-    for record in sorted(read_records(trial_dir), key=lambda r: r.get("created", "")):
-        out.update(record.get("metrics", {}))
-        mode = record.get("mode", "eval")
-        for key, value in (record.get("breakdown") or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[f"{mode}.{key}"] = value
+
+def row(trial_dir: Path, spec: dict[str, Any], observation: state.Observation | None = None) -> dict[str, Any]:
+    """One trial's row: identity, state, every metric of its records, where it ran."""
+    st = state.view(trial_dir, observation)
+    out: dict[str, Any] = {"sweep": spec.get("sweep"), "trial": spec.get("id", trial_dir.name),
+                           "index": spec.get("index", 1 << 30)}  # fmt: skip
+    for key in [*spec.get("axes", []), "seed"]:
+        out[axis_name(key)] = spec.get("overrides", {}).get(key)
+    out.update(status=st["state"], reason=st["reason"] or "", steps=st["step"])
+    out.update(records.metrics(trial_dir))
+    final_eval = state.status(trial_dir).get("eval_loss")
+    if isinstance(final_eval, float) and "eval_loss" not in out:
+        out["eval_loss"] = final_eval
+    out.update(wall_s=st["wall_s"], backend=st["backend"], job_id=st["job_id"])
     return out
 
 
-def rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per trial directory of a sweep, in trial order."""
+def rows(sweep: Sweep, trials: list[Trial], observations: dict | None = None, stale: bool = False) -> list[dict]:
+    """Rows of ``trials`` (their spec is known even if ``trial.json`` is damaged), plus, with ``stale``,
+    run directories of the sweep that no trial of the current file owns (older versions of it)."""
+    from launchers.trial import spec_of
+
+    observations = observations or {}
+    out = [row(t.run_dir, spec_of(sweep, t), observations.get(t.id)) for t in trials]
+    if stale:
+        current = {t.run_dir.name for t in trials}
+        for spec_path in sorted(sweep.dir.glob(f"*/{state.SPEC}")):
+            if spec_path.parent.name in current:
+                continue
+            spec = state.read(spec_path)
+            if not spec:
+                log.warning("skipping %s: %s is unreadable", spec_path.parent, state.SPEC)
+                continue
+            out.append({**row(spec_path.parent, spec), "stale": True})
+    return sorted(out, key=lambda r: (r.get("stale", False), r["index"]))
+
+
+def scan(sweep_dir: Path) -> list[dict]:
+    """Rows of every trial directory under a sweep folder, without its sweep file (the shared table)."""
     out = []
-    for spec_path in sweep_dir.glob(f"*/{SPEC}"):
+    for spec_path in sorted(sweep_dir.glob(f"*/{state.SPEC}")):
         spec = state.read(spec_path)
         if not spec:
+            log.warning("skipping %s: %s is unreadable", spec_path.parent, state.SPEC)
             continue
-        trial_dir = spec_path.parent
-        st = state.summary(trial_dir)
-        row: dict[str, Any] = {
-            "sweep": spec["sweep"],
-            "trial": spec["id"],
-            "index": spec["index"],
-            "status": st["state"],
-            "reason": st["reason"] or "",
-            "steps": st["step"],
-        }
-        for key in [*spec.get("axes", []), "seed"]:
-            row[AXIS_NAMES.get(key, key)] = spec["overrides"][key]
-        row.update(trial_metrics(trial_dir))
-        row.update({"wall_s": st["wall_s"], "backend": st["backend"], "job_id": st["job_id"]})
-        out.append(row)
+        try:
+            out.append(row(spec_path.parent, spec))
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("skipping %s: %s", spec_path.parent, exc)
     return sorted(out, key=lambda r: r["index"])
 
 
 def columns(table: list[dict[str, Any]]) -> list[str]:
     seen: list[str] = []
-    for row in table:
-        seen += [k for k in row if k not in seen]
+    for r in table:
+        seen += [k for k in r if k not in seen]
     axes = [k for k in seen if k in AXIS_NAMES.values() or k.split(".")[0] in CONFIG_SECTIONS]
-    metrics = [k for k in seen if k not in FIXED + TAIL + axes + ["index"]]
+    metrics = [k for k in seen if k not in FIXED + TAIL + axes + ["index", "stale"]]
     main_metrics = [m for m in metrics if "." not in m] + [m for m in metrics if "." in m]
-    return FIXED[:2] + axes + FIXED[2:] + main_metrics + TAIL
+    return FIXED[:2] + axes + FIXED[2:] + main_metrics + TAIL + (["stale"] if "stale" in seen else [])
+
+
+def brief(table: list[dict[str, Any]]) -> list[str]:
+    """The columns ``run`` prints: axes, status, steps, top-level metrics (no breakdowns, no reasons)."""
+    return [
+        c
+        for c in columns(table)
+        if ("." not in c or c.split(".")[0] in CONFIG_SECTIONS) and c not in ("sweep", "reason")
+    ]
 
 
 def grouped(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean ± std over seeds for every metric, grouping by all other axes."""
     cols = columns(table)
     axes = [c for c in cols[2 : cols.index("status")] if c != "seed"]
-    metrics = [c for c in cols[cols.index("steps") + 1 : -len(TAIL)]]
+    metrics = [c for c in cols[cols.index("steps") + 1 :] if c not in TAIL and c != "stale"]
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in table:
-        groups[tuple(str(row.get(a)) for a in axes)].append(row)
+    for r in table:
+        groups[tuple(str(r.get(a)) for a in axes)].append(r)
     out = []
     for members in groups.values():
         g = {a: members[0].get(a) for a in axes}
@@ -100,59 +133,59 @@ def grouped(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def render(table: list[dict[str, Any]], fmt: str, cols: list[str] | None = None) -> str:
-    cols = cols or columns(table)
-    if fmt == "json":
-        return json.dumps(table, indent=2, default=str) + "\n"
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(table)
-        return buf.getvalue()
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in table]
-    return "\n".join(lines) + "\n"
-
-
 def render_grouped(table: list[dict[str, Any]], fmt: str) -> str:
     g = grouped(table)
+    cols = list(dict.fromkeys(k for r in g for k in r))
     if fmt != "md":
-        return render(g, fmt, cols=list(dict.fromkeys(k for r in g for k in r)))
-    cols = list(dict.fromkeys(k for r in g for k in r if not k.endswith("_std")))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in g:
-        cells = []
-        for c in cols:
-            v = r.get(c)
-            cells.append(f"{v:.4g} ± {r[c + '_std']:.2g}" if f"{c}_std" in r else _fmt(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        return render(g, cols, fmt)
+    shown = [c for c in cols if not c.endswith("_std")]
+    merged = [{c: f"{r[c]:.4g} ± {r[c + '_std']:.2g}" if f"{c}_std" in r else r.get(c) for c in shown} for r in g]
+    return render(merged, shown, "md")
 
 
-def plot(table: list[dict[str, Any]], path: Path) -> Path | None:
-    """FID and NLL against K: one line per forward process, one column of panels per σ."""
+def sort(table: list[dict[str, Any]], metric: str, mode: str = "min", best: int | None = None) -> list[dict[str, Any]]:
+    """Trials ordered by ``metric`` (``mode`` min: smallest first); those without it last."""
+    sign = 1.0 if mode == "min" else -1.0
+    have = [r for r in table if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    ordered = sorted(have, key=lambda r: sign * r[metric]) + [r for r in table if r not in have]
+    return ordered[:best] if best else ordered
+
+
+def rebuild_shared(runs_dir: Path) -> Path:
+    """``runs/results.csv`` over every sweep under ``runs/sweeps``, rebuilt from the records."""
+    table = [r for sweep_dir in sorted((runs_dir / "sweeps").glob("*")) if sweep_dir.is_dir() for r in scan(sweep_dir)]
+    return write_text(runs_dir / "results.csv", render(table, columns(table), "csv"))
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(n_rows: int, n_cols: int, width: float = 4.5, height: float = 3.4):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols, height * n_rows), squeeze=False)
+    return plt, fig, axes
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return write_atomic(path, lambda f: f.write(buf.getvalue()))
+
+
+def plot_k(table: list[dict[str, Any]], path: Path) -> Path | None:
+    """FID and NLL against K: one line per forward process, one column of panels per σ."""
     g = grouped(table)
-    metric_names = [m for m in (*FID_METRICS, NLL_METRIC) if any(m in r for r in g)]
+    metric_names = [m for m in (*FID_METRICS, NLL_METRIC, "memorised_fraction") if any(m in r for r in g)]
     if not metric_names or not any("K" in r for r in g):
         return None
     sigmas = sorted({r.get("sigma") for r in g}, key=lambda s: (s is None, s))
-    fig, axes = plt.subplots(
-        len(metric_names), len(sigmas), figsize=(4.5 * len(sigmas), 3.4 * len(metric_names)), squeeze=False
-    )
+    plt, fig, axes = _figure(len(metric_names), len(sigmas))
     for col, sigma in enumerate(sigmas):
         for row_i, metric in enumerate(metric_names):
             ax = axes[row_i][col]
@@ -170,16 +203,65 @@ def plot(table: list[dict[str, Any]], path: Path) -> Path | None:
             ax.grid(alpha=0.3)
             if by_forward:
                 ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return write_atomic(path, lambda f: f.write(buf.getvalue()))
+    return _save(plt, fig, path)
 
 
-def rebuild_shared(runs_dir: Path) -> Path:
-    """``runs/results.csv`` over every sweep under ``runs/sweeps``, rebuilt from the records."""
-    table = [
-        row for sweep_dir in sorted((runs_dir / "sweeps").glob("*")) if sweep_dir.is_dir() for row in rows(sweep_dir)
-    ]
-    return write_text(runs_dir / "results.csv", render(table, "csv"))
+def learning_curve(trial_dir: Path, tag: str = "eval/loss") -> list[tuple[int, float]]:
+    """``(step, value)`` of a TensorBoard scalar across every event file of a run (later files win)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: dict[int, float] = {}
+    for events in sorted((trial_dir / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        try:
+            acc.Reload()
+        except Exception as exc:  # noqa: BLE001 - a torn event file is a warning, not a crash
+            log.warning("skipping %s: %s", events, exc)
+            continue
+        if tag in acc.Tags().get("scalars", []):
+            points.update({e.step: e.value for e in acc.Scalars(tag)})
+    return sorted(points.items())
+
+
+def plot_curves(sweep: Sweep, trials: list[Trial], path: Path, tag: str = "eval/loss") -> Path | None:
+    """Held-out loss against step: one panel per forward process, one line per trial (colour by K)."""
+    by_forward: dict[str, list] = defaultdict(list)
+    for t in trials:
+        curve = learning_curve(t.run_dir, tag)
+        if curve:
+            by_forward[str(t.overrides.get("model.forward", sweep.base.model.forward))].append((t, curve))
+    if not by_forward:
+        return None
+    plt, fig, axes = _figure(1, len(by_forward), 4.2, 3.4)
+    for ax, (forward, lines) in zip(axes[0], sorted(by_forward.items()), strict=True):
+        for t, curve in lines:
+            steps, values = zip(*curve, strict=True)
+            label = " ".join(f"{axis_name(k).split('.')[-1]}={t.overrides[k]}" for k in t.axes if k != "model.forward")
+            ax.plot(steps, values, marker=".", label=f"{label} s{t.overrides['seed']}".strip(), alpha=0.8)
+        ax.set_title(forward)
+        ax.set_xlabel("step")
+        ax.set_ylabel(tag)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    return _save(plt, fig, path)
+
+
+def plot_axes(sweep: Sweep, table: list[dict[str, Any]], metric: str, path: Path) -> Path | None:
+    """``metric`` against each numeric axis, one panel per axis (log scale where the axis is log-uniform)."""
+    numeric = [k for k, axis in sweep.axes.items()
+               if all(isinstance(r.get(axis_name(k)), (int, float)) for r in table)]  # fmt: skip
+    points = [r for r in table if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    if not numeric or not points:
+        return None
+    plt, fig, axes = _figure(1, len(numeric), 4.0, 3.2)
+    for ax, key in zip(axes[0], numeric, strict=True):
+        xs = [r[axis_name(key)] for r in points]
+        ax.scatter(xs, [r[metric] for r in points], c=[r["status"] == "done" for r in points], cmap="coolwarm_r")
+        axis = sweep.axes[key]
+        if isinstance(axis, Distribution) and axis.log:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    return _save(plt, fig, path)

@@ -1,63 +1,105 @@
-"""The one trial entry point every backend calls: train → evaluations → record.
+"""The one trial entry point every backend calls: train -> evaluations -> status.
 
     python -m launchers.trial runs/sweeps/<sweep>/<trial id>
 
-A trial is a run directory holding ``trial.json`` (base config, overrides, evaluations). Running
-it again resumes from ``checkpoints-meta`` and skips the evaluations already recorded; a finished
-trial returns at once. Failures (exception, non-finite loss, out of memory, requeue limit) are
-recorded with their reason in ``status.json`` instead of taking the sweep down. Under a
-multi-process launcher (torchrun, srun with several tasks) every rank trains, and rank 0 alone
-keeps the state and runs the evaluations.
+A trial is a run directory holding ``trial.json`` (base config, overrides, evaluations,
+resources). Running it again resumes from ``checkpoints-meta`` and redoes only the evaluations
+that have no record yet; a finished trial returns at once. Every way a trial can stop ends in a
+recorded state (:mod:`launchers.state`): done; preempted (a signal during training or the
+evaluations: checkpoint written, re-run to resume); failed with a reason (bad input, a corrupt
+checkpoint, CUDA missing, non-finite loss, any exception, the requeue limit); stopped (a
+scheduler such as ASHA ended it early). Under a multi-process launcher (torchrun, srun with
+several tasks) every rank trains, and rank 0 alone keeps the state and runs the evaluations.
 
-Exit codes: 0 done, 1 failed (reason recorded), 2 bad trial spec, 73 the trial is already being
-run by another process, 75 preempted (checkpoint written, requeue me).
+Exit codes: 0 done (or stopped), 1 failed (reason recorded), 2 bad trial spec, 73 the trial is
+already being run by another process, 75 preempted (checkpoint written, requeue me).
 """
 
 from __future__ import annotations
 
-import fcntl
+import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from launchers import state
-from launchers.sweep import Sweep, Trial, apply_overrides, load_config
-from lintrans import distributed
+from launchers.sweep import Sweep, Trial
+from lintrans import config as cfg
+from lintrans import distributed, records
 from lintrans.atomic import write_json
 from lintrans.errors import EXIT_PREEMPTED, EXIT_USAGE, NonFiniteLossError, UsageError
+from lintrans.evaluation import EvalSpec
 
 EXIT_FAILED = 1
 EXIT_BUSY = 73
-SPEC = "trial.json"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def write_spec(sweep: Sweep, trial: Trial) -> None:
-    """Create (or refresh) a trial's run directory; the spec is all a backend needs to pass."""
-    spec = {
+class Preempted(Exception):
+    """A stop signal arrived outside the training loop (during the evaluations)."""
+
+
+class Stopped(Exception):
+    """A trial scheduler (ASHA) ended the trial early; ``args[0]`` says why."""
+
+
+def spec_of(sweep: Sweep, trial: Trial) -> dict[str, Any]:
+    """The trial's spec: all a backend needs to pass, and all the trial needs to run."""
+    r = sweep.resources
+    evaluations = [
+        dataclasses.asdict(dataclasses.replace(
+            ev,
+            experiment_name=sweep.name if ev.experiment_name == "default" else ev.experiment_name,
+            param_name=trial.id if ev.param_name == "default" else ev.param_name,
+        ))
+        for ev in sweep.evaluations
+    ]  # fmt: skip
+    overrides = dict(trial.overrides)
+    overrides.setdefault("device", "cuda" if r.gpus else "cpu")  # a trial that asked for GPUs must get CUDA
+    return {
         "id": trial.id,
         "index": trial.index,
         "sweep": sweep.name,
         "sweep_file": str(sweep.path.resolve()),
         "cwd": str(Path.cwd().resolve()),
         "config": str(sweep.config.resolve()),
-        "overrides": trial.overrides,
-        "axes": list(sweep.axes),
-        "evaluations": sweep.evaluations,
-        "max_requeues": sweep.section("slurm").get("max_requeues", 3),
+        "overrides": overrides,
+        "axes": list(trial.axes),
+        "evaluations": evaluations,
+        "resources": r.model_dump(),
+        "world_size": r.world_size,
+        "n_iters": trial.overrides.get("training.n_iters", sweep.base.training.n_iters),
+        "max_requeues": sweep.slurm.max_requeues,
         "runs_dir": str(sweep.runs_dir.resolve()),
     }
-    path = trial.run_dir / SPEC
+
+
+def write_spec(sweep: Sweep, trial: Trial) -> None:
+    """Create (or refresh) a trial's run directory with its spec."""
+    spec = spec_of(sweep, trial)
+    path = trial.run_dir / state.SPEC
     if state.read(path) != json.loads(json.dumps(spec, default=str)):
         write_json(path, spec)
 
 
-def resolved_config(spec: dict[str, Any]):
-    return apply_overrides(load_config(Path(spec["config"])), spec["overrides"])
+def evaluations_missing(trial_dir: Path, spec: dict[str, Any]) -> list[EvalSpec]:
+    """The spec's evaluations without a record of the final step (identity by mode, names, checkpoint)."""
+    n_iters = spec.get("n_iters")
+    missing = []
+    for values in spec.get("evaluations", []):
+        ev = EvalSpec.parse(values)
+        path = records.record_path(trial_dir, ev.mode, ev.experiment_name, ev.param_name, ev.checkpoint)
+        record = state.read(path)
+        if not record or (n_iters is not None and record.get("run", {}).get("steps") != n_iters):
+            missing.append(ev)
+    return missing
 
 
 def _rank() -> int:
@@ -67,70 +109,52 @@ def _rank() -> int:
     return 0
 
 
-def _job_id() -> str | None:
+def job_id() -> str | None:
     if "SLURM_ARRAY_JOB_ID" in os.environ:
         return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
     return os.environ.get("SLURM_JOB_ID")
 
 
-class TrialLock:
-    """An exclusive ``flock`` on the run directory: two processes never train one trial."""
+@contextmanager
+def signals_preempt() -> Iterator[None]:
+    """Outside the training loop, a stop signal ends the trial as preempted instead of killing it mid-write."""
 
-    def __init__(self, trial_dir: Path) -> None:
-        self.fd = os.open(trial_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    def handler(signum, frame):
+        raise Preempted(f"signal {signal.Signals(signum).name}")
 
-    def acquire(self) -> bool:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    def release(self) -> None:
-        os.close(self.fd)
-
-
-def is_running(trial_dir: Path) -> bool:
-    """True while some process holds the trial's lock (works after the launcher is gone)."""
-    if not (trial_dir / ".lock").exists():
-        return False
-    lock = TrialLock(trial_dir)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
-        return not lock.acquire()
+        yield
     finally:
-        lock.release()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
-def checkpoint_step(trial_dir: Path) -> int:
-    """The step a (re)start resumes from: that of ``checkpoints-meta``, or 0."""
-    import torch
-
-    from lintrans.checkpoint import meta_path
-
-    meta = meta_path(trial_dir)
-    return int(torch.load(meta, map_location="cpu", weights_only=True, mmap=True)["step"]) if meta.is_file() else 0
-
-
-def failure_reason(exc: BaseException) -> str:
+def failure(exc: BaseException) -> tuple[str, bool]:
+    """The reason a trial failed, and whether running it again could help."""
     text = str(exc).splitlines()[0] if str(exc) else ""
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
-        return f"out of memory: {text}".rstrip(": ")
+        return f"out of memory: {text}".rstrip(": "), True
     if isinstance(exc, NonFiniteLossError):
-        return text
-    return f"{type(exc).__name__}: {text}".rstrip(": ")
+        return text, False
+    if isinstance(exc, UsageError):
+        return text, False
+    return f"{type(exc).__name__}: {text}".rstrip(": "), True
 
 
 def run_trial(trial_dir: str | Path, backend: str = "local", report: Callable | None = None) -> int:
     """Run one trial to completion (or preemption); see the module docstring for exit codes."""
     trial_dir = Path(trial_dir).resolve()
-    spec = state.read(trial_dir / SPEC)
+    spec = state.spec(trial_dir)
     if not spec:
-        raise UsageError(f"no trial spec: {trial_dir / SPEC} is missing or unreadable")
+        if trial_dir.is_dir():
+            state.write_status(trial_dir, "failed", reason=f"{state.SPEC} is missing or unreadable", resumable=False)
+        raise UsageError(f"no trial spec: {trial_dir / state.SPEC} is missing or unreadable")
     os.chdir(spec["cwd"])  # config files import configs.* relative to the launch directory
-    os.environ["LINTRANS_RUNS_DIR"] = spec["runs_dir"]  # seed-style evaluation summaries beside the sweep
+    os.environ[records.RUNS_ENV] = spec["runs_dir"]  # seed-style evaluation summaries beside the sweep
     if _rank() != 0:  # other ranks only train; rank 0 owns state, records and evaluations
         return _train_only(spec, trial_dir)
-    lock = TrialLock(trial_dir)
+    lock = state.trial_lock(trial_dir)
     if not lock.acquire():
         print(f"trial {spec['id']} is already running (lock held): {trial_dir}", flush=True)
         return EXIT_BUSY
@@ -143,74 +167,108 @@ def run_trial(trial_dir: str | Path, backend: str = "local", report: Callable | 
 def _train_only(spec: dict, trial_dir: Path) -> int:
     from lintrans.training_loop import train
 
+    config = cfg.load(spec["config"], spec["overrides"])
     try:
-        return train(resolved_config(spec), trial_dir)
-    except NonFiniteLossError:
+        return train(config, trial_dir, config_file=spec["config"], overrides=spec["overrides"])
+    except (NonFiniteLossError, UsageError):
         return EXIT_FAILED
 
 
 def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | None) -> int:
+    from lintrans.run import Run
     from lintrans.training_loop import train
 
     previous = state.status(trial_dir)
-    if previous.get("state") == "done":
-        print(f"trial {spec['id']} is done: {trial_dir}", flush=True)
+    if previous.get("state") == "stopped":
+        print(f"trial {spec['id']} was stopped ({previous.get('reason')}); not resumed", flush=True)
         return 0
     attempt = previous.get("attempt", 0) + 1
     wall = previous.get("wall_s", 0.0)
-    common = {"attempt": attempt, "backend": backend, "job_id": _job_id(), "wall_s": wall}
-    if attempt > 1 + spec.get("max_requeues", 3) and previous.get("state") == "preempted":
-        state.write_status(trial_dir, "failed", reason=f"requeue limit reached ({attempt - 1} starts)", **common)
-        return EXIT_FAILED
-    common["resumed_from"] = checkpoint_step(trial_dir)
-    state.write_status(trial_dir, "running", **common)
+    preemptions = previous.get("preemptions", 0)
+    common = {"attempt": attempt, "backend": backend, "job_id": job_id(), "wall_s": wall, "preemptions": preemptions}
     started = time.time()
-
-    def progress(step: int, metrics: dict) -> None:
-        state.write_status(trial_dir, "running", step=step, **{**common, "wall_s": wall + time.time() - started})
-        if report is not None:
-            report(step, metrics)
 
     def finish(st: str, **fields: Any) -> None:
         state.write_status(trial_dir, st, **{**common, "wall_s": wall + time.time() - started, **fields})
 
+    if previous.get("state") == "preempted" and preemptions > spec.get("max_requeues", 3):
+        finish("failed", reason=f"requeue limit reached ({preemptions} preemptions, slurm.max_requeues="
+                                f"{spec.get('max_requeues', 3)})", resumable=False)  # fmt: skip
+        return EXIT_FAILED
     try:
-        config = resolved_config(spec)
-        code = train(config, trial_dir, report=progress)
-        step = config.training.n_iters
-        if code == EXIT_PREEMPTED:
-            finish("preempted", step=state.status(trial_dir).get("step"))
-            return EXIT_PREEMPTED
-        done = list(previous.get("evaluations_done", []))
-        for i, ev in enumerate(spec["evaluations"]):
-            if i in done:
-                continue
-            from lintrans.evaluation import evaluate
+        config = cfg.load(spec["config"], spec["overrides"])
+        if previous.get("state") == "done" and not evaluations_missing(trial_dir, spec):
+            print(f"trial {spec['id']} is done: {trial_dir}", flush=True)
+            return 0
+        common.update(resumed_from=Run(trial_dir).step(), n_iters=config.training.n_iters)
+        state.write_status(trial_dir, "running", step=common["resumed_from"], **common)
+        origin = common["resumed_from"]
 
-            ev = {"experiment_name": spec["sweep"], "param_name": spec["id"], **ev}
-            evaluate(config, trial_dir, mode=ev.pop("mode"), overrides=spec["overrides"], **ev)
-            done.append(i)
-            state.write_status(trial_dir, "running", evaluations_done=done, step=step, **common)
-        write_hparams(trial_dir, spec, config)
-        finish("done", step=step, evaluations_done=done)
+        def progress(step: int, metrics: dict) -> None:
+            elapsed = time.time() - started
+            rate = (step - origin) / elapsed if elapsed > 0 and step > origin else None
+            eta = (config.training.n_iters - step) / rate if rate else None
+            shown = {k: v for k, v in metrics.items() if k in ("eval_loss", "train_loss", "img_per_s")}
+            finish("running", step=step, eta_s=eta, **shown)
+            if report is not None:
+                report(step, metrics)
+
+        code = train(config, trial_dir, config_file=spec["config"], overrides=spec["overrides"], report=progress)
+        if code == EXIT_PREEMPTED:
+            finish(
+                "preempted", step=Run(trial_dir).step(), preemptions=preemptions + 1, reason="signal during training"
+            )
+            return EXIT_PREEMPTED
+        from lintrans.evaluation import evaluate
+
+        with signals_preempt():
+            for ev in evaluations_missing(trial_dir, spec):
+                finish("running", step=config.training.n_iters, evaluating=f"{ev.mode} ({ev.param_name})")
+                evaluate(trial_dir, ev)
+            write_hparams(trial_dir, spec)
+        finish("done", step=config.training.n_iters, evaluating=None, eta_s=None)
         print(f"trial {spec['id']} done: {trial_dir}", flush=True)
         return 0
+    except Preempted as exc:
+        finish("preempted", preemptions=preemptions + 1, reason=f"{exc} during the evaluations", evaluating=None)
+        return EXIT_PREEMPTED
+    except Stopped as exc:
+        finish("stopped", reason=str(exc), step=state.status(trial_dir).get("step"), resumable=False)
+        return 0
     except Exception as exc:  # noqa: BLE001 - a failed trial is recorded, never fatal to the sweep
-        traceback.print_exc()
-        finish("failed", reason=failure_reason(exc))
+        if not isinstance(exc, UsageError):
+            traceback.print_exc()
+        reason, resumable = failure(exc)
+        print(f"trial {spec['id']} failed: {reason}", file=sys.stderr, flush=True)
+        finish("failed", reason=reason, resumable=resumable, evaluating=None)
         return EXIT_FAILED
     finally:
         distributed.cleanup()
 
 
-def write_hparams(trial_dir: Path, spec: dict, config) -> None:
+def record_crash(trial_dir: Path, returncode: int) -> bool:
+    """After the trial process ended: if it never recorded an ending, record it failed with how it ended.
+
+    Called by the parent that watched it (the local launcher, or the SLURM task's submitit
+    process), which knows the exit status. Returns whether the trial had crashed.
+    """
+    st, ln = state.status(trial_dir), state.launch(trial_dir)
+    answered = st.get("updated", "") >= ln.get("submitted", "")  # the trial wrote since it was started
+    if (answered and st.get("state") != "running") or state.is_running(trial_dir):
+        return False
+    how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit {returncode}"
+    hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if returncode == -signal.SIGKILL else ""
+    state.write_status(trial_dir, "failed", reason=f"trial process {how}{hint} without recording a state",
+                       resumable=True)  # fmt: skip
+    return True
+
+
+def write_hparams(trial_dir: Path, spec: dict) -> None:
     """TensorBoard HParams summary, so ``tensorboard --logdir runs/sweeps/<sweep>`` shows the sweep."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from launchers.table import trial_metrics
-
     hparams = {k: v for k, v in spec["overrides"].items() if isinstance(v, (int, float, str, bool))}
-    metrics = {k: v for k, v in trial_metrics(trial_dir).items() if isinstance(v, (int, float))}
+    metrics = {k: v for k, v in records.metrics(trial_dir).items() if isinstance(v, (int, float))}
     with SummaryWriter(str(trial_dir / "tensorboard")) as writer:
         writer.add_hparams(hparams, metrics or {"done": 1.0}, run_name="hparams")
 

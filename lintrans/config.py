@@ -1,48 +1,82 @@
-"""Config checks and serialisation shared by the entry points.
+"""Configs: load an ml_collections file, apply overrides, validate once, hand out plain values.
 
-Configs stay ml_collections files with ``--config.x.y=value`` overrides, as in the seed; this
-module only validates the values whose mistakes would otherwise surface deep inside training.
+Configs stay ml_collections files with ``--config.x.y=value`` overrides, as in IHDM. Every entry
+point (``train.py``, ``sample.py``, ``evaluate.py``, a sweep's trial) goes through :func:`load`,
+so a file plus a dict of overrides means the same config wherever it is read. :func:`validate`
+is the one place that checks values; past it, the code takes the plain values it needs from
+:func:`forward_args`, :func:`model_args` and :func:`optim_args` instead of the whole ConfigDict.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
 from lintrans.errors import UsageError, choices
 
-PRECISIONS = ("no", "bf16")
+PRECISIONS = ("auto", "no", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("Adam", "SGD")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise :class:`UsageError` naming the first impossible value."""
-    m, t = config.model, config.training
-    K = m.K
-    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-        raise UsageError(f"config.model.K must be an integer >= 1, got {K!r}")
-    for key in ("sigma",):
-        v = m[key]
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise UsageError(f"config.model.{key} must be a finite number >= 0, got {v!r}")
-    delta = config.sampling.get("delta", None)
-    if delta is not None and (not math.isfinite(delta) or delta < 0):
-        raise UsageError(f"config.sampling.delta must be a finite number >= 0, got {delta!r}")
-    for key in ("batch_size", "n_iters"):
-        if not isinstance(t[key], int) or t[key] < (1 if key == "batch_size" else 0):
-            raise UsageError(f"config.training.{key} must be a positive integer, got {t[key]!r}")
-    if t.get("mixed_precision", "no") not in PRECISIONS:
-        raise UsageError(f"unknown config.training.mixed_precision '{t.mixed_precision}'; valid: {choices(PRECISIONS)}")
-    if not 0 <= m.ema_rate < 1:
-        raise UsageError(f"config.model.ema_rate must be in [0, 1), got {m.ema_rate!r}")
+# --------------------------------------------------------------------------- loading
 
 
-def sampling_delta(config: ml_collections.ConfigDict) -> float:
-    """IHDM's sampling noise: ``config.sampling.delta`` if set, else ``1.25 * sigma``."""
-    delta = config.sampling.get("delta", None)
-    return float(1.25 * config.model.sigma if delta is None else delta)
+def load_file(path: str | Path) -> ml_collections.ConfigDict:
+    """Import a config file (which may register forward processes) and call its ``get_config()``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    root = str(Path.cwd())
+    if root not in sys.path:  # config files import configs.* relative to the launch directory
+        sys.path.insert(0, root)
+    try:
+        spec = importlib.util.spec_from_file_location(f"lintrans_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config()
+    except Exception as exc:  # noqa: BLE001 - whatever a config file raises, the user must see which file
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        raise UsageError(f"cannot load config file {path}: {type(exc).__name__}: {text}".rstrip(": ")) from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with dotted keys set through ml_collections' own type checks.
+
+    YAML and JSON lists become tuples where the config holds a tuple. Raises ``KeyError`` for a
+    key the config does not have and ``TypeError``/``ValueError`` for a value of the wrong type
+    (callers turn those into messages that say where the value came from).
+    """
+    config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        parent, _, leaf = key.rpartition(".")
+        node = config
+        for part in parent.split(".") if parent else []:
+            node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise KeyError(key)
+        if isinstance(node[leaf], tuple) and isinstance(value, list):
+            value = tuple(value)
+        node[leaf] = value
+    return config
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """:func:`load_file` then :func:`apply_overrides`, with bad overrides as one-line errors."""
+    config = load_file(path)
+    try:
+        return apply_overrides(config, overrides or {})
+    except KeyError as exc:
+        raise UsageError(f"unknown config key '{exc.args[0]}' in {path}") from None
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"bad override for {path}: {str(exc).splitlines()[0]}") from None
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -53,52 +87,163 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(text))
 
 
+# --------------------------------------------------------------------------- validation
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _need(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise UsageError(f"config.{key} must be {what}, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise :class:`UsageError` naming the first impossible value; afterwards nothing re-checks."""
+    from lintrans import forward
+
+    m, t, o, e = config.model, config.training, config.optim, config.eval
+    _need(_is_int(config.seed), "seed", "an integer", config.seed)
+    _need(_is_int(m.K) and m.K >= 1, "model.K", "an integer >= 1", m.K)
+    _need(_is_number(m.sigma) and m.sigma >= 0, "model.sigma", "a finite number >= 0", m.sigma)
+    delta = config.sampling.get("delta", None)
+    _need(delta is None or (_is_number(delta) and delta >= 0), "sampling.delta", "a finite number >= 0", delta)
+    _need(_is_number(m.ema_rate) and 0 <= m.ema_rate < 1, "model.ema_rate", "in [0, 1)", m.ema_rate)
+    _need(_is_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
+    for key in ("model_channels", "num_res_blocks"):
+        _need(_is_int(m[key]) and m[key] >= 1, f"model.{key}", "an integer >= 1", m[key])
+    mult = tuple(m.channel_mult)
+    _need(bool(mult) and all(_is_int(c) and c >= 1 for c in mult), "model.channel_mult", "positive integers", mult)
+    bad = [lvl for lvl in m.attention_levels if not (_is_int(lvl) and 0 <= lvl < len(mult))]
+    if bad:
+        raise UsageError(
+            f"config.model.attention_levels {tuple(m.attention_levels)}: levels {bad} do not exist; "
+            f"valid: 0..{len(mult) - 1} (indices into channel_mult {mult})"
+        )
+    for key in ("batch_size", "log_freq", "eval_freq", "snapshot_freq", "snapshot_freq_for_preemption"):
+        _need(_is_int(t[key]) and t[key] >= 1, f"training.{key}", "an integer >= 1", t[key])
+    _need(_is_int(t.n_iters) and t.n_iters >= 0, "training.n_iters", "an integer >= 0", t.n_iters)
+    _need(_is_int(t.sampling_freq) and t.sampling_freq >= 0, "training.sampling_freq", "an integer >= 0 (0: off)",
+          t.sampling_freq)  # fmt: skip
+    for key in ("batch_size", "num_batches"):
+        _need(_is_int(e[key]) and e[key] >= 1, f"eval.{key}", "an integer >= 1", e[key])
+    if t.mixed_precision not in PRECISIONS:
+        raise UsageError(f"unknown config.training.mixed_precision '{t.mixed_precision}'; valid: {choices(PRECISIONS)}")
+    if config.device not in DEVICES:
+        raise UsageError(f"unknown config.device '{config.device}'; valid: {choices(DEVICES)}")
+    if o.optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown config.optim.optimizer '{o.optimizer}'; valid: {choices(OPTIMIZERS)}")
+    _need(_is_number(o.lr) and o.lr > 0, "optim.lr", "a finite number > 0", o.lr)
+    for key in ("warmup", "grad_clip", "weight_decay"):
+        _need(_is_number(o[key]) and o[key] >= 0, f"optim.{key}", "a finite number >= 0", o[key])
+    d = config.data
+    for key in ("image_size", "num_channels"):
+        _need(_is_int(d[key]) and d[key] >= 1, f"data.{key}", "an integer >= 1", d[key])
+    args = forward_args(config)
+    forward.check_forward(args["name"], args["K"], args["shape"], args["max_bytes"])
+
+
+# --------------------------------------------------------------------------- plain values
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the configured data; images are square as in IHDM."""
+    return (config.data.num_channels, config.data.image_size, config.data.image_size)
+
+
+def forward_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments of :func:`lintrans.forward.create_forward` for this config."""
+    from lintrans.forward import process_class
+
+    m = config.model
+    cls = process_class(m.forward)
+    params = {key: m.get(key) for key in cls.config_keys}
+    if "forward_seed" in params and params["forward_seed"] is None:
+        params["forward_seed"] = config.seed  # a random process is part of the run's randomness
+    missing = [key for key, value in params.items() if value is None]
+    if missing:
+        raise UsageError(f"forward process '{m.forward}' needs config.model.{missing[0]}")
+    return {"name": m.forward, "K": m.K, "shape": image_shape(config), "max_bytes": m.max_dense_bytes, **params}
+
+
+def model_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments of :class:`lintrans.unet.UNet` for this config."""
+    m = config.model
+    return {
+        "in_channels": config.data.num_channels,
+        "model_channels": m.model_channels,
+        "channel_mult": tuple(m.channel_mult),
+        "num_res_blocks": m.num_res_blocks,
+        "attention_levels": tuple(m.attention_levels),
+        "dropout": float(m.dropout),
+        "use_scale_shift_norm": bool(m.use_scale_shift_norm),
+        "conv_resample": bool(m.conv_resample),
+        "num_heads": m.num_heads,
+        "num_head_channels": m.num_head_channels,
+        "rescale_resblocks": bool(m.rescale_resblocks),
+    }
+
+
+def optim_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments of :func:`lintrans.model.make_optimizer`."""
+    o = config.optim
+    return {"optimizer": o.optimizer, "lr": o.lr, "beta1": o.beta1, "eps": o.eps, "weight_decay": o.weight_decay}
+
+
+def sampling_delta(config: ml_collections.ConfigDict) -> float:
+    """IHDM's sampling noise: ``config.sampling.delta`` if set, else ``1.25 * sigma``."""
+    delta = config.sampling.get("delta", None)
+    return float(1.25 * config.model.sigma if delta is None else delta)
+
+
+# --------------------------------------------------------------------------- agreement with a run
+
 # Keys that fix what a checkpoint means: the forward process, its horizon and noise, the network,
 # and the data it models. Training-only knobs (dropout, EMA rate) and memory budgets may differ.
-_RUN_KEYS = ("model", "data.dataset", "data.image_size", "data.num_channels", "data.centered")
+_RUN_KEYS = ("model", "data.dataset", "data.image_size", "data.num_channels")
 _FREE_MODEL_KEYS = ("dropout", "ema_rate", "max_dense_bytes")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
+            out.update(flatten(value, f"{name}."))
         else:
             out[name] = value
     return out
 
 
-def check_matches_run(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
-    """Refuse a config that disagrees with the one the run in ``workdir`` was trained with.
+def check_matches_run(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict, where: str) -> None:
+    """Refuse a config that disagrees with the one a run was trained with (``where`` names the run).
 
-    A checkpoint does not store the forward process, K or σ, so evaluating (or resuming) a
-    ``constant_velocity`` run under a config that says ``heat`` loads fine and silently gives
-    numbers for the wrong model. ``config.json``, written by the trainer, is the run's truth.
+    A run directory carries its own config (``config.json``), so ``sample.py`` and
+    ``evaluate.py`` need no ``--config``; where one is given anyway, evaluating a
+    ``constant_velocity`` run under a config that says ``heat`` must not silently give numbers
+    for the wrong model.
     """
-    saved_path = Path(workdir) / "config.json"
-    if not saved_path.is_file():
-        return
-    try:
-        saved = _flatten(json.loads(saved_path.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read the run's config {saved_path}: {exc}") from None
-    given = _flatten(json.loads(to_json(config)))
+    given, kept = flatten(json.loads(to_json(config))), flatten(json.loads(to_json(saved)))
     differ = []
-    for key in sorted(saved.keys() & given.keys()):
+    for key in sorted(kept.keys() & given.keys()):
         if not any(key == k or key.startswith(f"{k}.") for k in _RUN_KEYS):
             continue
         if key.startswith("model.") and key.split(".", 1)[1] in _FREE_MODEL_KEYS:
             continue
-        if saved[key] != given[key]:
+        if kept[key] != given[key]:
             differ.append(key)
     if differ:
-        shown = ", ".join(f"{k}={given[k]!r} (run: {saved[k]!r})" for k in differ[:4])
+        shown = ", ".join(f"{k}={given[k]!r} (run: {kept[k]!r})" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
-        fix = " ".join(f"--config.{k}={_flag_value(saved[k])}" for k in differ[:4])
+        fix = " ".join(f"--config.{k}={_flag_value(kept[k])}" for k in differ[:4])
         raise UsageError(
-            f"the config disagrees with the run in {workdir} ({saved_path.name}): {shown}{more}; pass {fix}"
+            f"the config disagrees with the run in {where}: {shown}{more}; pass {fix}, or leave out --config"
         )
 
 

@@ -27,6 +27,16 @@ from lintrans.errors import UsageError, choices
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
+def dequantize(x: Tensor, uniform: Tensor) -> Tensor:
+    """``x + (U - 1/2) / 255``: spread each 8-bit value ``pixel/255`` over its bin of width 1/255.
+
+    Training (``data.uniform_dequantization``) and the ELBO use this one convention, so the bound's
+    ``d log 255`` bits per image count exactly the bins the model was trained on. (IHDM trains on
+    ``(255 x + U) / 256``, bins of width 1/256 that its 1/255-bin evaluation does not match.)
+    """
+    return x + (uniform.to(x.dtype) - 0.5) / 255.0
+
+
 class TensorImages(Dataset):
     """Images held in memory as ``uint8 (N, C, H, W)``; items are float in ``[0, 1]``."""
 

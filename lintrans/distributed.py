@@ -27,6 +27,7 @@ class DistInfo:
     master_addr: str
     master_port: int
     launcher: str
+    local_world_size: int = 1
 
 
 def free_port() -> int:
@@ -55,6 +56,7 @@ def detect(env: dict[str, str] | None = None) -> DistInfo:
             env.get("MASTER_ADDR", "127.0.0.1"),
             int(env.get("MASTER_PORT", 29500)),
             "torchrun",
+            int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
         )
     if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "MPI_LOCALNRANKS" in env:
         return _from_mpi(env)
@@ -67,8 +69,23 @@ def detect(env: dict[str, str] | None = None) -> DistInfo:
             env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             int(env.get("MASTER_PORT") or 20000 + job % 20000),
             "srun",
+            _tasks_on_this_node(env),
         )
     return DistInfo(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "single")
+
+
+def _tasks_on_this_node(env: dict[str, str]) -> int:
+    """``SLURM_TASKS_PER_NODE`` (``"2(x3),1"``) for this node, else ``SLURM_NTASKS_PER_NODE``, else 1."""
+    per_node = env.get("SLURM_NTASKS_PER_NODE")
+    if per_node and per_node.isdigit():
+        return int(per_node)
+    counts = []
+    for part in env.get("SLURM_TASKS_PER_NODE", "1").split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
+        if m:
+            counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = int(env.get("SLURM_NODEID", 0))
+    return counts[node] if node < len(counts) else 1
 
 
 def _from_mpi(env: dict[str, str]) -> DistInfo:
@@ -81,17 +98,16 @@ def _from_mpi(env: dict[str, str]) -> DistInfo:
     addr, port = comm.bcast((addr, port), root=0)
     if size > 1 and addr == socket.gethostname():
         addr = "127.0.0.1"
-    return DistInfo(rank, size, local, addr, port, "mpirun")
+    local_size = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", env.get("MPI_LOCALNRANKS", size)))
+    return DistInfo(rank, size, local, addr, port, "mpirun", local_size)
 
 
-def init(backend: str | None = None) -> tuple[DistInfo, torch.device]:
-    """Initialise the process group (if not already) and pick this rank's device."""
+def init(device_request: str = "auto", backend: str | None = None) -> tuple[DistInfo, torch.device]:
+    """Pick this rank's device (:func:`lintrans.device.select`), then initialise the process group."""
+    from lintrans.device import select
+
     info = detect()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    device = select(device_request, info.local_rank, info.local_world_size)
     if not dist.is_initialized():
         os.environ["MASTER_ADDR"] = info.master_addr
         os.environ["MASTER_PORT"] = str(info.master_port)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from lintrans.datasets import dequantize
 from lintrans.errors import UsageError
 from lintrans.forward import ForwardProcess
 
@@ -178,8 +179,7 @@ def negative_elbo(
         for start in range(0, n_test, batch_size):
             x = test_x0[start : start + batch_size].to(device=device, dtype=dtype)
             if quantised:
-                uniform = torch.rand(x.shape, generator=gen, device=gen.device, dtype=dtype).to(device)
-                x = x + (uniform - 0.5) / 255.0
+                x = dequantize(x, torch.rand(x.shape, generator=gen, device=gen.device, dtype=dtype).to(device))
             total = torch.zeros(len(x), dtype=torch.float64, device=device)
             previous = x  # T(0) u_0
             for k in range(1, K + 1):

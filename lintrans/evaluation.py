@@ -1,9 +1,11 @@
 """Evaluate a checkpoint (FID or negative ELBO) and record the result.
 
-:func:`evaluate` is what ``evaluate.py`` runs and what the sweep launcher calls in-process after
-training: it checks every input before the expensive part (a bad flag after an hour of sampling
-helps nobody), evaluates the EMA weights on the run's device, writes the record into the run
-directory and into the seed's ``runs/<dataset>/evaluation_results/<experiment>/`` folder
+:class:`EvalSpec` is the one description of an evaluation: ``evaluate.py``'s flags are made from
+its fields, a sweep file's ``evaluations`` entries are validated as EvalSpecs before anything is
+submitted, and :func:`evaluate` takes one. :func:`evaluate` rebuilds the model from the run
+directory alone, checks every input before the expensive part (a bad flag after an hour of
+sampling helps nobody), evaluates the EMA weights, writes the record into the run directory and
+into the seed's ``runs/<dataset>/evaluation_results/<experiment>/`` folder
 (:mod:`lintrans.records`), and returns it.
 
 ``metric="auto"`` picks ``fid_mnist_features`` for mnist5k (offline, the project's digit
@@ -13,31 +15,108 @@ features) unless clean-fid reference statistics are named with ``dataset_name_cl
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import time
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
+import ml_collections
+import pydantic
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from lintrans import checkpoint as ckpt
 from lintrans import datasets, records, sampling
-from lintrans.config import check_matches_run, sampling_delta, to_json, validate
-from lintrans.errors import UsageError, choices
-from lintrans.forward import ForwardProcess, create_forward
-from lintrans.training_loop import model_state
+from lintrans.config import sampling_delta, to_json
+from lintrans.errors import UsageError
+from lintrans.forward import ForwardProcess
+from lintrans.run import Run, load_model
 
-MODES = ("elbo", "fid")
-METRIC_CHOICES = ("auto", "fid_inception", "fid_mnist_features")
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")]
+Count = Annotated[int, Field(ge=1)]
 
 
-def resolve_metric(metric: str, dataset: str, dataset_name_cleanfid: str | None) -> str:
-    if metric not in METRIC_CHOICES:
-        raise UsageError(f"unknown --metric '{metric}'; valid: {choices(METRIC_CHOICES)}")
-    if metric != "auto":
-        return metric
-    return "fid_mnist_features" if dataset == "mnist5k" and not dataset_name_cleanfid else "fid_inception"
+class SpecError(UsageError):
+    """A bad evaluation field: ``field`` names it, so a flag or a sweep-file line can be reported."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@pydantic.dataclasses.dataclass(frozen=True, config=pydantic.ConfigDict(extra="forbid", strict=True))
+class EvalSpec:
+    """One evaluation of a run: what ``evaluate.py``'s flags and a sweep's ``evaluations`` entries say."""
+
+    mode: Literal["elbo", "fid"] = Field(description="fid or elbo.")
+    checkpoint: Annotated[int, Field(ge=0)] = Field(
+        0, description="0 = latest (checkpoints-meta), N = checkpoint_N.pth"
+    )
+    delta: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+        None, description="Sampling noise (default: the run's config.sampling.delta or 1.25 sigma)."
+    )
+    batch_size: Count = Field(256, description="Batch size of sample generation and of the ELBO.")
+    num_gen: Annotated[int, Field(ge=2)] = Field(5000, description="Number of samples generated for FID.")
+    num_train: Count | None = Field(None, description="ELBO: training images in the prior term (default: all).")
+    num_test: Count | None = Field(None, description="ELBO: test images evaluated (default: all).")
+    seed: int = Field(0, description="Seed of the prior images, the sampling noise and the ELBO subsets.")
+    metric: Literal["auto", "fid_inception", "fid_mnist_features"] = Field(
+        "auto", description="FID flavour: auto, fid_inception or fid_mnist_features."
+    )
+    experiment_name: Name = Field("default", description="A suite of evaluations, e.g. a sweep over delta.")
+    param_name: Name = Field("default", description="What makes this evaluation different within the experiment.")
+    dataset_name: Name | None = Field(None, description="Results go to runs/<dataset_name>/ (default: the data set).")
+    dataset_name_cleanfid: Name | None = Field(None, description="Reference statistics, clean-fid naming.")
+    dataset_split: Name = Field("train", description="clean-fid split of the statistics; 'custom' for --save_stats.")
+    cleanfid_mode: Literal["clean", "legacy_tensorflow"] = Field("clean", description="clean or legacy_tensorflow.")
+
+    def resolved(self, dataset: str) -> EvalSpec:
+        """This spec for a run on ``dataset``: ``metric`` resolved, FID metric and statistics compatible."""
+        if self.mode != "fid":
+            return self
+        metric = self.metric
+        if metric == "auto":
+            metric = (
+                "fid_mnist_features" if dataset == "mnist5k" and not self.dataset_name_cleanfid else "fid_inception"
+            )
+        if metric == "fid_mnist_features":
+            if dataset != "mnist5k":
+                raise SpecError(
+                    "metric",
+                    f"fid_mnist_features is defined for the mnist5k data set only, not {dataset}; use "
+                    "metric fid_inception with clean-fid statistics (dataset_name_cleanfid, see --save_stats)",
+                )
+            if self.dataset_name_cleanfid:
+                raise SpecError("dataset_name_cleanfid", "names Inception statistics; it needs metric fid_inception")
+        elif not self.dataset_name_cleanfid:
+            raise SpecError(
+                "dataset_name_cleanfid",
+                "fid_inception needs reference statistics: dataset_name_cleanfid=<clean-fid name> with "
+                "dataset_split=train|test, or custom ones (--save_stats first, then dataset_split=custom)",
+            )
+        return dataclasses.replace(self, metric=metric)
+
+    @classmethod
+    def fields(cls) -> dict[str, Any]:
+        """Field name -> pydantic field info (type, default, description): what flags are made from."""
+        return cls.__pydantic_fields__
+
+    @classmethod
+    def parse(cls, values: dict[str, Any]) -> EvalSpec:
+        """An EvalSpec from plain values, or a :class:`SpecError` naming the first bad field."""
+        try:
+            return cls(**values)
+        except pydantic.ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "mode"
+            if err["type"] == "unexpected_keyword_argument":
+                raise SpecError(field, f"unknown evaluation key; valid: {', '.join(sorted(cls.fields()))}") from None
+            given = f", got {err['input']!r}" if err["type"] != "missing" else ""
+            raise SpecError(field, f"{err['msg']}{given}") from None
+
+
+# --------------------------------------------------------------------------- the two metrics
 
 
 def subset(dataset, n: int | None, seed: int) -> Tensor:
@@ -65,187 +144,119 @@ def sample_producer(model, process: ForwardProcess, train_set, delta: float, see
     return produce
 
 
-def run_fid(
-    model, process, train_set, test_set, *, metric, delta, num_gen, batch_size, seed, device, reference
-) -> tuple[dict, dict]:
+def run_fid(model, process, train_set, test_set, spec: EvalSpec, delta: float, resolution: int, device) -> tuple:
     from lintrans import fid
 
-    produce = sample_producer(model, process, train_set, delta, seed, device)
-    stream = fid.BatchStream(produce, num_gen, batch_size, desc="generate")
-    mode = reference["cleanfid_mode"]
-    if metric == "fid_mnist_features":
-        score = fid.fid_mnist_features(stream, test_set.images, num_gen, batch_size, device, mode)
+    produce = sample_producer(model, process, train_set, delta, spec.seed, device)
+    stream = fid.BatchStream(produce, spec.num_gen, spec.batch_size, desc="generate")
+    if spec.metric == "fid_mnist_features":
+        score = fid.fid_mnist_features(
+            stream, test_set.images, spec.num_gen, spec.batch_size, device, spec.cleanfid_mode
+        )
         info = fid.features_info()
         breakdown = {"feature_extractor": {k: info[k] for k in ("held_out_accuracy", "feature_dim", "sha256")}}
     else:
-        name, res, split = (reference[k] for k in ("dataset_name_cleanfid", "resolution", "dataset_split"))
-        score = fid.fid_inception(stream, name, res, split, num_gen, batch_size, device, mode)
-        breakdown = {"statistics": str(fid.stats_file(name, res, mode, split)), "weights": str(fid.inception_file())}
-    return {metric: score}, {"num_gen": num_gen, **breakdown}
+        name, split, mode = spec.dataset_name_cleanfid, spec.dataset_split, spec.cleanfid_mode
+        score = fid.fid_inception(stream, name, resolution, split, spec.num_gen, spec.batch_size, device, mode)
+        breakdown = {
+            "statistics": str(fid.stats_file(name, resolution, mode, split)),
+            "weights": str(fid.inception_file()),
+        }
+    return {spec.metric: score}, {"num_gen": spec.num_gen, **breakdown}
 
 
-def run_elbo(
-    model, process, train_set, test_set, *, config, delta, batch_size, num_train, num_test, seed, device
-) -> tuple[dict, dict]:
+def run_elbo(model, process, train_set, test_set, spec: EvalSpec, sigma: float, delta: float, device) -> tuple:
     from lintrans.elbo import negative_elbo
 
-    train_x0 = subset(train_set, num_train, seed)
-    test_x0 = subset(test_set, num_test, seed + 1)
     result = negative_elbo(
         model,
         process,
-        train_x0,
-        test_x0,
-        sigma=float(config.model.sigma),
+        subset(train_set, spec.num_train, spec.seed),
+        subset(test_set, spec.num_test, spec.seed + 1),
+        sigma=sigma,
         delta=delta,
-        batch_size=batch_size,
+        batch_size=spec.batch_size,
         device=device,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(spec.seed),
         progress=True,
     )
     return {"nll_bpd": result["bpd"], "nll_nats": result["nll_nats"]}, result
 
 
-def _check_fid_reference(metric, config, dataset_name_cleanfid, dataset_split, cleanfid_mode, num_gen, batch_size):
-    """Fail on bad FID input now, before a model is loaded or a sample generated; returns the reference."""
+def _check_fid_files(spec: EvalSpec, resolution: int) -> dict:
+    """Fail on missing weights or statistics now, before a model is loaded; returns the reference."""
     from lintrans import fid
 
-    fid.check_fid_args(num_gen, batch_size, cleanfid_mode)
-    if metric == "fid_mnist_features":
-        if config.data.dataset != "mnist5k":
-            raise UsageError(
-                f"fid_mnist_features is defined for the mnist5k data set only, not {config.data.dataset}; "
-                "use --metric=fid_inception"
-            )
-        if dataset_name_cleanfid:
-            raise UsageError("--dataset_name_cleanfid names Inception statistics; it needs --metric=fid_inception")
+    if spec.metric == "fid_mnist_features":
         fid.require_file(fid.FEATURES_FILE, "digit feature weights", fid.FEATURES_HINT)
-        return {"reference": "mnist5k held-out digits", "cleanfid_mode": cleanfid_mode}
-    if not dataset_name_cleanfid:
-        raise UsageError(
-            "fid_inception needs reference statistics: --dataset_name_cleanfid=<clean-fid name> with "
-            "--dataset_split=train|test, or custom ones (--save_stats first, then --dataset_split=custom)"
-        )
-    resolution = int(config.data.image_size)
-    fid.ensure_reference_stats(dataset_name_cleanfid, resolution, cleanfid_mode, dataset_split)
+        return {"reference": "mnist5k held-out digits", "cleanfid_mode": spec.cleanfid_mode}
+    fid.ensure_reference_stats(spec.dataset_name_cleanfid, resolution, spec.cleanfid_mode, spec.dataset_split)
     fid.require_file(fid.inception_file(), "Inception weights", fid.PREFETCH_HINT)
     return {
-        "dataset_name_cleanfid": dataset_name_cleanfid,
-        "dataset_split": dataset_split,
+        "dataset_name_cleanfid": spec.dataset_name_cleanfid,
+        "dataset_split": spec.dataset_split,
         "resolution": resolution,
-        "cleanfid_mode": cleanfid_mode,
+        "cleanfid_mode": spec.cleanfid_mode,
     }
 
 
 def evaluate(
-    config,
     workdir: str | Path,
+    spec: EvalSpec,
     *,
-    mode: str,
-    checkpoint: int = 0,
-    delta: float | None = None,
-    batch_size: int = 256,
-    num_gen: int = 5000,
-    experiment_name: str = "default",
-    param_name: str = "default",
-    dataset_name: str | None = None,
-    dataset_name_cleanfid: str | None = None,
-    dataset_split: str = "train",
-    cleanfid_mode: str = "clean",
-    metric: str = "auto",
-    overrides: dict | None = None,
-    num_train: int | None = None,
-    num_test: int | None = None,
-    seed: int = 0,
+    config: ml_collections.ConfigDict | None = None,
+    device: torch.device | None = None,
 ) -> dict:
-    """Evaluate checkpoint ``checkpoint`` (0 = latest) of the run in ``workdir``; returns the record written.
+    """Evaluate ``spec.checkpoint`` of the run in ``workdir``; returns the record written.
 
-    ``num_train``/``num_test`` limit the images the ELBO uses (seeded subsets, recorded), ``seed``
-    fixes the prior images and the sampling noise; everything else follows the seed's flags.
+    The run's own ``config.json`` says what the model is; ``config``, where given, must agree.
     """
     start = time.perf_counter()
-    if mode not in MODES:
-        raise UsageError(f"unknown --mode '{mode}'; valid: {choices(MODES)}")
-    records.check_name(experiment_name, "--experiment_name")
-    records.check_name(param_name, "--param_name")
-    dataset_name = records.check_name(dataset_name or config.data.dataset, "--dataset_name")
-    validate(config)
-    check_matches_run(config, workdir)
-    if batch_size < 1:
-        raise UsageError(f"--batch_size must be at least 1, got {batch_size}")
-    for flag, n in (("--num_train", num_train), ("--num_test", num_test)):
-        if n is not None and n < 1:
-            raise UsageError(f"{flag} must be at least 1, got {n}")
-    delta = sampling_delta(config) if delta is None else float(delta)
-    if not math.isfinite(delta) or delta < 0:
-        raise UsageError(f"--delta must be a finite number >= 0, got {delta}")
-    path = ckpt.resolve(workdir, checkpoint)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    process = create_forward(config).to(device)
-    reference = {}
-    if mode == "fid":
-        metric = resolve_metric(metric, config.data.dataset, dataset_name_cleanfid)
-        reference = _check_fid_reference(
-            metric, config, dataset_name_cleanfid, dataset_split, cleanfid_mode, num_gen, batch_size
-        )
-    train_set, test_set = datasets.load(config)
-    steps = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
-    model = model_state(path, config, device)
+    run = Run(Path(workdir))
+    own = run.config()
+    spec = spec.resolved(own.data.dataset)
+    dataset_name = spec.dataset_name or own.data.dataset
+    records.check_name(dataset_name, "dataset_name")
+    delta = sampling_delta(own) if spec.delta is None else spec.delta
+    resolution = int(own.data.image_size)
+    reference = _check_fid_files(spec, resolution) if spec.mode == "fid" else {}
+    run.check_writable(records.RECORDS)
+    path = run.checkpoint_path(spec.checkpoint)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(run.workdir, spec.checkpoint, device, config=config)
+    train_set, test_set = datasets.load(own)
 
-    if mode == "fid":
-        metrics, breakdown = run_fid(
-            model,
-            process,
-            train_set,
-            test_set,
-            metric=metric,
-            delta=delta,
-            num_gen=num_gen,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-            reference=reference,
-        )
-        evaluation = {"metric": metric, "num_gen": num_gen, **reference}
+    if spec.mode == "fid":
+        metrics, breakdown = run_fid(loaded.model, loaded.process, train_set, test_set, spec, delta, resolution, device)
+        evaluation = {"metric": spec.metric, "num_gen": spec.num_gen, **reference}
     else:
-        metrics, breakdown = run_elbo(
-            model,
-            process,
-            train_set,
-            test_set,
-            config=config,
-            delta=delta,
-            batch_size=batch_size,
-            num_train=num_train,
-            num_test=num_test,
-            seed=seed,
-            device=device,
-        )
+        sigma = float(own.model.sigma)
+        metrics, breakdown = run_elbo(loaded.model, loaded.process, train_set, test_set, spec, sigma, delta, device)
         evaluation = {"metric": "nll_bpd", "num_train": breakdown["num_train"], "num_test": breakdown["num_test"]}
 
     record = {
-        "mode": mode,
-        "experiment": experiment_name,
-        "param": param_name,
+        "mode": spec.mode,
+        "experiment": spec.experiment_name,
+        "param": spec.param_name,
         "dataset_name": dataset_name,
-        "run": run_identity(config, workdir, path, checkpoint, steps, delta, overrides),
-        "evaluation": {**evaluation, "batch_size": batch_size, "seed": seed},
+        "run": run_identity(own, run, path, spec.checkpoint, loaded.step, delta),
+        "evaluation": {**evaluation, "batch_size": spec.batch_size, "seed": spec.seed},
         "metrics": metrics,
         "breakdown": breakdown,
         "wall_s": round(time.perf_counter() - start, 3),
         **records.environment(_device_name(device)),
     }
-    records.write_record(workdir, record)
+    records.write_record(run.workdir, record)
     records.publish(record, dataset_name)
     return record
 
 
-def run_identity(config, workdir, path: Path, checkpoint: int, steps: int, delta: float, overrides) -> dict:
+def run_identity(config, run: Run, path: Path, checkpoint: int, steps: int, delta: float) -> dict:
     """Everything that tells this run from another one in a table of results."""
     return {
-        "workdir": str(Path(workdir).resolve()),
+        "workdir": str(run.workdir.resolve()),
         "dataset": config.data.dataset,
-        "forward": config.model.get("forward", "heat"),
+        "forward": config.model.forward,
         "K": int(config.model.K),
         "sigma": float(config.model.sigma),
         "delta": delta,
@@ -253,7 +264,7 @@ def run_identity(config, workdir, path: Path, checkpoint: int, steps: int, delta
         "steps": steps,
         "checkpoint": checkpoint,
         "checkpoint_path": str(path.resolve()),
-        "overrides": dict(overrides or {}),
+        "overrides": run.source().get("overrides", {}),
         "config": json.loads(to_json(config)),
     }
 

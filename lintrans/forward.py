@@ -16,7 +16,10 @@ Adding a process is one class plus a name::
         def matrix(self, k): ...
 
 A config file may do exactly that before ``get_config`` returns; the class is then
-available wherever that config is loaded (every DDP rank loads it).
+available wherever that config is loaded (every DDP rank loads it). A process takes plain
+values: ``create_forward(name, K, shape, **params)``, where ``params`` are the keyword
+arguments of its ``__init__`` beyond ``K`` and ``shape``. :mod:`lintrans.config` reads them from
+``config.model`` under the same names (``config_keys``), once, at the edge.
 """
 
 from __future__ import annotations
@@ -45,34 +48,57 @@ def register_forward(name: str) -> Callable[[type[ForwardProcess]], type[Forward
     return decorator
 
 
-def create_forward(config) -> ForwardProcess:
-    """Build the process named by ``config.model.forward`` (validated: name, K, image shape)."""
-    name = config.model.get("forward", "heat")
+def process_class(name: str) -> type[ForwardProcess]:
+    """The registered class of ``name``, or a :class:`UsageError` listing the valid names."""
     if name not in FORWARD_PROCESSES:
         raise UsageError(
             f"unknown forward process '{name}' (config.model.forward); valid: {choices(FORWARD_PROCESSES)}"
         )
-    K = config.model.K
+    return FORWARD_PROCESSES[name]
+
+
+def check_forward(name: str, K: int, shape: tuple[int, int, int], max_bytes: int | None = None) -> type[ForwardProcess]:
+    """The class of ``name`` once ``K`` and its memory are known to be possible (nothing is built).
+
+    ``max_bytes`` bounds what the process would keep in memory (``storage_bytes``), whatever its
+    kind: a dense random map at K = 10^4 or a heat schedule at K = 10^9 is refused before a single
+    byte is allocated.
+    """
+    cls = process_class(name)
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise UsageError(f"config.model.K must be an integer >= 1, got {K!r}")
-    return FORWARD_PROCESSES[name](config)
+    need = cls.storage_bytes(K, tuple(shape))
+    if max_bytes is not None and need > max_bytes:
+        hint = f"; use '{name}_separable' instead" if f"{name}_separable" in FORWARD_PROCESSES else ""
+        raise UsageError(
+            f"forward process '{name}' would store {need / 2**30:.2f} GiB for K={K} at "
+            f"{'x'.join(map(str, shape))} (config.model.max_dense_bytes={max_bytes}){hint}"
+        )
+    return cls
 
 
-def image_shape(config) -> tuple[int, int, int]:
-    """``(C, H, W)`` of the configured data; images are square as in IHDM."""
-    size = config.data.image_size
-    return (config.data.num_channels, size, size)
+def create_forward(
+    name: str, K: int, shape: tuple[int, int, int], max_bytes: int | None = None, **params
+) -> ForwardProcess:
+    """Build the process ``name`` for horizon ``K`` on images of ``shape`` ``(C, H, W)`` (see :func:`check_forward`)."""
+    return check_forward(name, K, shape, max_bytes)(K, tuple(shape), **params)
 
 
 class ForwardProcess(nn.Module):
     """Base class: ``T(k)`` for ``k = 0..K`` on images of a fixed shape, ``T(0) = I``."""
 
     name: str = ""
+    config_keys: tuple[str, ...] = ()  # keyword arguments of __init__, read from config.model
 
-    def __init__(self, config) -> None:
+    def __init__(self, K: int, shape: tuple[int, int, int]) -> None:
         super().__init__()
-        self.K: int = config.model.K
-        self.shape: tuple[int, int, int] = image_shape(config)
+        self.K: int = K
+        self.shape: tuple[int, int, int] = shape
+
+    @classmethod
+    def storage_bytes(cls, K: int, shape: tuple[int, int, int]) -> int:
+        """Bytes of the buffers the process keeps: one float per level unless a subclass stores more."""
+        return 4 * (K + 1)
 
     @property
     def dim(self) -> int:
@@ -101,8 +127,8 @@ class ForwardProcess(nn.Module):
 class ScalarProcess(ForwardProcess):
     """``T(k) = c_k I``: a per-level coefficient, cheap and exact in any dtype."""
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
+    def __init__(self, K: int, shape: tuple[int, int, int]) -> None:
+        super().__init__(K, shape)
         coeffs = self.coefficients(torch.arange(self.K + 1, dtype=torch.float64), self.K)
         self.register_buffer("coeffs", coeffs.float(), persistent=False)
 
@@ -205,10 +231,12 @@ def blur_schedule(K: int, sigma_min: float, sigma_max: float) -> Tensor:
 class Heat(ForwardProcess):
     """IHDM's heat dissipation: DCT coefficient ``(i, j)`` times ``exp(-pi^2 (i^2/H^2 + j^2/W^2) s_k^2 / 2)``."""
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        lo, hi = config.model.blur_sigma_min, config.model.blur_sigma_max
-        if not 0 < lo <= hi:
+    config_keys = ("blur_sigma_min", "blur_sigma_max")
+
+    def __init__(self, K: int, shape: tuple[int, int, int], blur_sigma_min: float, blur_sigma_max: float) -> None:
+        super().__init__(K, shape)
+        lo, hi = blur_sigma_min, blur_sigma_max
+        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo <= hi < math.inf):
             raise UsageError(f"heat needs 0 < blur_sigma_min <= blur_sigma_max, got {lo!r} and {hi!r}")
         _, H, W = self.shape
         fy = (math.pi * torch.arange(H, dtype=torch.float64) / H) ** 2
@@ -216,6 +244,10 @@ class Heat(ForwardProcess):
         self.register_buffer("freq2", (fy[:, None] + fx[None, :]).float(), persistent=False)
         t = blur_schedule(self.K, lo, hi) ** 2 / 2
         self.register_buffer("t", t.float(), persistent=False)
+
+    @classmethod
+    def storage_bytes(cls, K: int, shape: tuple[int, int, int]) -> int:
+        return 4 * (K + 1) + 4 * shape[1] * shape[2]
 
     def masks(self, k: Tensor) -> Tensor:
         """Per-sample DCT multipliers, ``(B, 1, H, W)``."""
@@ -245,40 +277,40 @@ class Heat(ForwardProcess):
 # --------------------------------------------------------------------------- random maps
 
 
-def _generator(config, salt: int) -> torch.Generator:
-    """A CPU generator seeded from the config, so every rank and every restart agrees."""
-    seed = config.model.get("forward_seed", config.get("seed", 0))
+def _generator(seed: int, salt: int) -> torch.Generator:
+    """A CPU generator from the process's seed, so every rank and every restart agrees."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + salt)
 
 
 class MatrixProcess(ForwardProcess):
     """``T(k)`` stored as matrices: dense ``(K+1, d, d)`` or separable row/column factors.
 
-    Dense storage needs ``(K+1) d^2`` floats; it refuses above ``config.model.max_dense_bytes``
-    and points to the separable variant, which stores ``(K+1)(H^2 + W^2)`` floats and acts as
-    ``T(k) X = A_k X B_k^T`` on every channel (``T(k) = I_C (x) A_k (x) B_k``).
+    Dense storage needs ``(K+1) d^2`` floats (``create_forward`` refuses it above
+    ``config.model.max_dense_bytes`` and points to the separable variant); the separable variant
+    stores ``(K+1)(H^2 + W^2)`` floats and acts as ``T(k) X = A_k X B_k^T`` on every channel
+    (``T(k) = I_C (x) A_k (x) B_k``). ``seed`` (``config.model.forward_seed``, by default the run's
+    seed) fixes the matrices.
     """
 
     separable: bool = False
     salt: int = 0
+    config_keys = ("forward_seed",)
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        C, H, W = self.shape
-        gen = _generator(config, self.salt)
+    def __init__(self, K: int, shape: tuple[int, int, int], forward_seed: int = 0) -> None:
+        super().__init__(K, shape)
+        _, H, W = self.shape
+        gen = _generator(forward_seed, self.salt)
         if self.separable:
             self.register_buffer("rows", self.build(H, gen).float(), persistent=False)
             self.register_buffer("cols", self.build(W, gen).float(), persistent=False)
             return
-        need = (self.K + 1) * self.dim**2 * 4
-        budget = int(config.model.get("max_dense_bytes", 2**31))
-        if need > budget:
-            raise UsageError(
-                f"forward process '{self.name}' would store {need / 2**30:.1f} GiB of dense "
-                f"matrices for K={self.K} at {C}x{H}x{W} (config.model.max_dense_bytes="
-                f"{budget}); use '{self.name}_separable' instead"
-            )
         self.register_buffer("mats", self.build(self.dim, gen).float(), persistent=False)
+
+    @classmethod
+    def storage_bytes(cls, K: int, shape: tuple[int, int, int]) -> int:
+        C, H, W = shape
+        per_level = H * H + W * W if cls.separable else (C * H * W) ** 2
+        return 4 * (K + 1) * per_level
 
     def build(self, n: int, gen: torch.Generator) -> Tensor:  # pragma: no cover - abstract
         """``(K+1, n, n)`` float64 matrices with index 0 the identity."""
@@ -357,14 +389,15 @@ class RandomFixedSeparable(RandomFixed):
 class RandomProduct(MatrixProcess):
     """``T(k) = R_k ... R_1`` with orthogonal near-identity ``R_i`` (see :func:`orthogonal_products`).
 
-    ``config.model.product_step`` sets how far each factor rotates (default 0.1).
+    ``product_step`` sets how far each factor rotates (IHDM-style configs: 0.1).
     """
 
     salt = 2
+    config_keys = ("forward_seed", "product_step")
 
-    def __init__(self, config) -> None:
-        self.step = float(config.model.get("product_step", 0.1))
-        super().__init__(config)
+    def __init__(self, K: int, shape: tuple[int, int, int], forward_seed: int = 0, product_step: float = 0.1) -> None:
+        self.step = float(product_step)
+        super().__init__(K, shape, forward_seed)
 
     def build(self, n: int, gen: torch.Generator) -> Tensor:
         return orthogonal_products(self.K, n, gen, self.step)

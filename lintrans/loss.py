@@ -21,6 +21,20 @@ def sample_levels(batch: int, K: int, generator: torch.Generator) -> Tensor:
     return torch.randint(1, K + 1, (batch,), generator=generator)
 
 
+def denoising_loss(
+    model: Callable[[Tensor, Tensor], Tensor],
+    target_k: Tensor,
+    target_prev: Tensor,
+    k: Tensor,
+    noise: Tensor,
+    sigma: float,
+) -> Tensor:
+    """Squared error of the one-level prediction from ``(T(k) u_0, T(k-1) u_0)``, ``(B,)`` (summed over pixels)."""
+    u_k = target_k + sigma * noise
+    prediction = u_k + model(u_k, k)
+    return (target_prev - prediction).float().pow(2).flatten(1).sum(1)
+
+
 def per_sample_loss(
     model: Callable[[Tensor, Tensor], Tensor],
     process: ForwardProcess,
@@ -29,8 +43,6 @@ def per_sample_loss(
     noise: Tensor,
     sigma: float,
 ) -> Tensor:
-    """Squared error of the one-level denoising prediction, ``(B,)`` (summed over pixels)."""
+    """:func:`denoising_loss` of clean images ``x0``, pushing them through the process once for both levels."""
     target_k, target_prev = process.pair(x0, k)
-    u_k = target_k + sigma * noise
-    prediction = u_k + model(u_k, k)
-    return (target_prev - prediction).float().pow(2).flatten(1).sum(1)
+    return denoising_loss(model, target_k, target_prev, k, noise, sigma)

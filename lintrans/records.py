@@ -16,10 +16,8 @@ last rebuild sees every record written before it, and rebuilding is idempotent.
 
 from __future__ import annotations
 
-import csv
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
@@ -29,11 +27,12 @@ import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from lintrans.atomic import write_json, write_text
 from lintrans.errors import UsageError
+from lintrans.tables import render
 
 RECORDS = "records"
 SUMMARY_STEM = "summary"
@@ -81,7 +80,7 @@ def environment(device: str) -> dict:
     return {
         "device": device,
         "hostname": socket.gethostname(),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": versions,
         "argv": sys.argv,
     }
@@ -114,6 +113,18 @@ def read_folder(folder: str | Path) -> list[dict]:
 def read_records(workdir: str | Path) -> list[dict]:
     """The records of one run directory; unreadable or partial files are skipped with a warning."""
     return read_folder(Path(workdir) / RECORDS)
+
+
+def metrics(workdir: str | Path) -> dict:
+    """Every metric of a run's records, plus scalar breakdown terms as ``<mode>.<term>`` (newest record wins)."""
+    out: dict = {}
+    for record in sorted(read_records(workdir), key=lambda r: str(r.get("timestamp", ""))):
+        out.update(record.get("metrics", {}))
+        mode = record.get("mode", "eval")
+        for key, value in (record.get("breakdown") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{mode}.{key}"] = value
+    return out
 
 
 @contextmanager
@@ -154,29 +165,11 @@ def summary_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
     return columns, rows
 
 
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value).replace("|", "\\|")
-
-
 def rebuild_summary(folder: str | Path) -> tuple[Path, Path]:
     """Write ``summary.csv`` and ``summary.md`` from every record in ``folder`` (call under :func:`locked`)."""
     folder = Path(folder)
     columns, rows = summary_rows(read_folder(folder))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    lines = [
-        f"# {folder.name}",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-        *("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows),
-    ]
-    csv_path = write_text(folder / f"{SUMMARY_STEM}.csv", buf.getvalue())
-    md_path = write_text(folder / f"{SUMMARY_STEM}.md", "\n".join(lines) + "\n")
+    csv_text, md_text = render(rows, columns, "csv"), render(rows, columns, "md", title=folder.name)
+    csv_path = write_text(folder / f"{SUMMARY_STEM}.csv", csv_text)
+    md_path = write_text(folder / f"{SUMMARY_STEM}.md", md_text)
     return csv_path, md_path

@@ -1,337 +1,312 @@
-"""The training loop: one readable DDP loop for 1 or N processes.
+"""Training: :func:`train` validates a config once; :func:`training_loop` runs on plain values.
 
-Every per-sample random choice (data order, levels, noise, flips, dequantisation) is drawn for
-the *global* batch from a generator seeded by ``(seed, step)``, and each rank takes its slice.
-Hence 2 ranks at batch ``b`` and 1 rank at batch ``2b`` compute the same update, and a resume
-at step ``s`` needs only ``s`` plus the saved model, EMA, optimizer and (dropout) RNG states.
+One readable DDP loop for 1 or N processes (``python``, ``torchrun``, ``mpirun``, ``srun``): the
+step itself is :class:`lintrans.step.TrainStep`; this module orchestrates resume, logging,
+held-out evaluation, samples, checkpoints and preemption.
 """
 
 from __future__ import annotations
 
-import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
+import ml_collections
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lintrans import checkpoint, datasets, distributed, images, sampling
-from lintrans.atomic import write_text
-from lintrans.config import check_matches_run, sampling_delta, to_json, validate
+from lintrans import config as cfg
+from lintrans import datasets, distributed, images, monitor, sampling
+from lintrans.device import use_bf16
 from lintrans.ema import EMA
-from lintrans.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError, UsageError
-from lintrans.forward import create_forward
+from lintrans.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError
+from lintrans.forward import ForwardProcess, create_forward
 from lintrans.loss import per_sample_loss, sample_levels
-from lintrans.unet import UNet
+from lintrans.model import build_model, load_weights, make_optimizer
+from lintrans.run import Run
+from lintrans.step import TrainStep
 
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+Report = Callable[[int, dict], None]
 
 
 class Preemption:
-    """Records that SIGUSR1/SIGUSR2/SIGTERM arrived; the loop finishes its step, then checkpoints."""
+    """While active, SIGUSR1/SIGUSR2/SIGTERM only set a flag: the loop finishes its step, checkpoints, exits 75.
+
+    The previous handlers come back on exit, so a signal during a trial's evaluations is not
+    swallowed by a loop that has already ended.
+    """
 
     def __init__(self) -> None:
         self.requested = False
-        if threading.current_thread() is threading.main_thread():  # Ray runs trainables in threads
-            for sig in PREEMPT_SIGNALS:
-                signal.signal(sig, self._handle)
+        self.previous: dict = {}
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():  # Ray may run trainables in threads
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in PREEMPT_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
 
-def step_randomness(config, step: int, global_batch: int, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """Levels, noise, flips and dequantisation noise for the whole global batch of ``step``."""
-    gen = torch.Generator().manual_seed(int(config.seed) * 1_000_003 + step)
-    out = {
-        "k": sample_levels(global_batch, config.model.K, gen),
-        "noise": torch.randn((global_batch, *shape), generator=gen),
-    }
-    if config.data.random_flip:
-        out["flip"] = torch.rand(global_batch, generator=gen) < 0.5
-    if config.data.uniform_dequantization:
-        out["dequant"] = torch.rand((global_batch, *shape), generator=gen)
-    return out
-
-
-def augment(x: torch.Tensor, rnd: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Random horizontal flip and uniform dequantisation (``(255 x + U) / 256``), as configured."""
-    if "flip" in rnd:
-        x = torch.where(rnd["flip"].view(-1, 1, 1, 1), x.flip(-1), x)
-    if "dequant" in rnd:
-        x = (x * 255.0 + rnd["dequant"]) / 256.0
-    return x
-
-
-def build_model(config, device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(int(config.seed))  # identical initial weights on every rank
-    return UNet(config).to(device)
-
-
-def model_state(path: Path, config, device: torch.device, ema: bool = True) -> torch.nn.Module:
-    """A model with the (EMA) weights of a checkpoint, for sampling and evaluation."""
-    state = checkpoint.load(path, device)
-    model = build_model(config, device)
-    try:
-        model.load_state_dict(state["ema"] if ema else state["model"], strict=True)
-    except RuntimeError as exc:
-        raise UsageError(f"checkpoint {path} does not match this config's model: {str(exc).splitlines()[0]}") from None
-    return model.eval()
-
-
-OPTIMIZERS = ("Adam", "SGD")
-
-
-def make_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """IHDM's Adam, or plain SGD (whose updates are linear in the gradient: the DDP test uses it)."""
-    o = config.optim
-    if o.optimizer == "Adam":
-        return torch.optim.Adam(
-            model.parameters(), lr=o.lr, betas=(o.beta1, 0.999), eps=o.eps, weight_decay=o.weight_decay, foreach=True
-        )
-    if o.optimizer == "SGD":
-        return torch.optim.SGD(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, foreach=True)
-    raise UsageError(f"unknown config.optim.optimizer '{o.optimizer}'; valid: {', '.join(OPTIMIZERS)}")
-
-
-def learning_rate(config, step: int) -> float:
-    """Linear warm-up to ``optim.lr`` over ``optim.warmup`` steps."""
-    warm = config.optim.warmup
-    return config.optim.lr * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
-
-
 @torch.no_grad()
-def eval_loss(config, model, process, eval_set, rank: int, world: int, device: torch.device) -> float:
-    """Mean per-sample loss over the first ``eval.num_batches`` held-out batches (fixed randomness)."""
-    bs = config.eval.batch_size
-    n = min(len(eval_set), bs * config.eval.num_batches)
-    gen = torch.Generator().manual_seed(int(config.seed) + 12345)
-    k_all = sample_levels(n, config.model.K, gen)
+def held_out_loss(
+    model, process: ForwardProcess, eval_set, *, seed: int, sigma: float, batch_size: int, num_batches: int,
+    device: torch.device,
+) -> float:  # fmt: skip
+    """Mean per-sample loss over the first ``num_batches`` held-out batches, with fixed randomness."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = min(len(eval_set), batch_size * num_batches)
+    gen = torch.Generator().manual_seed(seed + 12345)
+    k_all = sample_levels(n, process.K, gen)
     noise_all = torch.randn((n, *process.shape), generator=gen)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    for start in range(rank * bs, n, world * bs):
-        idx = torch.arange(start, min(start + bs, n))
-        x0 = datasets.batches(eval_set, [idx]).__next__().to(device)
-        per = per_sample_loss(model, process, x0, k_all[idx].to(device), noise_all[idx].to(device), config.model.sigma)
+    for start in range(rank * batch_size, n, world * batch_size):
+        idx = torch.arange(start, min(start + batch_size, n))
+        x0 = eval_set.batch(idx).to(device)
+        per = per_sample_loss(model, process, x0, k_all[idx].to(device), noise_all[idx].to(device), sigma)
         total += torch.stack([per.sum().double(), torch.tensor(float(len(idx)), device=device, dtype=torch.float64)])
     model.train(was_training)
     dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
 
-def write_samples(config, ema_model, process, train_set, folder: Path, device: torch.device, writer, step: int) -> None:
-    """Sample grid, prior grid and reverse-process GIF from the EMA model (rank 0 only)."""
-    n = config.training.get("num_samples", 36)
-    gen = torch.Generator(device=device).manual_seed(int(config.seed) + 777)
-    idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(int(config.seed) + 778))[:n]
-    x0 = datasets.batches(train_set, [idx]).__next__().to(device)
-    delta = sampling_delta(config)
-    u_K = sampling.prior(process, x0, delta, gen)
+def write_samples(
+    ema_model, process: ForwardProcess, train_set, folder: Path, *, n: int, delta: float, seed: int,
+    device: torch.device,
+) -> torch.Tensor:  # fmt: skip
+    """Sample grid, prior grid and reverse-process GIF from the EMA model; returns the samples."""
+    gen = torch.Generator(device=device).manual_seed(seed + 777)
+    idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed + 778))[:n]
+    u_K = sampling.prior(process, train_set.batch(idx).to(device), delta, gen)
     final, frames = sampling.reverse(ema_model, u_K, process.K, delta, gen, num_frames=40)
     images.save_grid(folder / "samples.png", final.cpu())
     images.save_grid(folder / "prior.png", u_K.cpu())
     images.save_gif(folder / "process.gif", frames)
-    if writer is not None:
-        writer.add_image("samples", images.to_tensorboard(final.cpu()), step)
+    return final.cpu()
 
 
-Report = Callable[[int, dict], None]
-
-
-def train(config, workdir: str | Path, report: Report | None = None) -> int:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    config_file: str | Path,
+    overrides: dict,
+    report: Report | None = None,
+) -> int:
     """Train (or resume) in ``workdir``; returns an exit code (see :mod:`lintrans.errors`).
 
-    ``report(step, metrics)`` is called on rank 0 after every evaluation and checkpoint (the
-    Ray Tune backend forwards it to ``tune.report``; metrics hold ``eval_loss`` and
-    ``checkpoint_dir`` where one was just written).
+    This is the edge: the config is validated here, once, and the loop gets plain values.
+    ``report(step, metrics)`` is called on rank 0 at every log step, evaluation and checkpoint;
+    ``metrics`` always holds the latest ``eval_loss`` and the ``n_iters`` to reach.
     """
-    validate(config)
-    workdir = Path(workdir)
-    process = create_forward(config)  # fails fast on bad input, before any process group exists
+    cfg.validate(config)
+    run = Run(Path(workdir))
+    run.check_writable()
+    if run.meta.is_file():
+        run.check_matches(config)
+    process = create_forward(**cfg.forward_args(config))  # bad input fails before any process group exists
     train_set, eval_set = datasets.load(config)
-    info, device = distributed.init()
+    info, device = distributed.init(config.device)
+    if info.rank == 0:
+        run.remove_temp_files()
+        run.write_config(config, config_file, overrides)
+    t, m = config.training, config.model
     try:
-        return _train(config, workdir, process.to(device), train_set, eval_set, info, device, report)
+        return training_loop(
+            run=run,
+            process=process.to(device),
+            train_set=train_set,
+            eval_set=eval_set,
+            model_args=cfg.model_args(config),
+            optim_args=cfg.optim_args(config),
+            config_json=cfg.to_json(config),
+            seed=config.seed,
+            sigma=m.sigma,
+            delta=cfg.sampling_delta(config),
+            ema_rate=m.ema_rate,
+            batch_size=t.batch_size,
+            n_iters=t.n_iters,
+            warmup=config.optim.warmup,
+            grad_clip=config.optim.grad_clip,
+            random_flip=config.data.random_flip,
+            dequantization=config.data.uniform_dequantization,
+            bf16=use_bf16(t.mixed_precision, device),
+            num_workers=config.data.num_workers,
+            log_freq=t.log_freq,
+            eval_freq=t.eval_freq,
+            eval_batch_size=config.eval.batch_size,
+            eval_num_batches=config.eval.num_batches,
+            sampling_freq=t.sampling_freq,
+            num_samples=t.num_samples,
+            snapshot_freq=t.snapshot_freq,
+            snapshot_freq_for_preemption=t.snapshot_freq_for_preemption,
+            rank=info.rank,
+            world=info.world_size,
+            device=device,
+            report=report,
+        )
     finally:
         distributed.cleanup()
 
 
-def _train(config, workdir, process, train_set, eval_set, info, device, report: Report | None) -> int:
-    rank, world, main = info.rank, info.world_size, info.rank == 0
-    gb = config.training.batch_size
-    sampler = datasets.GlobalBatchSampler(len(train_set), gb, rank, world, int(config.seed))
-    model = build_model(config, device)
-    ema = EMA(model, config.model.ema_rate)
-    ddp = DDP(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True,
-    )
-    opt = make_optimizer(config, model)
-    torch.manual_seed(int(config.seed) * 1000 + rank)  # dropout stream, per rank
+def training_loop(
+    *,
+    run: Run,
+    process: ForwardProcess,
+    train_set,
+    eval_set,
+    model_args: dict,
+    optim_args: dict,
+    config_json: str,
+    seed: int,
+    sigma: float,
+    delta: float,
+    ema_rate: float,
+    batch_size: int,
+    n_iters: int,
+    warmup: int,
+    grad_clip: float,
+    random_flip: bool,
+    dequantization: bool,
+    bf16: bool,
+    num_workers: int,
+    log_freq: int,
+    eval_freq: int,
+    eval_batch_size: int,
+    eval_num_batches: int,
+    sampling_freq: int,
+    num_samples: int,
+    snapshot_freq: int,
+    snapshot_freq_for_preemption: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    report: Report | None = None,
+) -> int:
+    # Build: network (same initial weights on every rank), EMA, optimizer, the step, the data order.
+    model = build_model(model_args, seed, device)
+    ema = EMA(model, ema_rate)
+    opt = make_optimizer(model.parameters(), **optim_args)
+    step_fn = TrainStep(
+        model=model, ema=ema, optimizer=opt, process=process, sigma=sigma, seed=seed, global_batch=batch_size,
+        lr=optim_args["lr"], warmup=warmup, grad_clip=grad_clip, random_flip=random_flip,
+        dequantization=dequantization, bf16=bf16, device=device,
+    )  # fmt: skip
+    sampler = datasets.GlobalBatchSampler(len(train_set), batch_size, rank, world, seed)
+    torch.manual_seed(seed * 1000 + rank)  # dropout stream, per rank
+
+    # Resume from checkpoints-meta: weights, EMA, optimizer, step, every rank's RNG state.
     start = 0
-    meta = checkpoint.meta_path(workdir)
-    if meta.is_file():
-        check_matches_run(config, workdir)
-        state = checkpoint.load(meta, device)
-        try:
-            model.load_state_dict(state["model"], strict=True)
-            ema.load_state_dict(state["ema"])
-        except RuntimeError as exc:
-            raise UsageError(
-                f"checkpoint {meta} does not match this config's model: {str(exc).splitlines()[0]}"
-            ) from None
+    if run.meta.is_file():
+        state = run.load(run.meta, device)
+        load_weights(model, state["model"], run.meta)
+        load_weights(ema.model, state["ema"], run.meta)
+        ema.num_updates = int(state.get("ema_num_updates", state["step"]))
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
-        rng = state.get("rng", [])
-        if len(rng) == world:
-            torch.set_rng_state(rng[rank]["cpu"].cpu())
-            if device.type == "cuda" and "cuda" in rng[rank]:
-                torch.cuda.set_rng_state(rng[rank]["cuda"].cpu())
-        if main:
-            print(f"resuming from {meta} at step {start}", flush=True)
+        if len(state.get("rng", [])) == world:
+            torch.set_rng_state(state["rng"][rank]["cpu"].cpu())
+            if device.type == "cuda" and "cuda" in state["rng"][rank]:
+                torch.cuda.set_rng_state(state["rng"][rank]["cuda"].cpu())
     sampler.step = start
-    batches = datasets.batches(train_set, sampler, config.data.get("num_workers", 0))
+    batches = datasets.batches(train_set, sampler, num_workers)
+    log = monitor.create(rank, run.workdir, start, n_iters)
+    if start:
+        log.info(f"resuming from {run.meta} at step {start}")
 
-    writer = None
-    if main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_text(workdir / "config.json", to_json(config))
-        from torch.utils.tensorboard import SummaryWriter
+    def evaluate() -> float:
+        return held_out_loss(model, process, eval_set, seed=seed, sigma=sigma, batch_size=eval_batch_size,
+                             num_batches=eval_num_batches, device=device)  # fmt: skip
 
-        writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start)
-
-    def save_checkpoints(step: int, numbered: bool) -> None:
-        rng = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
+    def checkpoint(step: int) -> None:
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
         all_rng = distributed.all_gather_object(rng)
         if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise NonFiniteLossError(f"non-finite weights at step {step}; kept the last good checkpoint {meta}")
-        if not main:
-            return
-        state = {
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "epoch": step // sampler.steps_per_epoch,
-            "data_position": step % sampler.steps_per_epoch,
-            "world_size": world,
-            "rng": all_rng,
-            "config": to_json(config),
-        }
-        checkpoint.save(meta, state)
-        if numbered:
-            checkpoint.save(checkpoint.numbered_path(workdir, step), state)
+            raise NonFiniteLossError(f"non-finite weights at step {step}; kept the last good checkpoint {run.meta}")
+        if rank == 0:
+            state = {
+                "model": model.state_dict(), "ema": ema.state_dict(), "ema_num_updates": ema.num_updates,
+                "optimizer": opt.state_dict(), "step": step, "epoch": step // sampler.steps_per_epoch,
+                "data_position": step % sampler.steps_per_epoch, "world_size": world, "rng": all_rng,
+                "config": config_json,
+            }  # fmt: skip
+            run.save(state, numbered_step=step if step % snapshot_freq == 0 else None)
 
-    t = config.training
-    precision = t.get("mixed_precision", "no")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    last_eval = evaluate() if start == 0 else float("nan")
     if start == 0:
-        loss0 = eval_loss(config, model, process, eval_set, rank, world, device)
-        if main:
-            writer.add_scalar("eval/loss", loss0, 0)
-            print(f"step 0: eval loss {loss0:.4f}", flush=True)
-
-    preempt = Preemption()
-    K = config.model.K
-    per_level = torch.zeros(2, K + 1, dtype=torch.float64)
-    lo, hi = rank * (gb // world), (rank + 1) * (gb // world)
-    bar = None
-    if main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.n_iters, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+        log.scalars({"eval/loss": last_eval}, 0)
+        log.info(f"step 0: eval loss {last_eval:.4f}")
+    per_level = torch.zeros(2, process.K + 1, dtype=torch.float64)
     tick, tick_step = time.perf_counter(), start
     model.train()
-    for step in range(start, t.n_iters):
-        rnd = {key: v[lo:hi] for key, v in step_randomness(config, step, gb, process.shape).items()}
-        x0 = augment(next(batches), rnd).to(device, non_blocking=True)
-        k = rnd["k"].to(device)
-        with autocast:
-            per = per_sample_loss(ddp, process, x0, k, rnd["noise"].to(device), config.model.sigma)
-        loss = per.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        stats = torch.stack(
-            [loss.detach().double(), torch.tensor(float(preempt.requested), dtype=torch.float64, device=device)]
-        )
-        dist.all_reduce(stats)
-        global_loss = stats[0].item() / world
-        if not math.isfinite(global_loss):
-            raise NonFiniteLossError(
-                f"non-finite loss ({global_loss}) at step {step}; stopped without updating the "
-                f"weights, last good checkpoint: {meta if meta.is_file() else 'none'}"
-            )
-        lr = learning_rate(config, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if config.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip, foreach=True)
-        opt.step()
-        ema.update(model)
-        done = step + 1
-        per_level[0].index_add_(0, k.cpu(), per.detach().double().cpu())
-        per_level[1].index_add_(0, k.cpu(), torch.ones(len(k), dtype=torch.float64))
+    with Preemption() as preempt:
+        for step in range(start, n_iters):
+            # One optimisation step (all ranks agree on whether a stop was requested).
+            try:
+                out = step_fn(step, next(batches), preempt.requested)
+            except NonFiniteLossError as exc:
+                last = run.meta if run.meta.is_file() else "none"
+                raise NonFiniteLossError(f"{exc}; last good checkpoint: {last}") from None
+            done = step + 1
+            per_level[0].index_add_(0, out.k.cpu(), out.per_sample.double().cpu())
+            per_level[1].index_add_(0, out.k.cpu(), torch.ones(len(out.k), dtype=torch.float64))
+            metrics: dict = {}
 
-        if main:
-            bar.update(1)
-            if done % t.log_freq == 0 or done == t.n_iters:
+            # Log: loss, lr, throughput, per-level loss.
+            if done % log_freq == 0 or done == n_iters:
                 now = time.perf_counter()
-                ips = gb * (done - tick_step) / max(now - tick, 1e-9)
+                ips = batch_size * (done - tick_step) / max(now - tick, 1e-9)
                 tick, tick_step = now, done
-                writer.add_scalar("train/loss", global_loss, done)
-                writer.add_scalar("train/lr", lr, done)
-                writer.add_scalar("train/img_per_s", ips, done)
-                seen = per_level[1] > 0
-                for level in seen.nonzero().flatten().tolist():
-                    writer.add_scalar(
-                        f"loss_per_level/k{level:04d}", (per_level[0, level] / per_level[1, level]).item(), done
-                    )
+                seen = (per_level[1] > 0).nonzero().flatten().tolist()
+                levels = {f"loss_per_level/k{k:04d}": (per_level[0, k] / per_level[1, k]).item() for k in seen}
+                log.scalars({"train/loss": out.loss, "train/lr": out.lr, "train/img_per_s": ips, **levels}, done)
                 per_level.zero_()
-                bar.set_postfix(loss=f"{global_loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
-        metrics = {}
-        if done % t.eval_freq == 0 or done == t.n_iters:
-            metrics["eval_loss"] = eval_loss(config, model, process, eval_set, rank, world, device)
-            if main:
-                writer.add_scalar("eval/loss", metrics["eval_loss"], done)
-                bar.write(f"step {done}: eval loss {metrics['eval_loss']:.4f}")
-        if main and t.sampling_freq > 0 and (done % t.sampling_freq == 0 or done == t.n_iters):
-            write_samples(
-                config, ema.model, process, train_set, workdir / "samples" / f"iter_{done}", device, writer, done
-            )
-        preempted = stats[1].item() > 0
-        if preempted or done % t.snapshot_freq_for_preemption == 0 or done % t.snapshot_freq == 0 or done == t.n_iters:
-            save_checkpoints(done, numbered=done % t.snapshot_freq == 0)
-            metrics["checkpoint_dir"] = str(meta.parent)
-        if main and report is not None and metrics:
-            report(done, {"train_loss": global_loss, **metrics})
-        if preempted:
-            if main:
-                bar.write(f"preemption signal: checkpoint written at step {done}, exiting with {EXIT_PREEMPTED}")
-                bar.close()
-                writer.close()
-            return EXIT_PREEMPTED
-    if main:
-        bar.close()
-        writer.close()
+                metrics["img_per_s"] = ips
+            log.advance(loss=f"{out.loss:.4f}")
+
+            # Held-out loss.
+            if done % eval_freq == 0 or done == n_iters:
+                last_eval = evaluate()
+                log.scalars({"eval/loss": last_eval}, done)
+                log.info(f"step {done}: eval loss {last_eval:.4f}")
+                metrics["evaluated"] = True
+
+            # Samples from the EMA model (rank 0 draws them).
+            if log.enabled and sampling_freq > 0 and (done % sampling_freq == 0 or done == n_iters):
+                final = write_samples(ema.model, process, train_set, run.workdir / "samples" / f"iter_{done}",
+                                      n=num_samples, delta=delta, seed=seed, device=device)  # fmt: skip
+                log.image("samples", images.to_tensorboard(final), done)
+
+            # Checkpoint: for preemption, numbered snapshots, the end, or because a stop was requested.
+            if out.stop or done % snapshot_freq_for_preemption == 0 or done % snapshot_freq == 0 or done == n_iters:
+                checkpoint(done)
+                metrics["checkpoint"] = str(run.meta)
+            if report is not None and rank == 0 and metrics:
+                report(done, {"train_loss": out.loss, "eval_loss": last_eval, "n_iters": n_iters, **metrics})
+
+            if out.stop:
+                log.info(f"preemption signal: checkpoint written at step {done}, exiting with {EXIT_PREEMPTED}")
+                log.close()
+                return EXIT_PREEMPTED
+    log.close()
     return EXIT_OK
 
 
-def run(config, workdir: str | Path) -> int:
+def run_cli(config: ml_collections.ConfigDict, workdir: str | Path, config_file: str | Path, overrides: dict) -> int:
     """:func:`train` with a non-finite loss turned into its exit code (message on stderr)."""
-    import sys
-
     try:
-        return train(config, workdir)
+        return train(config, workdir, config_file=config_file, overrides=overrides)
     except NonFiniteLossError as exc:
         if distributed.is_main():
             print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -1,11 +1,11 @@
 """The IHDM U-Net (the guided-diffusion architecture IHDM uses), conditioned on the level k.
 
-``UNet(config)(u_k, k)`` predicts the residual ``f`` with ``u_{k-1} ~ u_k + f``. Knobs come from
-``config.model``: ``model_channels``, ``channel_mult``, ``num_res_blocks``,
-``attention_levels`` (indices into ``channel_mult``, IHDM's convention), ``dropout``,
-``use_scale_shift_norm``, ``skip_rescale``, ``conv_resample``, ``num_heads`` /
-``num_head_channels``. Normalisation is GroupNorm and the non-linearity swish (SiLU), as in
-every IHDM config.
+``UNet(**model_args)(u_k, k)`` predicts the residual ``f`` with ``u_{k-1} ~ u_k + f``
+(:func:`lintrans.config.model_args` reads the arguments from ``config.model``).
+``attention_levels`` are indices into ``channel_mult`` (IHDM's convention). Normalisation is
+GroupNorm and the non-linearity swish (SiLU), as in every IHDM config. ResBlocks return
+``skip(x) + h`` as IHDM's do; ``rescale_resblocks=True`` is the variant that divides that sum by
+``sqrt(2)`` (score-SDE's ``skip_rescale``, a key IHDM's configs set but its U-Net never reads).
 """
 
 from __future__ import annotations
@@ -48,11 +48,11 @@ class ResBlock(nn.Module):
         emb_dim: int,
         dropout: float,
         scale_shift: bool,
-        skip_rescale: bool,
+        rescale: bool,
     ) -> None:
         super().__init__()
         self.scale_shift = scale_shift
-        self.skip_rescale = skip_rescale
+        self.rescale = rescale
         self.in_layers = nn.Sequential(group_norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch))
         self.out_norm = group_norm(out_ch)
@@ -70,7 +70,7 @@ class ResBlock(nn.Module):
         else:
             h = self.out_norm(h + e)
         h = self.skip(x) + self.out_layers(h)
-        return h / math.sqrt(2.0) if self.skip_rescale else h
+        return h / math.sqrt(2.0) if self.rescale else h
 
 
 class AttentionBlock(nn.Module):
@@ -113,55 +113,68 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        model_channels: int,
+        channel_mult: tuple[int, ...],
+        num_res_blocks: int,
+        attention_levels: tuple[int, ...],
+        dropout: float = 0.0,
+        use_scale_shift_norm: bool = False,
+        conv_resample: bool = True,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        rescale_resblocks: bool = False,
+    ) -> None:
         super().__init__()
-        m = config.model
-        ch = m.model_channels
-        in_ch = config.data.num_channels
+        ch = model_channels
+        in_ch = in_channels
         emb_dim = 4 * ch
-        bad = [lvl for lvl in m.attention_levels if not 0 <= lvl < len(m.channel_mult)]
+        bad = [lvl for lvl in attention_levels if not 0 <= lvl < len(channel_mult)]
         if bad:
             raise UsageError(
-                f"config.model.attention_levels {tuple(m.attention_levels)}: levels {bad} do not exist; "
-                f"valid: 0..{len(m.channel_mult) - 1} (indices into channel_mult {tuple(m.channel_mult)})"
+                f"config.model.attention_levels {tuple(attention_levels)}: levels {bad} do not exist; "
+                f"valid: 0..{len(channel_mult) - 1} (indices into channel_mult {tuple(channel_mult)})"
             )
         self.model_channels = ch
         self.level_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         def res(i: int, o: int) -> ResBlock:
-            return ResBlock(i, o, emb_dim, m.dropout, m.use_scale_shift_norm, m.skip_rescale)
+            return ResBlock(i, o, emb_dim, dropout, use_scale_shift_norm, rescale_resblocks)
 
         def attn(c: int) -> AttentionBlock:
-            return AttentionBlock(c, m.num_heads, m.get("num_head_channels", -1))
+            return AttentionBlock(c, num_heads, num_head_channels)
 
         self.input_conv = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skips = [ch]
         cur = ch
-        levels = len(m.channel_mult)
-        for level, mult in enumerate(m.channel_mult):
-            for _ in range(m.num_res_blocks):
+        levels = len(channel_mult)
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
                 layers = [res(cur, mult * ch)]
                 cur = mult * ch
-                if level in m.attention_levels:
+                if level in attention_levels:
                     layers.append(attn(cur))
                 self.down.append(nn.ModuleList(layers))
                 skips.append(cur)
             if level != levels - 1:
-                self.down.append(nn.ModuleList([Downsample(cur, m.conv_resample)]))
+                self.down.append(nn.ModuleList([Downsample(cur, conv_resample)]))
                 skips.append(cur)
         self.middle = nn.ModuleList([res(cur, cur), attn(cur), res(cur, cur)])
         self.up = nn.ModuleList()
         self.upsamplers = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(m.channel_mult))):
-            for i in range(m.num_res_blocks + 1):
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
                 layers = [res(cur + skips.pop(), mult * ch)]
                 cur = mult * ch
-                if level in m.attention_levels:
+                if level in attention_levels:
                     layers.append(attn(cur))
                 self.up.append(nn.ModuleList(layers))
-                if level and i == m.num_res_blocks:
-                    self.upsamplers[str(len(self.up) - 1)] = Upsample(cur, m.conv_resample)
+                if level and i == num_res_blocks:
+                    self.upsamplers[str(len(self.up) - 1)] = Upsample(cur, conv_resample)
         self.out = nn.Sequential(group_norm(cur), nn.SiLU(), zero_module(nn.Conv2d(cur, in_ch, 3, padding=1)))
 
     def forward(self, x: Tensor, k: Tensor) -> Tensor:

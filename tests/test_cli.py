@@ -1,54 +1,107 @@
-"""Bad input: exit code 2, one line naming the value and the valid choices, no traceback."""
+"""Bad input: exit code 2, one line naming the value and the valid choices, no traceback (in-process)."""
 
 from __future__ import annotations
 
 import pytest
 
+import evaluate
+import sample
+import train
+from lintrans import cli
 from lintrans.distributed import detect, first_host
-from tests.conftest import TINY, run, train_args
+from tests.conftest import TINY, assert_one_line
 
 CASES = {
     "unknown process": (["--config.model.forward=warp"], "unknown forward process 'warp'"),
     "K < 1": (["--config.model.K=0"], "config.model.K must be an integer >= 1, got 0"),
     "sigma < 0": (["--config.model.sigma=-0.5"], "config.model.sigma must be a finite number >= 0"),
+    "sigma nan": (["--config.model.sigma=nan"], "config.model.sigma must be a finite number >= 0"),
     "image size": (["--config.data.image_size=32"], "but the config asks for (1, 32, 32)"),
     "missing data folder": (
         ["--config.data.dataset=FFHQ", "--config.data.path=/nonexistent/ffhq"],
         "/nonexistent/ffhq",
     ),
     "unknown data set": (["--config.data.dataset=imagenet"], "unknown data set 'imagenet'"),
-    "bad override": (["--config.model.K=abc"], "config.model.K"),
+    "bad override": (["--config.model.K=abc"], "--config.model.K='abc': expected int"),
     "unknown key": (["--config.model.nope=1"], "unknown config key 'nope'"),
+    "log_freq 0": (["--config.training.log_freq=0"], "config.training.log_freq must be an integer >= 1, got 0"),
+    "eval_freq 0": (["--config.training.eval_freq=0"], "config.training.eval_freq must be an integer >= 1"),
+    "snapshot 0": (["--config.training.snapshot_freq_for_preemption=0"], "snapshot_freq_for_preemption must be"),
+    "eval batch 0": (["--config.eval.batch_size=0"], "config.eval.batch_size must be an integer >= 1"),
+    "huge K": (["--config.model.K=1000000000"], "forward process 'heat' would store 3.73 GiB for K=1000000000"),
+    "huge separable": (
+        ["--config.model.forward=random_fixed_separable", "--config.model.K=10000000"],
+        "forward process 'random_fixed_separable' would store 58.41 GiB",
+    ),
+    "unknown precision": (["--config.training.mixed_precision=fp8"], "unknown config.training.mixed_precision 'fp8'"),
+    "unknown device": (["--config.device=tpu"], "unknown config.device 'tpu'; valid: auto, cpu, cuda"),
+    "cuda without cuda": (["--config.device=cuda"], "CUDA unavailable"),
 }
 
 
-def assert_usage_error(result, needle: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+def call(main, argv: list[str], capsys) -> tuple[int, str]:
+    code = cli.entry(main, argv)
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_train_bad_input(tmp_path, case):
+def test_train_bad_input(tmp_path, capsys, case):
     overrides, needle = CASES[case]
-    result = run(train_args(tmp_path, *overrides))
-    assert_usage_error(result, needle)
+    code, err = call(train.main, ["train.py", f"--config={TINY}", f"--workdir={tmp_path}", *overrides], capsys)
+    assert_one_line(code, err, needle)
     assert not (tmp_path / "checkpoints-meta").exists()
 
 
-def test_missing_config_file(tmp_path):
-    assert_usage_error(run(["train.py", "--config=configs/nope.py", f"--workdir={tmp_path}"]), "configs/nope.py")
+def test_missing_config_file(tmp_path, capsys):
+    assert_one_line(*call(train.main, ["train.py", "--config=configs/nope.py", f"--workdir={tmp_path}"], capsys),
+                    "config file not found: configs/nope.py")  # fmt: skip
 
 
-def test_sample_missing_checkpoint(tmp_path):
-    result = run(["sample.py", f"--config={TINY}", f"--workdir={tmp_path}", "--checkpoint=3"])
-    assert_usage_error(result, "checkpoint 3 not found")
+def test_config_file_that_raises_is_named(tmp_path, capsys):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config():\n    raise RuntimeError('boom')\n")
+    code, err = call(train.main, ["train.py", f"--config={broken}", f"--workdir={tmp_path}"], capsys)
+    assert_one_line(code, err, f"cannot load config file {broken}: RuntimeError: boom")
 
 
-def test_unknown_process_lists_valid_names(tmp_path):
-    result = run(train_args(tmp_path, "--config.model.forward=warp"))
-    assert "valid: constant_deceleration, constant_velocity, heat, identity" in result.stderr
+def test_workdir_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    code, err = call(train.main, ["train.py", f"--config={TINY}", f"--workdir={target}"], capsys)
+    assert_one_line(code, err, f"--workdir {target} is not a directory")
+    assert target.read_text() == "x"
+
+
+def test_missing_required_flags(capsys):
+    assert_one_line(*call(train.main, ["train.py", f"--config={TINY}"], capsys), "--workdir is required")
+    assert_one_line(*call(train.main, ["train.py", "--workdir=/tmp/x"], capsys), "--config is required")
+
+
+def test_sample_missing_run(tmp_path, capsys):
+    code, err = call(sample.main, ["sample.py", f"--workdir={tmp_path}", "--checkpoint=3"], capsys)
+    assert_one_line(code, err, f"{tmp_path} is not a run directory: config.json is missing")
+
+
+def test_evaluate_bad_flag_values(tmp_path, capsys):
+    for flag, needle in (
+        ("--mode=kid", "--mode='kid': Input should be 'elbo' or 'fid'"),
+        ("--num_gen=1", "--num_gen=1: Input should be greater than or equal to 2"),
+        ("--cleanfid_mode=tf", "--cleanfid_mode='tf': Input should be 'clean' or 'legacy_tensorflow'"),
+        ("--param_name=../x", "--param_name='../x': String should match pattern"),
+        ("--batch_size=-5", "--batch_size=-5: Input should be greater than or equal to 1"),
+    ):
+        assert_one_line(*call(evaluate.main, ["evaluate.py", f"--workdir={tmp_path}", flag], capsys), needle)
+
+
+def test_unknown_process_lists_valid_names(tmp_path, capsys):
+    _, err = call(train.main, ["train.py", f"--config={TINY}", f"--workdir={tmp_path}", "--config.model.forward=warp"],
+                  capsys)  # fmt: skip
+    assert "valid: constant_deceleration, constant_velocity, heat, identity" in err
+
+
+def test_help_exits_zero(capsys):
+    assert cli.entry(train.main, ["train.py", "--help"]) == 0
+    assert "--workdir" in capsys.readouterr().out
 
 
 def test_first_host_of_slurm_nodelists():
@@ -58,10 +111,8 @@ def test_first_host_of_slurm_nodelists():
 
 
 def test_detect_launchers():
-    assert (
-        detect({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "5"}).launcher
-        == "torchrun"
-    )
+    torchrun = detect({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "5"})
+    assert torchrun.launcher == "torchrun" and torchrun.local_world_size == 4
     srun = detect(
         {
             "SLURM_PROCID": "3",
@@ -69,8 +120,11 @@ def test_detect_launchers():
             "SLURM_LOCALID": "1",
             "SLURM_JOB_ID": "77",
             "SLURM_JOB_NODELIST": "n[2-3]",
+            "SLURM_TASKS_PER_NODE": "2(x2)",
+            "SLURM_NODEID": "1",
         }
     )
     assert (srun.rank, srun.world_size, srun.local_rank, srun.master_addr, srun.master_port) == (3, 4, 1, "n2", 20077)
+    assert srun.local_world_size == 2
     single = detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
     assert (single.world_size, single.launcher) == (1, "single")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 
-import ml_collections
 import pytest
 import torch
 from torch import Tensor, nn
 
 from lintrans.elbo import gaussian_kl_constant, negative_elbo
-from lintrans.forward import ForwardProcess, create_forward
+from lintrans.forward import ForwardProcess
+from tests import conftest
 
 SHAPE = (1, 3, 3)
 D = math.prod(SHAPE)
@@ -51,14 +51,7 @@ TOLERANCE = {
 
 
 def make_process(name: str, shape: tuple[int, int, int] = SHAPE, K: int = K) -> ForwardProcess:
-    config = ml_collections.ConfigDict(
-        {
-            "seed": 3,
-            "data": {"num_channels": shape[0], "image_size": shape[1]},
-            "model": {"forward": name, "K": K, "blur_sigma_min": 0.5, "blur_sigma_max": 4.0},
-        }
-    )
-    return create_forward(config)
+    return conftest.make_process(name, shape, K)
 
 
 class GaussianData:

@@ -15,10 +15,9 @@ import time
 import pytest
 
 from lintrans import records
-from lintrans.evaluation import evaluate
+from lintrans.evaluation import EvalSpec, evaluate
 from tests.configs import tiny
-from tests.conftest import IN_CI, ROOT, TINY, env, run, train_args
-from tests.test_cli import assert_usage_error
+from tests.conftest import IN_CI, ROOT, TINY, assert_usage_error, env, run, train_args
 
 NUM_CONCURRENT = 32
 
@@ -38,9 +37,9 @@ def evaluate_args(workdir, *extra: str) -> list[str]:
 
 def test_record_contents_and_replacement(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv(records.RUNS_ENV, str(tmp_path / "runs"))
-    kwargs = dict(mode="fid", num_gen=4, batch_size=250, experiment_name="single", param_name="p", overrides={"x": 1})
-    first = evaluate(tiny.get_config(), tiny_run, **kwargs)
-    second = evaluate(tiny.get_config(), tiny_run, **kwargs)
+    spec = EvalSpec(mode="fid", num_gen=4, batch_size=250, experiment_name="single", param_name="p")
+    first = evaluate(tiny_run, spec, config=tiny.get_config())
+    second = evaluate(tiny_run, spec)
 
     path = records.record_path(tiny_run, "fid", "single", "p", 0)
     assert json.loads(path.read_text()) == json.loads(json.dumps(second, default=str))  # replaced, not added
@@ -50,7 +49,7 @@ def test_record_contents_and_replacement(tiny_run, tmp_path, monkeypatch):
     run_info = first["run"]
     assert (run_info["dataset"], run_info["forward"], run_info["K"], run_info["steps"]) == ("mnist5k", "heat", 5, 10)
     assert run_info["sigma"] == 0.01 and first["run"]["delta"] == pytest.approx(0.0125)
-    assert run_info["overrides"] == {"x": 1} and run_info["checkpoint"] == 0
+    assert run_info["overrides"] == {} and run_info["checkpoint"] == 0
     for key in ("wall_s", "device", "hostname", "timestamp", "versions", "breakdown", "evaluation"):
         assert key in first
     assert {"torch", "clean-fid", "lintrans"} <= first["versions"].keys()
@@ -146,9 +145,9 @@ def test_simultaneous_publishes_keep_every_row(tmp_path, monkeypatch):
 
 
 BAD = {
-    "unknown mode": (["--mode=kid"], "unknown --mode 'kid'; valid: elbo, fid"),
+    "unknown mode": (["--mode=kid"], "--mode='kid': Input should be 'elbo' or 'fid'"),
     "missing checkpoint": (["--checkpoint=7"], "checkpoint 7 not found"),
-    "num_gen < 2": (["--num_gen=1"], "--num_gen must be at least 2"),
+    "num_gen < 2": (["--num_gen=1"], "--num_gen=1: Input should be greater than or equal to 2"),
     "missing statistics": (
         ["--dataset_name_cleanfid=nonexistent", "--cleanfid_mode=legacy_tensorflow"],
         "reference statistics for --dataset_name_cleanfid=nonexistent",
@@ -157,8 +156,9 @@ BAD = {
         ["--dataset_name_cleanfid=nonexistent", "--dataset_split=custom"],
         "no custom statistics 'nonexistent' for mode clean",
     ),
-    "unknown cleanfid mode": (["--cleanfid_mode=tf"], "unknown --cleanfid_mode 'tf'"),
-    "path in a name": (["--param_name=../x"], "--param_name='../x' must start with a letter or digit"),
+    "unknown cleanfid mode": (["--cleanfid_mode=tf"], "--cleanfid_mode='tf': Input should be 'clean' or"),
+    "path in a name": (["--param_name=../x"], "--param_name='../x': String should match pattern"),
+    "metric for another data set": (["--metric=fid_inception"], "--dataset_name_cleanfid: fid_inception needs"),
     "config disagrees with the run": (
         ["--config.model.forward=constant_velocity"],
         "model.forward='constant_velocity' (run: 'heat'); pass --config.model.forward=heat",

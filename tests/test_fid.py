@@ -13,10 +13,9 @@ from scipy import linalg
 
 from configs.mnist5k import default_mnist5k_configs
 from lintrans import datasets, fid, sampling
-from lintrans.config import sampling_delta
+from lintrans.config import forward_args, sampling_delta
 from lintrans.forward import create_forward
-from tests.conftest import ROOT, env
-from tests.test_cli import assert_usage_error
+from tests.conftest import ROOT, assert_usage_error, env
 
 DEVICE = torch.device("cpu")
 
@@ -65,7 +64,7 @@ def test_fid_sanity(digits):
     real = score(balanced, test)
     noise = score(torch.rand(len(balanced), 1, 28, 28, generator=torch.Generator().manual_seed(0)), test)
     config = default_mnist5k_configs.get_config()
-    process = create_forward(config)
+    process = create_forward(**forward_args(config))
     gen = torch.Generator().manual_seed(0)
     prior = sampling.prior(process, balanced, sampling_delta(config), gen)
     blurred = score(prior, test)

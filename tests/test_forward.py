@@ -4,28 +4,21 @@ from __future__ import annotations
 
 import math
 
-import ml_collections
 import numpy as np
 import pytest
 import scipy.fft
 import torch
 
 from lintrans.errors import UsageError
-from lintrans.forward import FORWARD_PROCESSES, create_forward, dct, dct_2d, idct_2d
+from lintrans.forward import FORWARD_PROCESSES, dct, dct_2d, idct_2d
+from tests.conftest import make_process
 
 NAMES = sorted(FORWARD_PROCESSES)
 SHAPES = [(1, 6, 6), (3, 4, 4)]
 
 
-def make(name: str, shape=(1, 6, 6), K: int = 7, **model) -> torch.nn.Module:
-    config = ml_collections.ConfigDict(
-        {
-            "seed": 3,
-            "data": {"num_channels": shape[0], "image_size": shape[1]},
-            "model": {"forward": name, "K": K, "blur_sigma_min": 0.5, "blur_sigma_max": 4.0, **model},
-        }
-    )
-    return create_forward(config)
+def make(name: str, shape=(1, 6, 6), K: int = 7, **params) -> torch.nn.Module:
+    return make_process(name, shape, K, **params)
 
 
 def test_dct_matches_scipy_and_inverts():
@@ -146,7 +139,7 @@ def test_dense_storage_refuses_and_separable_works_on_cifar_size():
     y = p(x, torch.tensor([0, 1, 100, 200]))
     assert torch.equal(y[0], x[0]) and torch.isfinite(y).all()
     with pytest.raises(UsageError, match="random_product_separable"):
-        make("random_product", (3, 32, 32), K=200, max_dense_bytes=2**20)
+        make("random_product", (3, 32, 32), K=200, max_bytes=2**20)
 
 
 def test_unknown_name_lists_the_valid_ones():

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lintrans.config import model_args
 from lintrans.errors import EXIT_NONFINITE, EXIT_PREEMPTED
-from lintrans.training_loop import build_model
+from lintrans.model import build_model
 from tests.configs import tiny
 from tests.conftest import ROOT, env, require, run, train_args, weights
 
@@ -58,7 +59,8 @@ def test_ddp_torchrun_matches_single_process(tmp_path, single_run):
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(weights(tmp_path), single_run, atol=1e-5)
-    initial = build_model(tiny.get_config(), torch.device("cpu")).state_dict()
+    config = tiny.get_config()
+    initial = build_model(model_args(config), config.seed).state_dict()
     assert max((single_run[k] - initial[k]).abs().max() for k in single_run) > 1e-3  # training moved them
 
 

@@ -11,6 +11,7 @@ def get_config():
 def get_default_configs():
     config = ml_collections.ConfigDict()
     config.seed = 42
+    config.device = "auto"  # auto (CUDA where available, else CPU), cpu, or cuda (fails if there is none)
 
     config.training = training = ml_collections.ConfigDict()
     training.batch_size = 128  # global batch, split over DDP ranks
@@ -21,7 +22,9 @@ def get_default_configs():
     training.sampling_freq = 1000
     training.snapshot_freq_for_preemption = 10000  # checkpoints-meta/checkpoint.pth
     training.num_samples = 36
-    training.mixed_precision = "no"  # or "bf16" (autocast)
+    training.mixed_precision = (
+        "auto"  # auto: bf16 where the device has it (CUDA, AVX512-BF16/AMX), else fp32; "no"; "bf16"
+    )
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.delta = placeholder(float)  # sampling noise; None means 1.25 * model.sigma
@@ -36,7 +39,6 @@ def get_default_configs():
     data.image_size = 28
     data.num_channels = 1
     data.random_flip = False
-    data.centered = False
     data.uniform_dequantization = False
     data.num_workers = 0
 
@@ -46,7 +48,8 @@ def get_default_configs():
     model.sigma = 0.01
     model.blur_sigma_max = 20.0
     model.blur_sigma_min = 0.5
-    model.max_dense_bytes = 2**31  # refuse dense random matrices above this
+    model.max_dense_bytes = 2**31  # refuse a forward process that would store more than this
+    model.forward_seed = placeholder(int)  # random processes; None: config.seed
     model.product_step = 0.1  # random_product: rotation per factor
     model.dropout = 0.1
     model.model_channels = 128
@@ -56,11 +59,11 @@ def get_default_configs():
     model.num_head_channels = -1
     model.attention_levels = (2,)
     model.ema_rate = 0.999
-    model.normalization = "GroupNorm"
-    model.nonlinearity = "swish"
     model.num_res_blocks = 4
     model.use_scale_shift_norm = False
-    model.skip_rescale = True
+    # IHDM's configs set skip_rescale=True, but IHDM's U-Net never reads it: its ResBlocks return
+    # skip(x) + h. lintrans builds that function; True divides each ResBlock's output by sqrt(2).
+    model.rescale_resblocks = False
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = "Adam"

@@ -1,0 +1,199 @@
+"""Local backend: trials side by side over this machine's GPUs or CPU slots.
+
+Each trial runs as ``python -m launchers.trial DIR`` (under ``torchrun --standalone`` when it has
+several DDP tasks), with its GPUs in ``CUDA_VISIBLE_DEVICES`` (``""`` for CPU trials) and its
+CPU share in ``OMP_NUM_THREADS``. The GPU pool is ``--gpus`` if given, else the inherited
+``CUDA_VISIBLE_DEVICES`` (indices or UUIDs), else every device torch sees. Ctrl-C (or SIGTERM)
+makes every running trial checkpoint and stop; the children also get SIGTERM if the launcher
+itself is killed (``PR_SET_PDEATHSIG``). A trial that crashes (killed, out of memory) is
+restarted from its checkpoint up to ``local.max_restarts`` times; interruptions you asked for do
+not count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from launchers import state
+from launchers.state import Observation
+from launchers.sweep import Sweep, Trial
+from launchers.trial import EXIT_BUSY, EXIT_FAILED, record_crash
+from lintrans.errors import EXIT_PREEMPTED, UsageError
+
+PR_SET_PDEATHSIG = 1
+GPU_ID = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-zA-Z/-]+)$")
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the launcher dies, however it dies."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def gpu_pool(flag: str | None, env: dict[str, str], device_count: Callable[[], int]) -> list[str]:
+    """The GPU ids trials may use: ``--gpus 0,3``, else ``CUDA_VISIBLE_DEVICES``, else all devices."""
+    if flag is not None:
+        ids = [g.strip() for g in flag.split(",") if g.strip()]
+        bad = [g for g in ids if not GPU_ID.match(g)]
+        if bad or len(set(ids)) != len(ids):
+            raise UsageError(f"--gpus {flag!r}: a comma-separated list of distinct GPU indices or UUIDs")
+        return ids
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip() and g.strip() != "-1"]
+    return [str(i) for i in range(device_count())]
+
+
+def slots(sweep: Sweep, pool: list[str]) -> int:
+    """How many trials run at once: GPUs are never shared; CPU trials split the cores."""
+    r = sweep.resources
+    if r.nodes > 1:
+        raise UsageError(
+            f"{sweep.path}: resources.nodes={r.nodes}: the local backend runs on one node; use slurm or ray"
+        )
+    if r.gpus:
+        if r.gpus > len(pool):
+            raise UsageError(
+                f"{sweep.path}: a trial asks for {r.gpus} GPU(s) but the local pool has {len(pool)} "
+                f"({','.join(pool) or 'none'}; from --gpus or CUDA_VISIBLE_DEVICES)"
+            )
+        fit = len(pool) // r.gpus
+        return min(fit, sweep.local.slots or fit)
+    return sweep.local.slots or max(1, (os.cpu_count() or 1) // (r.cpus * r.tasks))
+
+
+def command(trial: Trial, tasks: int) -> list[str]:
+    if tasks > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tasks}",
+                "-m", "launchers.trial", str(trial.run_dir)]  # fmt: skip
+    return [sys.executable, "-m", "launchers.trial", str(trial.run_dir)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return Path(f"/proc/{pid}/stat").is_file() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@dataclass
+class Running:
+    trial: Trial
+    proc: subprocess.Popen
+    gpus: list[str]
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, gpus: str | None = None, say: Callable[[str], None] = print) -> None:
+        self.gpu_flag, self.say = gpus, say
+
+    def dry_run(self, sweep: Sweep, trials: list[Trial]) -> str:
+        pool = gpu_pool(self.gpu_flag, dict(os.environ), _device_count) if sweep.resources.gpus else []
+        n = slots(sweep, pool)
+        return f"local: {len(trials)} trials, {n} at a time" + (f" over GPUs {','.join(pool)}" if pool else "")
+
+    def observe(self, trials: list[Trial]) -> dict[str, Observation]:
+        out = {}
+        for t in trials:
+            ln = state.launch(t.run_dir)
+            if ln.get("backend") != "local" or not str(ln.get("job_id") or "").isdigit():
+                continue
+            alive = _alive(int(ln["job_id"]))
+            out[t.id] = (
+                Observation("running", "") if alive else Observation("ended", f"(process {ln['job_id']} exited)")
+            )
+        return out
+
+    def cancel(self, trials: list[Trial]) -> int:
+        stopped = 0
+        for t in trials:
+            pid = state.status(t.run_dir).get("pid")
+            if pid and state.is_running(t.run_dir):
+                os.kill(pid, signal.SIGTERM)  # the trial checkpoints and exits 75: resumable
+                stopped += 1
+        return stopped
+
+    def submit(self, sweep: Sweep, trials: list[Trial]) -> int:
+        """Run ``trials`` to the end (or until interrupted): 0, 1 if any failed, 130 after Ctrl-C."""
+        r = sweep.resources
+        pool = gpu_pool(self.gpu_flag, dict(os.environ), _device_count) if r.gpus else []
+        n_slots = slots(sweep, pool)
+        threads = str(r.cpus)
+        queue, running, restarts, failed = list(trials), [], {}, []
+        stop = {"requested": False}
+
+        def on_signal(signum, frame) -> None:
+            stop["requested"] = True
+            for job in running:
+                job.proc.send_signal(signal.SIGTERM)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        gpu_note = f", {r.gpus} GPU(s) each from {','.join(pool)}" if r.gpus else ""
+        self.say(f"local: {len(trials)} trials, {n_slots} at a time{gpu_note}")
+        try:
+            while queue or running:
+                while queue and len(running) < n_slots and not stop["requested"]:
+                    running.append(self._start(queue.pop(0), [pool.pop(0) for _ in range(r.gpus)], threads, r.tasks))
+                time.sleep(0.2)
+                for job in [j for j in running if j.proc.poll() is not None]:
+                    running.remove(job)
+                    pool += job.gpus
+                    self._finished(job, sweep, queue, restarts, failed, stop["requested"])
+                if stop["requested"] and not running:
+                    break
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if stop["requested"]:
+            self.say(f"local: interrupted; {len(queue)} trials not started, running ones checkpointed "
+                     f"(exit {EXIT_PREEMPTED}); re-run the same command to resume")  # fmt: skip
+            return 130
+        return EXIT_FAILED if failed else 0
+
+    def _start(self, trial: Trial, gpus: list[str], threads: str, tasks: int) -> Running:
+        env = dict(os.environ, LINTRANS_BACKEND="local", OMP_NUM_THREADS=threads, PYTHONUNBUFFERED="1",
+                   CUDA_VISIBLE_DEVICES=",".join(gpus))  # fmt: skip
+        log = trial.run_dir / "train.log"
+        with open(log, "a") as out:
+            proc = subprocess.Popen(command(trial, tasks), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=_die_with_parent)  # fmt: skip
+        state.write_launch(trial.run_dir, "local", str(proc.pid), str(log))
+        self.say(f"  started  {trial.id} {trial.label} (pid {proc.pid}, log {log})")
+        return Running(trial, proc, gpus)
+
+    def _finished(self, job: Running, sweep: Sweep, queue, restarts, failed, stopping: bool) -> None:
+        code, trial = job.proc.returncode, job.trial
+        if code == EXIT_BUSY and not stopping:
+            queue.append(trial)  # another process holds it (e.g. an exiting orphan): retry
+            time.sleep(1)
+            return
+        if record_crash(trial.run_dir, code) and not stopping:
+            restarts[trial.id] = restarts.get(trial.id, 0) + 1
+            if restarts[trial.id] <= sweep.local.max_restarts:
+                self.say(f"  restart  {trial.id} {trial.label} (exit {code}; restart {restarts[trial.id]} "
+                         f"of {sweep.local.max_restarts})")  # fmt: skip
+                queue.insert(0, trial)
+                return
+        st = state.view(trial.run_dir)
+        detail = f": {st['reason']}" if st.get("reason") else ""
+        if st["state"] == "failed":
+            failed.append(trial)
+        self.say(f"  {st['state']:<8} {trial.id} {trial.label} (exit {code}){detail}")
+
+
+def _device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()

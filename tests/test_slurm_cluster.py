@@ -1,0 +1,279 @@
+"""The SLURM test cluster itself (slurm/cluster.sh): 2 nodes, node failure and requeue, fake GPUs.
+
+Every cluster here has its own folder under /tmp and its own free ports, so it never disturbs the
+single-node cluster of tests/test_launchers.py (default ports) or anyone else's.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, require
+
+SCRIPT = str(ROOT / "slurm" / "cluster.sh")
+BENCH_PORTS = {26817, 26818, 26819, 23306}  # bench/sweep_overhead.py's cluster
+
+
+def _port_free(port: int) -> bool:
+    for host in ("127.0.0.1", "0.0.0.0"):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_ports() -> dict[str, str]:
+    """Five consecutive free ports: slurmctld, slurmd (n1), slurmdbd, slurmd n2, MariaDB.
+
+    cluster.sh gives node i the port LINTRANS_SLURMD_PORT + i - 1, skipping the other daemons' ports.
+    """
+    for _ in range(200):
+        base = random.randrange(20000, 32000, 10)
+        block = range(base, base + 5)
+        if not BENCH_PORTS.intersection(block) and all(_port_free(p) for p in block):
+            return {
+                "LINTRANS_SLURMCTLD_PORT": str(base),
+                "LINTRANS_SLURMD_PORT": str(base + 1),
+                "LINTRANS_SLURMDBD_PORT": str(base + 2),
+                "LINTRANS_SLURM_MYSQL_PORT": str(base + 4),
+            }
+    raise RuntimeError("no block of 5 free ports found")
+
+
+class Cluster:
+    def __init__(self, folder: Path, env: dict[str, str]):
+        self.dir, self.env = folder, env
+
+    def script(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", SCRIPT, *args, str(self.dir)], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        """A SLURM client command (sbatch, squeue, ...) against this cluster."""
+        return subprocess.run(list(args), env=self.env, capture_output=True, text=True, check=check, timeout=timeout)
+
+    def out(self, *args: str, timeout: float = 60) -> str:
+        return self.run(*args, timeout=timeout).stdout
+
+    def job(self, job: str) -> dict[str, str]:
+        """``scontrol show job -o`` as a dict (JobState, Restarts, Reason, ...)."""
+        line = self.run("scontrol", "show", "job", "-o", job, check=False).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", line))
+
+    def node_state(self, node: str) -> str:
+        return self.run("sinfo", "-h", "-N", "-n", node, "-o", "%T", check=False).stdout.strip()
+
+    def sacct_states(self, job: str) -> list[str]:
+        """States of every run of the job, requeued ones included (``sacct -D``)."""
+        out = self.run("sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "state", check=False).stdout
+        return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def start_cluster(nodes: int, prefix: str) -> Cluster:
+    require("slurmctld")
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # munge needs o+x on every parent
+    folder.chmod(0o755)
+    env = dict(os.environ, **free_ports(), LINTRANS_SLURM_GPUS="2", SLURM_CONF=str(folder / "etc" / "slurm.conf"))
+    env.pop("LINTRANS_SLURM_DIR", None)
+    cluster = Cluster(folder, env)
+    started = cluster.script("start", "--nodes", str(nodes))
+    if started.returncode != 0:
+        stop_cluster(cluster)
+        pytest.fail(f"cluster.sh start --nodes {nodes} failed:\n{started.stdout}{started.stderr}")
+    return cluster
+
+
+def stop_cluster(cluster: Cluster) -> None:
+    cluster.script("stop")
+    shutil.rmtree(cluster.dir, ignore_errors=True)
+
+
+def wait_until(what: str, check: Callable[[], object], timeout: float, every: float = 0.25) -> object:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def cluster2() -> Iterator[Cluster]:
+    cluster = start_cluster(2, "lintrans-slurm2-")
+    try:
+        yield cluster
+    finally:
+        stop_cluster(cluster)
+
+
+# --------------------------------------------------------------------------------- 2 nodes
+
+
+@pytest.mark.multinode
+def test_two_nodes_have_their_own_names_inside_jobs(cluster2):
+    script = cluster2.dir / "names.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        "srun -N2 -n2 hostname | sort | sed 's/^/host=/'\n"
+        'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)\n'
+        'echo "first=$first"\n'
+        'getent hosts "$first" | sed "s/^/resolved=/"\n'
+        "srun -N1 -n1 -w n2 getent hosts n1 | sed 's/^/from-n2=/'\n"
+    )
+    output = cluster2.dir / "names.out"
+    cluster2.run("sbatch", "--wait", "-N2", "-o", str(output), str(script), timeout=120)
+    text = output.read_text()
+    assert re.findall(r"^host=(\S+)$", text, re.M) == ["n1", "n2"], text
+    assert "first=n1" in text, text
+    assert re.search(r"^resolved=127\.0\.0\.1\s+n1$", text, re.M), text
+    assert re.search(r"^from-n2=127\.0\.0\.1\s+n1$", text, re.M), text
+
+
+@pytest.mark.multinode
+def test_status_lists_each_node(cluster2):
+    status = cluster2.script("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    for node in ("n1", "n2"):
+        assert re.search(rf"^  slurmd {node} +running \(pid \d+\)$", status.stdout, re.M), status.stdout
+        assert re.search(
+            rf"^  node {node}: partition debug\*, (idle|mixed|allocated), .*gres=gpu:2", status.stdout, re.M
+        )
+    assert "addr=127.0.0.2" in status.stdout
+
+
+@pytest.mark.multinode
+def test_gpu_gres_jobs_are_scheduled(cluster2):
+    gres = cluster2.out("sbatch", "--parsable", "--wait", "--gres=gpu:1", "-o", "/dev/null", "--wrap", "hostname")
+    per_node = cluster2.out(
+        "sbatch", "--parsable", "--wait", "-N2", "--gpus-per-node=1", "-o", "/dev/null", "--wrap", "srun hostname"
+    )
+    for job in (gres.strip(), per_node.strip()):
+        assert cluster2.job(job)["JobState"] == "COMPLETED"
+        assert "gres/gpu=" in cluster2.job(job)["TRES"]
+    too_many = cluster2.run("sbatch", "--gres=gpu:3", "--wrap", "hostname", check=False)  # a node has 2
+    assert too_many.returncode != 0 and "not available" in too_many.stderr
+
+
+@pytest.mark.multinode
+def test_killed_node_requeues_job_which_reruns_after_node_start(cluster2):
+    log = cluster2.dir / "requeue.log"
+    script = cluster2.dir / "requeue.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"log={log}\n"
+        'n="${SLURM_RESTART_COUNT:-0}"\n'
+        'echo "start $n" >> "$log"\n'
+        'if [ "$n" = 0 ]; then\n'
+        '  srun -N2 -n2 bash -c "echo task \\$(hostname) $n >> $log; exec sleep 300"\n'
+        "else\n"
+        '  srun -N2 -n2 bash -c "echo task \\$(hostname) $n >> $log"\n'
+        "fi\n"
+        'echo "end $n" >> "$log"\n'
+    )
+    job = cluster2.out("sbatch", "--parsable", "-N2", "--requeue", "-o", "/dev/null", str(script)).strip()
+
+    def tasks(attempt: int) -> set[str]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        return {line.split()[1] for line in lines if line.startswith("task ") and line.endswith(f" {attempt}")}
+
+    wait_until("both tasks of the first run", lambda: tasks(0) == {"n1", "n2"}, 60)
+
+    killed = time.monotonic()
+    result = cluster2.script("node-kill", "n2")
+    assert result.returncode == 0, result.stderr
+    assert "killed node n2" in result.stderr
+    not_responding = down = requeued = None
+    deadline = killed + 90
+    while down is None or requeued is None:
+        assert time.monotonic() < deadline, f"node n2: {cluster2.node_state('n2')}, job: {cluster2.job(job)}"
+        state, now = cluster2.node_state("n2"), time.monotonic()
+        if not_responding is None and state.endswith("*"):
+            not_responding = now - killed
+        if down is None and state.startswith("down"):
+            down = now - killed
+        if requeued is None and int(cluster2.job(job).get("Restarts", "0")) >= 1:
+            requeued = now - killed
+        time.sleep(0.2)
+
+    # While n2 is down the job waits (first BeginTime, the requeue delay; then for the nodes).
+    reason = wait_until(
+        "the requeued job to wait for nodes",
+        lambda: (info := cluster2.job(job))["Reason"] != "BeginTime" and info,
+        60,
+    )
+    begin_time = time.monotonic() - killed - requeued
+    assert reason["JobState"] == "PENDING" and reason["Restarts"] == "1", reason
+    pending = cluster2.run("squeue", "-h", "-j", job, "-o", "%T|%r").stdout.strip()
+    assert pending.startswith("PENDING|") and re.search(r"Nodes|Resources|ReqNodeNotAvail", pending), pending
+    wait_until("sacct to record the failed run", lambda: "NODE_FAIL" in cluster2.sacct_states(job), 30)
+    status = cluster2.script("status")
+    assert status.returncode == 1  # a daemon (slurmd n2) is stopped
+    assert re.search(r"^  slurmd n2 +stopped$", status.stdout, re.M), status.stdout
+    assert re.search(r"^  node n2: partition debug\*, down", status.stdout, re.M), status.stdout
+    assert re.search(r"^  slurmd n1 +running", status.stdout, re.M), status.stdout
+
+    restarted = time.monotonic()
+    result = cluster2.script("node-start", "n2")
+    assert result.returncode == 0, result.stderr
+    node_back = time.monotonic() - restarted
+    wait_until("the job to run again", lambda: cluster2.job(job)["JobState"] != "PENDING", 60, every=0.1)
+    running = time.monotonic() - restarted
+    wait_until("the job to complete", lambda: cluster2.job(job)["JobState"] == "COMPLETED", 60)
+    assert tasks(1) == {"n1", "n2"}
+    assert log.read_text().splitlines()[0] == "start 0" and "start 1" in log.read_text() and "end 1" in log.read_text()
+    assert "end 0" not in log.read_text()
+    assert cluster2.job(job)["Restarts"] == "1"
+    wait_until("sacct to record the rerun", lambda: "COMPLETED" in cluster2.sacct_states(job), 30)
+    assert cluster2.node_state("n2") in ("idle", "mixed", "allocated")
+    print(
+        f"\nnode failure timings: kill -> NOT_RESPONDING {not_responding:.1f}s, kill -> DOWN {down:.1f}s, "
+        f"kill -> job requeued {requeued:.1f}s, then BeginTime for {begin_time:.1f}s; "
+        f"node-start returned (node usable) after {node_back:.1f}s, "
+        f"node-start -> job RUNNING {running:.1f}s"
+    )
+
+
+# ---------------------------------------------------------------------- the default node
+
+
+def test_single_node_default_runs_gpu_jobs_and_survives_node_restart():
+    cluster = start_cluster(1, "lintrans-slurm1-")
+    try:
+        assert (cluster.dir / "etc" / "nodes").read_text().strip() == "1"
+        assert cluster.node_state("localhost") == "idle"
+        plain = cluster.out("sbatch", "--parsable", "--wait", "-o", "/dev/null", "--wrap", "hostname").strip()
+        gres = cluster.out("sbatch", "--parsable", "--wait", "--gres=gpu:1", "-o", "/dev/null", "--wrap", "true")
+        per_node = cluster.out(
+            "sbatch", "--parsable", "--wait", "--gpus-per-node=1", "-o", "/dev/null", "--wrap", "true"
+        )
+        for job in (plain, gres.strip(), per_node.strip()):
+            assert cluster.job(job)["JobState"] == "COMPLETED"
+        assert "gres/gpu=1" in cluster.job(gres.strip())["TRES"]
+        status = cluster.script("status")
+        assert status.returncode == 0 and re.search(r"^  slurmd +running", status.stdout, re.M), status.stdout
+        assert "node localhost: partition debug*, idle" in status.stdout
+        # node-kill / node-start work on the single node too (slurmd and its steps).
+        assert cluster.script("node-kill", "localhost").returncode == 0
+        assert cluster.script("status").returncode == 1
+        assert cluster.script("node-start", "localhost").returncode == 0
+        again = cluster.out("sbatch", "--parsable", "--wait", "-o", "/dev/null", "--wrap", "hostname").strip()
+        assert cluster.job(again)["JobState"] == "COMPLETED"
+    finally:
+        stop_cluster(cluster)
