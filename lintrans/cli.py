@@ -36,6 +36,7 @@ class Parsed:
     config: ml_collections.ConfigDict | None = None
     config_file: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)  # the positional arguments, when the command takes some
 
 
 def say(message: str) -> None:
@@ -99,8 +100,18 @@ def parse_overrides(config: ml_collections.ConfigDict, raw: list[tuple[str, str]
     return out
 
 
-def parse(argv: list[str], fv: flags.FlagValues, *, config_required: bool, required: tuple[str, ...] = ()) -> Parsed:
-    """Parse ``argv`` (``argv[0]`` is the program): the config through :func:`lintrans.config.load`, the rest absl."""
+def parse(
+    argv: list[str],
+    fv: flags.FlagValues,
+    *,
+    config_required: bool,
+    required: tuple[str, ...] = (),
+    positional: tuple[str, ...] = (),
+) -> Parsed:
+    """Parse ``argv`` (``argv[0]`` is the program): the config through :func:`lintrans.config.load`, the rest absl.
+
+    ``positional`` names the positional arguments the command requires (``import-ihdm RUN_DIR``).
+    """
     path, raw, rest = _split(argv[1:])
     if "--help" in rest or "-h" in rest:
         doc = getattr(sys.modules.get("__main__"), "__doc__", None) or ""
@@ -109,8 +120,10 @@ def parse(argv: list[str], fv: flags.FlagValues, *, config_required: bool, requi
         extra = fv([argv[0], *rest])
     except flags.Error as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
-    if len(extra) > 1:
-        raise UsageError(f"unexpected arguments {extra[1:]}; flags look like --name=value")
+    if len(extra) > 1 + len(positional):
+        raise UsageError(f"unexpected arguments {extra[1 + len(positional) :]}; flags look like --name=value")
+    if len(extra) < 1 + len(positional):
+        raise UsageError(f"{positional[len(extra) - 1]} is required")
     for name in required:
         if fv[name].value is None:
             raise UsageError(f"--{name} is required")
@@ -119,10 +132,10 @@ def parse(argv: list[str], fv: flags.FlagValues, *, config_required: bool, requi
             raise UsageError("--config is required (an ml_collections config file)")
         if raw:
             raise UsageError(f"--config.{raw[0][0]} needs --config=FILE")
-        return Parsed(fv)
+        return Parsed(fv, args=extra[1:])
     base = cfg.load_file(path)
     overrides = parse_overrides(base, raw)
-    return Parsed(fv, cfg.load(path, overrides), path, overrides)
+    return Parsed(fv, cfg.load(path, overrides), path, overrides, extra[1:])
 
 
 def entry(main: Main, argv: list[str] | None = None) -> int:

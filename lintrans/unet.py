@@ -6,6 +6,12 @@
 GroupNorm and the non-linearity swish (SiLU), as in every IHDM config. ResBlocks return
 ``skip(x) + h`` as IHDM's do; ``rescale_resblocks=True`` is the variant that divides that sum by
 ``sqrt(2)`` (score-SDE's ``skip_rescale``, a key IHDM's configs set but its U-Net never reads).
+
+By default the network computes IHDM's ``UNetModel`` function exactly (checked against IHDM's own
+outputs in ``tests/test_ihdm_import.py``); only the module names differ, and
+:mod:`lintrans.ihdm_checkpoint` maps IHDM's names (``time_embed``, ``input_blocks``,
+``middle_block``, ``output_blocks``, ``out``) onto these. Where IHDM would fail (an odd size
+before a downsampling), upsampling here restores the skip connection's size instead.
 """
 
 from __future__ import annotations
@@ -147,10 +153,11 @@ class UNet(nn.Module):
         def attn(c: int) -> AttentionBlock:
             return AttentionBlock(c, num_heads, num_head_channels)
 
-        self.input_conv = nn.Conv2d(in_ch, ch, 3, padding=1)
+        # IHDM's (guided-diffusion's) first convolution is channel_mult[0] * model_channels wide.
+        cur = channel_mult[0] * ch
+        self.input_conv = nn.Conv2d(in_ch, cur, 3, padding=1)
         self.down = nn.ModuleList()
-        skips = [ch]
-        cur = ch
+        skips = [cur]
         levels = len(channel_mult)
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
