@@ -33,7 +33,7 @@ from lintrans.errors import UsageError
 from lintrans.evaluation import EvalSpec, SpecError
 
 DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
-CLI_DEFAULTS = {"mode": "fid"}  # the seed's evaluate.py evaluates FID unless told otherwise
+CLI_DEFAULTS = {"mode": "fid"}  # IHDM's evaluate.py evaluates FID unless told otherwise
 
 
 def define_spec_flags(fv: flags.FlagValues) -> None:
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
     flags.DEFINE_bool("prefetch", False, "Fetch clean-fid's Inception weights (and statistics).", flag_values=fv)
     flags.DEFINE_string("prefetch_from", None, "--prefetch: a local copy or URL of the weights.", flag_values=fv)
     flags.DEFINE_integer("resolution", None, "--prefetch: image size of the named statistics.", flag_values=fv)
-    args = cli.parse(argv, fv, config_required=False)
+    args = cli.parse(argv, fv, config_required=False, doc=__doc__)
     if fv.prefetch:
         return prefetch(fv)
     if fv.save_stats:

@@ -38,7 +38,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 def main(argv: list[str]) -> int:
     fv = flags.FlagValues()
     define_flags(fv)
-    args = cli.parse(argv, fv, config_required=False, required=("workdir",))
+    args = cli.parse(argv, fv, config_required=False, required=("workdir",), doc=__doc__)
     if sum([fv.same_init, fv.share_noise, fv.interpolate]) > 1:
         raise UsageError("--same_init, --share_noise and --interpolate exclude each other; pick one")
     n = fv.num_points if fv.interpolate else fv.batch_size

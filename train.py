@@ -14,13 +14,17 @@ from absl import flags
 from lintrans import cli
 
 
-def main(argv: list[str]) -> int:
+def parse(argv: list[str]) -> cli.Parsed:
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, samples, tensorboard).", flag_values=fv)
-    args = cli.parse(argv, fv, config_required=True, required=("workdir",))
+    return cli.parse(argv, fv, config_required=True, required=("workdir",), doc=__doc__)
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
     from lintrans.training_loop import run_cli
 
-    return run_cli(args.config, fv.workdir, args.config_file, args.overrides)
+    return run_cli(args.config, args.flags.workdir, args.config_file, args.overrides)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-failures", action="store_true", help="exit 0 even when trials failed")
     run.add_argument("--retry-failed", action="store_true", help="also re-run failures a re-run cannot fix by itself")
     run.add_argument("--resume-stopped", action="store_true", help="also resume trials a scheduler stopped early")
+    sub.add_parser("import-ihdm", help="turn an IHDM run directory into a lintrans run (lintrans import-ihdm --help)")
     for name, text in (("status", "per-trial state"), ("cancel", "cancel queued/running trials")):
         sub.add_parser(name, help=text).add_argument("sweep")
     tab = sub.add_parser("table", help="results table of one or more sweeps")
@@ -64,8 +65,12 @@ def parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- shared pieces
 
 
-def observe(trials: list[Trial]) -> dict[str, Observation]:
-    """What each trial's scheduler says, asking each backend about the trials it launched."""
+def observe(trials: list[Trial], strict: bool = False) -> dict[str, Observation]:
+    """What each trial's scheduler says, asking each backend about the trials it launched.
+
+    ``status`` and ``table`` still answer from the run directories when a scheduler cannot be
+    asked (with a warning); ``run`` (``strict``) stops, since it would act on a guess.
+    """
     by_backend: dict[str, list[Trial]] = {}
     for t in trials:
         name = state.launch(t.run_dir).get("backend")
@@ -73,7 +78,12 @@ def observe(trials: list[Trial]) -> dict[str, Observation]:
             by_backend.setdefault(name, []).append(t)
     out: dict[str, Observation] = {}
     for name, group in by_backend.items():
-        out.update(backends.get(name).observe(group))
+        try:
+            out.update(backends.get(name).observe(group))
+        except UsageError as exc:
+            if strict:
+                raise
+            logging.warning("%s; states below are from the run directories only", exc)
     return out
 
 
@@ -176,7 +186,7 @@ def dry_run(sweep: Sweep, trials: list[Trial], backend) -> int:
 
 
 def submit(sweep: Sweep, trials: list[Trial], backend, args) -> int:
-    observations = observe(trials)
+    observations = observe(trials, strict=True)
     views = {t.id: state.view(t.run_dir, observations.get(t.id)) for t in trials}
     plan = plan_for(trials, views, args)
     todo = [t for t in trials if plan[t.id] in ("submit", "resume")]
@@ -266,6 +276,11 @@ def cmd_table(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["import-ihdm"]:  # an IHDM run directory into a lintrans one (lintrans.ihdm)
+        from lintrans import ihdm
+
+        return ihdm.main(["lintrans import-ihdm", *argv[1:]])
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     args = parser().parse_args(argv)
     try:

@@ -30,6 +30,8 @@ from lintrans.atomic import write_json
 SPEC, STATUS, LAUNCH, LOCK = "trial.json", "status.json", "launch.json", ".lock"
 STATES = ("pending", "queued", "running", "preempted", "stopped", "failed", "done")
 FINAL = ("done", "failed", "stopped")
+# How a job ends when something went wrong (a job that ends COMPLETED did what its trial said).
+ABNORMAL_ENDS = ("CANCELLED", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,13 @@ def write_status(trial_dir: Path, state: str, **fields: Any) -> dict[str, Any]:
 
 def write_launch(trial_dir: Path, backend: str, job_id: str | None, log_path: str | None, **extra: Any) -> None:
     write_json(trial_dir / LAUNCH, {"backend": backend, "job_id": job_id, "log": log_path, "submitted": now(), **extra})
+
+
+def mark_cancelled(trial_dir: Path) -> None:
+    """``lintrans cancel`` asked this launch to stop: its job ending CANCELLED is no failure."""
+    ln = launch(trial_dir)
+    if ln:
+        write_json(trial_dir / LAUNCH, {**ln, "cancelled": now()})
 
 
 # --------------------------------------------------------------------------- locks
@@ -165,6 +174,9 @@ def view(trial_dir: Path, observation: Observation | None = None) -> dict[str, A
         state, reason = "failed", f"{job} ended {ended} before the trial started"
     elif unanswered and observation is None:
         state, reason = "queued", None  # submitted; nobody asked the scheduler
+    elif state == "preempted" and ended and ended.split()[0] in ABNORMAL_ENDS and not ln.get("cancelled"):
+        # It checkpointed on a signal, but nobody asked for it and its job is over: it will not resume by itself.
+        state, reason = "failed", f"{job} ended {ended} after the trial stopped ({reason}); run again to resume"
     elif state == "running":
         # The trial said it was running, yet nothing holds its lock: its process died without a word.
         state = "failed"

@@ -167,9 +167,8 @@ class _Lines:
             seen: set = set()
             for key, value in node.value:
                 if key.value in seen:
-                    raise self.error(
-                        (*at, key.value), f"duplicate key (line {key.start_mark.line + 1}); give each key once"
-                    )
+                    here, first = key.start_mark.line + 1, self.lines[(*at, key.value)]
+                    raise self.error((*at, key.value), f"duplicate key (first on line {first})", here)
                 seen.add(key.value)
                 self.lines[(*at, key.value)] = key.start_mark.line + 1
                 self._walk(value, (*at, key.value))
@@ -177,8 +176,8 @@ class _Lines:
             for i, item in enumerate(node.value):
                 self._walk(item, (*at, i))
 
-    def error(self, at: tuple, message: str) -> UsageError:
-        line = next((self.lines[at[:n]] for n in range(len(at), -1, -1) if at[:n] in self.lines), 1)
+    def error(self, at: tuple, message: str, line: int | None = None) -> UsageError:
+        line = line or next((self.lines[at[:n]] for n in range(len(at), -1, -1) if at[:n] in self.lines), 1)
         key = ".".join(str(a) for a in at) or "(top)"
         return UsageError(f"{self.path}:{line}: {key}: {message}")
 

@@ -130,6 +130,19 @@ def signals_preempt() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+ENV_RECORDED = ("VIRTUAL_ENV", "CONDA_DEFAULT_ENV", "LOADEDMODULES", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_NODELIST",
+                "SLURM_RESTART_COUNT")  # fmt: skip
+
+
+def job_environment() -> dict[str, str]:
+    """What the job's environment set up (``slurm.setup`` lines, modules, venv): recorded in status.json.
+
+    ``LINTRANS_*`` variables are kept too, so a setup line can leave a mark the status shows.
+    """
+    keep = {k: v for k, v in os.environ.items() if k in ENV_RECORDED or k.startswith("LINTRANS_")}
+    return {"python": sys.executable, **dict(sorted(keep.items()))}
+
+
 def failure(exc: BaseException) -> tuple[str, bool]:
     """The reason a trial failed, and whether running it again could help."""
     text = str(exc).splitlines()[0] if str(exc) else ""
@@ -151,7 +164,7 @@ def run_trial(trial_dir: str | Path, backend: str = "local", report: Callable | 
             state.write_status(trial_dir, "failed", reason=f"{state.SPEC} is missing or unreadable", resumable=False)
         raise UsageError(f"no trial spec: {trial_dir / state.SPEC} is missing or unreadable")
     os.chdir(spec["cwd"])  # config files import configs.* relative to the launch directory
-    os.environ[records.RUNS_ENV] = spec["runs_dir"]  # seed-style evaluation summaries beside the sweep
+    os.environ[records.RUNS_ENV] = spec["runs_dir"]  # IHDM-style evaluation summaries beside the sweep
     if _rank() != 0:  # other ranks only train; rank 0 owns state, records and evaluations
         return _train_only(spec, trial_dir)
     lock = state.trial_lock(trial_dir)
@@ -201,7 +214,7 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
             print(f"trial {spec['id']} is done: {trial_dir}", flush=True)
             return 0
         common.update(resumed_from=Run(trial_dir).step(), n_iters=config.training.n_iters)
-        state.write_status(trial_dir, "running", step=common["resumed_from"], **common)
+        state.write_status(trial_dir, "running", step=common["resumed_from"], environment=job_environment(), **common)
         origin = common["resumed_from"]
 
         def progress(step: int, metrics: dict) -> None:

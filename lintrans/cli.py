@@ -107,14 +107,15 @@ def parse(
     config_required: bool,
     required: tuple[str, ...] = (),
     positional: tuple[str, ...] = (),
+    doc: str = "",
 ) -> Parsed:
     """Parse ``argv`` (``argv[0]`` is the program): the config through :func:`lintrans.config.load`, the rest absl.
 
-    ``positional`` names the positional arguments the command requires (``import-ihdm RUN_DIR``).
+    ``positional`` names the positional arguments the command requires (``import-ihdm RUN_DIR``);
+    ``doc`` is what ``--help`` prints above the flags (the command's module docstring).
     """
     path, raw, rest = _split(argv[1:])
     if "--help" in rest or "-h" in rest:
-        doc = getattr(sys.modules.get("__main__"), "__doc__", None) or ""
         raise HelpRequested(f"{doc.strip()}\n\nflags:\n{fv.get_help()}")
     try:
         extra = fv([argv[0], *rest])

@@ -5,7 +5,7 @@ its fields, a sweep file's ``evaluations`` entries are validated as EvalSpecs be
 submitted, and :func:`evaluate` takes one. :func:`evaluate` rebuilds the model from the run
 directory alone, checks every input before the expensive part (a bad flag after an hour of
 sampling helps nobody), evaluates the EMA weights, writes the record into the run directory and
-into the seed's ``runs/<dataset>/evaluation_results/<experiment>/`` folder
+into IHDM's ``runs/<dataset>/evaluation_results/<experiment>/`` folder
 (:mod:`lintrans.records`), and returns it.
 
 ``metric="auto"`` picks ``fid_mnist_features`` for mnist5k (offline, the project's digit

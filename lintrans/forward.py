@@ -145,7 +145,7 @@ class ScalarProcess(ForwardProcess):
 
 @register_forward("identity")
 class Identity(ScalarProcess):
-    """``T(k) = I``: the seed's first experiment (only the noise changes between levels)."""
+    """``T(k) = I``: the research notes' first experiment (only the noise changes between levels)."""
 
     @staticmethod
     def coefficients(k: Tensor, K: int) -> Tensor:
@@ -165,7 +165,7 @@ class ConstantVelocity(ScalarProcess):
 class ConstantDeceleration(ScalarProcess):
     """``T(k) = (1 - k/K)^2 I``: starts with velocity ``-u_0 * 2/K``, comes to rest at the origin at K.
 
-    The seed writes ``(k^2/K^2 - k/K) I``, which gives ``T(0) = 0`` and contradicts its own
+    The research notes write ``(k^2/K^2 - k/K) I``, which gives ``T(0) = 0`` and contradicts its own
     description; ``(1 - k/K)^2`` is the motion it describes (``T(0) = I``, ``T(K) = 0``,
     zero velocity at ``K``).
     """

@@ -176,7 +176,7 @@ def run(argv: list[str]) -> int:
     """The command; raises :class:`UsageError` on bad input (see :func:`main`)."""
     fv = flags.FlagValues()
     define_flags(fv)
-    args = cli.parse(argv, fv, config_required=True, required=("workdir",), positional=("RUN_DIR",))
+    args = cli.parse(argv, fv, config_required=True, required=("workdir",), positional=("RUN_DIR",), doc=__doc__)
     run_dir, config = Path(args.args[0]), args.config
     path = checkpoint_path(run_dir, fv.checkpoint)
     cfg.validate(config)

@@ -4,11 +4,11 @@ Every evaluation writes its record twice, atomically:
 
 * into the run directory, ``<workdir>/records/<mode>-<experiment>-<param>-ckpt<N>.json``
   (re-evaluating the same thing replaces it; :func:`read_records` reads them back);
-* into the seed's experiment folder, ``<runs>/<dataset_name>/evaluation_results/<experiment>/``,
+* into IHDM's experiment folder, ``<runs>/<dataset_name>/evaluation_results/<experiment>/``,
   as ``<mode>-<param>-ckpt<N>-<run id>.json``, a name no other run can write, after which
   ``summary.csv`` and ``summary.md`` are rebuilt from all record files in that folder.
 
-The seed kept a pickle there that every run read, updated and rewrote without a lock, so
+IHDM kept a pickle there that every run read, updated and rewrote without a lock, so
 concurrent runs dropped each other's results. Here a record is its own file and the tables are
 derived data: the rebuild runs under an ``fcntl`` lock on ``.summary.lock`` in the folder, so the
 last rebuild sees every record written before it, and rebuilding is idempotent.
@@ -59,7 +59,7 @@ def record_path(workdir: str | Path, mode: str, experiment: str, param: str, che
 
 
 def runs_dir() -> Path:
-    """Root of the seed's ``runs/`` tree: ``$LINTRANS_RUNS_DIR``, else ``runs`` in the current directory."""
+    """Root of IHDM's ``runs/`` tree: ``$LINTRANS_RUNS_DIR``, else ``runs`` in the current directory."""
     return Path(os.environ.get(RUNS_ENV) or "runs")
 
 

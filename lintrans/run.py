@@ -1,6 +1,6 @@
 """The run directory: its config, its checkpoints, and a model rebuilt from them alone.
 
-Layout (seed-compatible)::
+Layout (IHDM's)::
 
     <workdir>/config.json                     the resolved config the run was trained with
     <workdir>/source.json                     the config file and overrides it came from
@@ -66,7 +66,7 @@ class Run:
         return sorted(int(m.group(1)) for m in found if m)
 
     def checkpoint_path(self, checkpoint: int) -> Path:
-        """The seed's numbering: 0 is the latest (``checkpoints-meta``), N is ``checkpoint_N.pth``."""
+        """IHDM's numbering: 0 is the latest (``checkpoints-meta``), N is ``checkpoint_N.pth``."""
         path = self.meta if checkpoint == 0 else self.numbered_path(checkpoint)
         if not path.is_file():
             have = [*(["0 (latest)"] if self.meta.is_file() else []), *map(str, self.numbered())]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tests/configs/tiny.py"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _in_repository_root():
+    """Entry points are called in-process with the paths a user types from the repository root."""
+    previous = os.getcwd()
+    os.chdir(ROOT)
+    yield
+    os.chdir(previous)
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -27,6 +38,42 @@ def run(args: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProc
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout, **kw
     )
+
+
+def lintrans(runs: Path, *args: str, timeout: float = 900, extra_env: dict | None = None, **kw):
+    """``lintrans --runs-dir RUNS ARGS`` as a user runs it (a separate process, from the repository root)."""
+    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(runs), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, text=True,
+                          timeout=timeout, **kw)  # fmt: skip
+
+
+def status_of(trial: Path) -> dict:
+    try:
+        return json.loads((trial / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def trial_dirs(runs: Path, sweep: str) -> list[Path]:
+    return sorted(p.parent for p in (runs / "sweeps" / sweep).glob("*/trial.json"))
+
+
+def wait_until(what: str, check, timeout: float, every: float = 0.5):
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds (never a timing assert)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def table_rows(runs: Path, sweep_file: str, **kw) -> list[dict]:
+    result = lintrans(runs, "table", sweep_file, "--format", "json", **kw)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def train_args(workdir: Path, *overrides: str, config: str = TINY) -> list[str]:

@@ -1,117 +1,15 @@
-"""The SLURM test cluster itself (slurm/cluster.sh): 2 nodes, node failure and requeue, fake GPUs.
-
-Every cluster here has its own folder under /tmp and its own free ports, so it never disturbs the
-single-node cluster of tests/test_launchers.py (default ports) or anyone else's.
-"""
+"""The SLURM test cluster itself (slurm/cluster.sh): 2 nodes, node failure and requeue, fake GPUs."""
 
 from __future__ import annotations
 
-import os
-import random
 import re
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ROOT, require
-
-SCRIPT = str(ROOT / "slurm" / "cluster.sh")
-BENCH_PORTS = {26817, 26818, 26819, 23306}  # bench/sweep_overhead.py's cluster
-
-
-def _port_free(port: int) -> bool:
-    for host in ("127.0.0.1", "0.0.0.0"):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
-
-
-def free_ports() -> dict[str, str]:
-    """Five consecutive free ports: slurmctld, slurmd (n1), slurmdbd, slurmd n2, MariaDB.
-
-    cluster.sh gives node i the port LINTRANS_SLURMD_PORT + i - 1, skipping the other daemons' ports.
-    """
-    for _ in range(200):
-        base = random.randrange(20000, 32000, 10)
-        block = range(base, base + 5)
-        if not BENCH_PORTS.intersection(block) and all(_port_free(p) for p in block):
-            return {
-                "LINTRANS_SLURMCTLD_PORT": str(base),
-                "LINTRANS_SLURMD_PORT": str(base + 1),
-                "LINTRANS_SLURMDBD_PORT": str(base + 2),
-                "LINTRANS_SLURM_MYSQL_PORT": str(base + 4),
-            }
-    raise RuntimeError("no block of 5 free ports found")
-
-
-class Cluster:
-    def __init__(self, folder: Path, env: dict[str, str]):
-        self.dir, self.env = folder, env
-
-    def script(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["bash", SCRIPT, *args, str(self.dir)], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-
-    def run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        """A SLURM client command (sbatch, squeue, ...) against this cluster."""
-        return subprocess.run(list(args), env=self.env, capture_output=True, text=True, check=check, timeout=timeout)
-
-    def out(self, *args: str, timeout: float = 60) -> str:
-        return self.run(*args, timeout=timeout).stdout
-
-    def job(self, job: str) -> dict[str, str]:
-        """``scontrol show job -o`` as a dict (JobState, Restarts, Reason, ...)."""
-        line = self.run("scontrol", "show", "job", "-o", job, check=False).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", line))
-
-    def node_state(self, node: str) -> str:
-        return self.run("sinfo", "-h", "-N", "-n", node, "-o", "%T", check=False).stdout.strip()
-
-    def sacct_states(self, job: str) -> list[str]:
-        """States of every run of the job, requeued ones included (``sacct -D``)."""
-        out = self.run("sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "state", check=False).stdout
-        return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def start_cluster(nodes: int, prefix: str) -> Cluster:
-    require("slurmctld")
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # munge needs o+x on every parent
-    folder.chmod(0o755)
-    env = dict(os.environ, **free_ports(), LINTRANS_SLURM_GPUS="2", SLURM_CONF=str(folder / "etc" / "slurm.conf"))
-    env.pop("LINTRANS_SLURM_DIR", None)
-    cluster = Cluster(folder, env)
-    started = cluster.script("start", "--nodes", str(nodes))
-    if started.returncode != 0:
-        stop_cluster(cluster)
-        pytest.fail(f"cluster.sh start --nodes {nodes} failed:\n{started.stdout}{started.stderr}")
-    return cluster
-
-
-def stop_cluster(cluster: Cluster) -> None:
-    cluster.script("stop")
-    shutil.rmtree(cluster.dir, ignore_errors=True)
-
-
-def wait_until(what: str, check: Callable[[], object], timeout: float, every: float = 0.25) -> object:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
+from tests.clusters import Cluster, start_cluster, stop_cluster
+from tests.conftest import wait_until
 
 
 @pytest.fixture(scope="module")

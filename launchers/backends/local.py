@@ -121,6 +121,7 @@ class LocalBackend:
         for t in trials:
             pid = state.status(t.run_dir).get("pid")
             if pid and state.is_running(t.run_dir):
+                state.mark_cancelled(t.run_dir)
                 os.kill(pid, signal.SIGTERM)  # the trial checkpoints and exits 75: resumable
                 stopped += 1
         return stopped

@@ -184,7 +184,7 @@ class SlurmBackend:
             stderr_to_stdout=True,
             setup=setup_lines(sweep),
             srun_args=list(sweep.slurm.srun_args),
-            additional_parameters=dict(sweep.slurm.additional),
+            additional_parameters={"requeue": True, **sweep.slurm.additional},  # NODE_FAIL requeues the job
             **r,
         )
         return ex
@@ -250,6 +250,9 @@ class SlurmBackend:
         ids = sorted({str(state.launch(t.run_dir).get("job_id")) for t in trials
                       if t.id in seen and seen[t.id].phase != "ended"})  # fmt: skip
         if ids:
+            for t in trials:
+                if str(state.launch(t.run_dir).get("job_id")) in ids:
+                    state.mark_cancelled(t.run_dir)
             _slurm("scancel", *ids)
         return len(ids)
 

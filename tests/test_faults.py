@@ -1,0 +1,167 @@
+"""The fault suite: bad files, kills, signals and damage. Every one ends in a recorded state or one clear line.
+
+Scheduler-side faults (scancel, kill -9 under SLURM, failing setup lines, two concurrent submissions,
+a missing partition or cluster) are in tests/test_slurm.py; bad sweep files and override values,
+including the Hypothesis-generated ones, in tests/test_sweep.py and tests/test_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lintrans.run import Run
+from tests.conftest import (
+    ROOT,
+    TINY,
+    assert_usage_error,
+    env,
+    lintrans,
+    run,
+    status_of,
+    table_rows,
+    train_args,
+    trial_dirs,
+    wait_until,
+    weights,
+)
+
+
+def tiny_sweep(tmp_path: Path, name: str, body: str = "") -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\nconfig: {TINY}\naxes:\n  model.K: [3]\nseeds: [0]\n{body}")
+    return str(path)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_random_kill_9_during_checkpointing_resumes_bitwise(tmp_path):
+    """Ten SIGKILLs at random moments of a run that writes a checkpoint every other step, then the end."""
+    args = ["--config.training.n_iters=40", "--config.training.snapshot_freq_for_preemption=2",
+            "--config.training.log_freq=2"]  # fmt: skip
+    full = run(train_args(tmp_path / "full", *args))
+    assert full.returncode == 0, full.stderr
+    killed = tmp_path / "killed"
+    meta = killed / "checkpoints-meta" / "checkpoint.pth"
+    rng = random.Random(0)
+    kills = 0
+    while kills < 10:
+        proc = subprocess.Popen([sys.executable, *train_args(killed, *args)], cwd=ROOT, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        wait_until("a checkpoint", lambda p=proc: meta.is_file() or p.poll() is not None, 300, every=0.05)
+        time.sleep(rng.uniform(0.0, 2.0))
+        if proc.poll() is not None:
+            break  # finished before the kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    final = run(train_args(killed, *args))
+    assert final.returncode == 0, final.stderr
+    assert torch.load(killed / "checkpoints-meta" / "checkpoint.pth", weights_only=True)["step"] == 40
+    for key in ("model", "ema"):
+        a, b = weights(tmp_path / "full", key), weights(killed, key)
+        assert all(torch.equal(a[k], b[k]) for k in a), key
+    assert kills >= 3, kills
+    assert not list(killed.rglob(".*.tmp"))  # killed writes leave no temp file behind after the next start
+
+
+def test_corrupt_checkpoint_is_one_line_naming_an_older_one(tmp_path):
+    ok = run(train_args(tmp_path, "--config.training.snapshot_freq=5"))
+    assert ok.returncode == 0, ok.stderr
+    meta = tmp_path / "checkpoints-meta" / "checkpoint.pth"
+    meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 2])  # truncated
+    (tmp_path / "checkpoints-meta" / ".checkpoint.pth.abc.tmp").write_bytes(b"half a write")
+    again = run(train_args(tmp_path, "--config.training.n_iters=20"))
+    assert_usage_error(again, f"checkpoint {meta} cannot be read")
+    assert "the newest readable older checkpoint is" in again.stderr and "checkpoint_10.pth (step 10)" in again.stderr
+    assert not list(tmp_path.rglob(".*.tmp"))  # the next start removed the leftover
+    garbage = run(["sample.py", f"--workdir={tmp_path}"])
+    assert_usage_error(garbage, "cannot be read")
+
+
+def test_a_trial_with_a_corrupt_checkpoint_is_failed_with_the_reason(tmp_path):
+    sweep = tiny_sweep(
+        tmp_path, "corrupt", "overrides: {training.n_iters: 10}\nevaluations: [{mode: elbo, num_test: 4}]\n"
+    )
+    assert lintrans(tmp_path, "run", sweep).returncode == 0
+    (trial,) = trial_dirs(tmp_path, "corrupt")
+    (trial / "checkpoints-meta" / "checkpoint.pth").write_bytes(b"not a checkpoint")
+    status = json.loads((trial / "status.json").read_text())
+    status["state"] = "preempted"  # as if stopped before its end, so that the re-run resumes it
+    (trial / "status.json").write_text(json.dumps(status))
+    again = lintrans(tmp_path, "run", sweep)
+    assert again.returncode == 1, again.stdout + again.stderr
+    st = status_of(trial)
+    assert st["state"] == "failed" and "cannot be read" in st["reason"] and st["resumable"] is False, st
+    assert f"failed  {trial.name} K=3 seed=0: checkpoint" in again.stderr
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_a_signal_during_the_evaluations_preempts_and_the_rerun_redoes_only_what_is_missing(tmp_path):
+    sweep = tiny_sweep(tmp_path, "evals", "overrides: {training.n_iters: 5}\nevaluations:\n"
+                       "  - {mode: elbo, num_test: 8, num_train: 100, param_name: quick}\n"
+                       "  - {mode: elbo, num_train: 4500, batch_size: 10, param_name: slow}\n")  # fmt: skip
+    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", sweep]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trial = wait_until("the trial directory", lambda: next(iter(trial_dirs(tmp_path, "evals")), None), 300)
+    wait_until("the slow evaluation", lambda: "slow" in str(status_of(trial).get("evaluating")), 600, every=0.2)
+    cancelled = lintrans(tmp_path, "cancel", sweep)
+    assert "local: cancelled 1 trial" in cancelled.stdout, cancelled.stdout
+    out, _ = proc.communicate(timeout=120)  # the trial stops now, not after its evaluation
+    st = status_of(trial)
+    assert st["state"] == "preempted" and "during the evaluations" in st["reason"], (st, out)
+    quick = trial / "records" / "elbo-evals-quick-ckpt0.json"
+    before = quick.stat().st_mtime_ns
+    again = lintrans(tmp_path, "run", sweep, "--allow-failures")
+    assert again.returncode == 0 and status_of(trial)["state"] == "done", again.stdout + again.stderr
+    assert quick.stat().st_mtime_ns == before  # the finished evaluation was not redone
+    assert (trial / "records" / "elbo-evals-slow-ckpt0.json").is_file()
+
+
+# --------------------------------------------------------------------------- files and tables
+
+
+def test_table_survives_damaged_files_and_shows_the_current_sweep(tmp_path):
+    sweep = tiny_sweep(tmp_path, "tab", "overrides: {training.n_iters: 3}\n")
+    assert lintrans(tmp_path, "run", sweep).returncode == 0
+    (trial,) = trial_dirs(tmp_path, "tab")
+    Path(sweep).write_text(Path(sweep).read_text().replace("model.K: [3]", "model.K: [4]"))  # a new version
+    assert [r["K"] for r in table_rows(tmp_path, sweep)] == [4]  # the current file's trials only
+    result = lintrans(tmp_path, "table", sweep, "--all", "--format", "json")
+    rows = json.loads(result.stdout)
+    assert {r["K"] for r in rows} == {3, 4} and [r.get("stale") for r in rows if r["K"] == 3] == [True]
+    (trial / "trial.json").write_text('{"id": "tru')  # truncated, in the stale trial
+    other = tmp_path / "sweeps" / "other" / "x"
+    other.mkdir(parents=True)
+    (other / "trial.json").write_text("[not an object")  # malformed, in another sweep
+    damaged = lintrans(tmp_path, "table", sweep, "--all", "--format", "json")
+    assert damaged.returncode == 0 and "unreadable" in damaged.stderr and "Traceback" not in damaged.stderr
+    assert len(json.loads(damaged.stdout)) == 1  # the damaged stale trial is warned about, not invented
+    assert (tmp_path / "results.csv").is_file()
+
+
+def test_evaluate_into_a_read_only_run_fails_before_the_work(tmp_path):
+    """A read-only mount (root cannot write there either): one line, before the ELBO runs."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare not available")
+    ok = run(train_args(tmp_path))
+    assert ok.returncode == 0, ok.stderr
+    cmd = (f"mount --bind {tmp_path} {tmp_path} && mount -o remount,ro,bind {tmp_path} && "
+           f"exec {sys.executable} evaluate.py --workdir={tmp_path} --mode=elbo")  # fmt: skip
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd], cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert_usage_error(result, f"cannot write into {tmp_path}/records: Read-only file system")
+    assert "elbo:" not in result.stderr  # no progress bar: the work never started
+    assert Run(tmp_path).step() == 10

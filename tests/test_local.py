@@ -1,0 +1,133 @@
+"""The local backend: GPU pool and slots (no GPU needed), and real sweeps of real trial processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from launchers.backends.local import gpu_pool, slots
+from launchers.sweep import load
+from lintrans.errors import UsageError
+from tests.conftest import ROOT, env, lintrans, status_of, table_rows, trial_dirs, wait_until
+
+TINY = "tests/sweeps/tiny.yaml"
+LONG = "tests/sweeps/long.yaml"
+
+
+# ----------------------------------------------------------------------------------- GPU pool (fake)
+
+
+def test_gpu_pool_comes_from_the_flag_then_the_environment_then_torch():
+    assert gpu_pool("0,3", {"CUDA_VISIBLE_DEVICES": "1"}, lambda: 8) == ["0", "3"]
+    assert gpu_pool(None, {"CUDA_VISIBLE_DEVICES": "2,3"}, lambda: 8) == ["2", "3"]
+    uuid = "GPU-8f6c1d2e-0a1b-4c3d-9e8f-123456789abc"
+    assert gpu_pool(None, {"CUDA_VISIBLE_DEVICES": uuid}, lambda: 8) == [uuid]
+    assert gpu_pool(None, {"CUDA_VISIBLE_DEVICES": ""}, lambda: 8) == []
+    assert gpu_pool(None, {}, lambda: 3) == ["0", "1", "2"]
+    for bad in ("0,0", "0;rm", "a"):
+        with pytest.raises(UsageError, match="--gpus"):
+            gpu_pool(bad, {}, lambda: 8)
+
+
+def sweep_with(tmp_path, resources: str, local: str = "{}"):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        f"config: tests/configs/tiny.py\naxes:\n  model.K: [2, 3, 4]\nresources: {resources}\nlocal: {local}\n"
+    )
+    return load(path, tmp_path)
+
+
+def test_slots_never_share_a_gpu_and_refuse_a_trial_bigger_than_the_pool(tmp_path):
+    assert slots(sweep_with(tmp_path, "{gpus: 2}"), ["2", "3", "5", "7", "9"]) == 2
+    assert slots(sweep_with(tmp_path, "{gpus: 1}", "{slots: 1}"), ["0", "1"]) == 1
+    with pytest.raises(UsageError, match=r"asks for 2 GPU\(s\) but the local pool has 1 \(4;"):
+        slots(sweep_with(tmp_path, "{gpus: 2}"), ["4"])
+    with pytest.raises(UsageError, match=r"resources\.nodes=2: the local backend runs on one node"):
+        slots(sweep_with(tmp_path, "{nodes: 2}"), [])
+
+
+def test_a_trial_asking_for_a_gpu_fails_without_cuda(tmp_path):
+    """Not a silent CPU run: the trial fails at once, with the reason, and `run` exits 1."""
+    sweep = tmp_path / "gpu.yaml"
+    sweep.write_text(
+        "name: gpu\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [2]\nresources: {gpus: 1}\n"
+        "overrides: {training.n_iters: 2}\n"
+    )
+    result = lintrans(tmp_path, "run", str(sweep), "--gpus", "0")
+    assert result.returncode == 1, result.stdout + result.stderr
+    (trial,) = trial_dirs(tmp_path, "gpu")
+    st = status_of(trial)
+    assert st["state"] == "failed" and st["reason"].startswith("CUDA unavailable"), st
+    assert f"failed  {trial.name} K=2 seed=42: CUDA unavailable" in result.stderr
+    again = lintrans(tmp_path, "run", str(sweep), "--gpus", "0")  # not resumable: left alone
+    assert again.returncode == 1 and "skip (failed" not in again.stdout and "nothing to submit" in again.stdout
+    assert lintrans(tmp_path, "run", str(sweep), "--gpus", "0", "--allow-failures").returncode == 0
+
+
+# ----------------------------------------------------------------------------------- real sweeps
+
+
+def test_local_sweep_survives_killed_launcher(tmp_path):
+    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", TINY, "--backend", "local"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(
+        "a done trial", lambda: any(status_of(t).get("state") == "done" for t in trial_dirs(tmp_path, "tiny")), 600
+    )
+    proc.kill()  # SIGKILL: no clean-up in the launcher; its children get SIGTERM and checkpoint
+    proc.wait()
+    finished = {t: status_of(t) for t in trial_dirs(tmp_path, "tiny") if status_of(t).get("state") == "done"}
+    assert 0 < len(finished) < 6
+    again = lintrans(tmp_path, "run", TINY, "--backend", "local")
+    assert again.returncode == 0, again.stderr
+    rows = table_rows(tmp_path, TINY)
+    assert len(rows) == 6 and all(r["status"] == "done" and isinstance(r["nll_bpd"], float) for r in rows), rows
+    for trial, before in finished.items():
+        assert status_of(trial) == before  # finished trials were not run again
+        assert before["environment"]["CUDA_VISIBLE_DEVICES"] == ""  # a CPU trial sees no GPU
+    once_more = lintrans(tmp_path, "run", TINY, "--backend", "local")  # idempotence
+    assert "nothing to submit: 6 done" in once_more.stdout
+    assert (tmp_path / "results.csv").read_text().count("\n") == 7
+
+
+def test_a_crashed_trial_is_restarted_and_an_interrupted_one_is_not_counted(tmp_path):
+    """kill -9 of a trial process (as the OOM killer does) is a crash: restarted from its checkpoint.
+    Ctrl-C of the launcher is an interruption: the trial checkpoints, and that is not a crash."""
+    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", LONG, "--backend", "local"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trial = wait_until("the trial directory", lambda: next(iter(trial_dirs(tmp_path, "long")), None), 300)
+    wait_until("training progress", lambda: (status_of(trial).get("step") or 0) >= 20, 600)
+    os.kill(status_of(trial)["pid"], signal.SIGKILL)
+    wait_until("the restart", lambda: status_of(trial).get("attempt") == 2 and status_of(trial)["state"] == "running",
+               300)  # fmt: skip
+    wait_until(
+        "more progress", lambda: (status_of(trial).get("step") or 0) >= status_of(trial)["resumed_from"] + 5, 300
+    )
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out
+    assert "restart  " in out and "killed by SIGKILL" in out
+    st = status_of(trial)
+    assert st["state"] == "preempted" and st["resumed_from"] >= 20, st
+    again = lintrans(tmp_path, "run", LONG, "--backend", "local")
+    assert again.returncode == 0, again.stdout + again.stderr
+    st = status_of(trial)
+    assert st["state"] == "done" and st["attempt"] == 3 and st["step"] == 200, st
+    assert len(list((trial / "records").glob("*.json"))) == 1
+
+
+def test_two_runs_of_one_sweep_run_each_trial_once(tmp_path):
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", TINY], cwd=ROOT,
+                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    started = sum(out.count("  started  ") for out in outs)
+    assert started == 6, outs  # the second run waited for the first one's lock, then found them all done
+    assert any("holds its submission lock; waiting" in out for out in outs)
+    assert all(status_of(t)["attempt"] == 1 for t in trial_dirs(tmp_path, "tiny"))

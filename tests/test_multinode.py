@@ -1,0 +1,150 @@
+"""Trials across two nodes: DDP under srun (submitit and plain sbatch scripts), a node failure survived,
+and torchrun with two agents. Run alone with ``pytest -m multinode``.
+
+The 2-node SLURM cluster comes from slurm/cluster.sh (nodes n1, n2 in their own UTS and mount
+namespaces on this machine, private ports and folder).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.clusters import Cluster, start_cluster, stop_cluster
+from tests.conftest import ROOT, env, lintrans, run, status_of, table_rows, train_args, trial_dirs, wait_until, weights
+from tests.test_training import DDP_OVERRIDES, assert_same_weights
+
+pytestmark = pytest.mark.multinode
+FINAL = ("done", "failed", "stopped")
+
+
+@pytest.fixture(scope="module")
+def cluster2() -> Iterator[Cluster]:
+    c = start_cluster(2, "lintrans-mn-")
+    try:
+        yield c
+    finally:
+        stop_cluster(c)
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> dict:
+    """The reference: one process at the same global batch."""
+    workdir = tmp_path_factory.mktemp("single")
+    result = run(train_args(workdir, *DDP_OVERRIDES))
+    assert result.returncode == 0, result.stderr
+    return weights(workdir)
+
+
+def ddp_sweep(tmp_path: Path, name: str, extra: str = "") -> str:
+    """A 2-node trial (one task per node) with the DDP-equivalence overrides of tests/test_training.py."""
+    overrides = "".join(f"  {o.split('=')[0].removeprefix('--config.')}: {o.split('=')[1]}\n" for o in DDP_OVERRIDES)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [5]\nseeds: [42]\n"
+                    f"overrides:\n{overrides}resources: {{nodes: 2, tasks_per_node: 1, cpus: 1}}\n{extra}")  # fmt: skip
+    return str(path)
+
+
+def slurm_env(cluster: Cluster) -> dict:
+    return {"SLURM_CONF": cluster.env["SLURM_CONF"]}
+
+
+def wait_final(cluster: Cluster, runs: Path, sweep: str, timeout: float = 900) -> dict:
+    def finished():
+        rows = table_rows(runs, sweep, extra_env=slurm_env(cluster))
+        return rows[0] if rows and rows[0]["status"] in FINAL else None
+
+    return wait_until(f"the trial of {sweep}", finished, timeout, every=3)
+
+
+def test_two_node_trial_through_submitit_equals_one_process(tmp_path, cluster2, single_run):
+    sweep = ddp_sweep(tmp_path, "ddp2")
+    result = lintrans(tmp_path, "run", sweep, "--backend", "slurm", extra_env=slurm_env(cluster2))
+    assert result.returncode == 0, result.stderr
+    row = wait_final(cluster2, tmp_path, sweep)
+    (trial,) = trial_dirs(tmp_path, "ddp2")
+    assert row["status"] == "done", (row, status_of(trial))
+    assert status_of(trial)["environment"]["SLURM_JOB_NODELIST"] == "n[1-2]"
+    assert_same_weights(weights(trial), single_run, atol=1e-5)
+
+
+def test_two_node_trial_through_a_plain_sbatch_script_equals_one_process(tmp_path, cluster2, single_run):
+    sweep = ddp_sweep(tmp_path, "ddp2sb")
+    result = lintrans(tmp_path, "run", sweep, "--sbatch-only", extra_env=slurm_env(cluster2))
+    assert result.returncode == 0, result.stderr
+    (script,) = sorted((tmp_path / "sweeps" / "ddp2sb" / "sbatch").rglob("*.sbatch"))
+    cluster2.run("sbatch", str(script))
+    row = wait_final(cluster2, tmp_path, sweep)
+    (trial,) = trial_dirs(tmp_path, "ddp2sb")
+    assert row["status"] == "done", (row, status_of(trial))
+    assert_same_weights(weights(trial), single_run, atol=1e-5)
+
+
+def test_a_node_failure_is_survived(tmp_path, cluster2):
+    """node-kill n2 mid-trial: NODE_FAIL, requeue, the trial waits while n2 is down, then resumes and finishes."""
+    sweep = tmp_path / "nodefail.yaml"
+    sweep.write_text(
+        "name: nodefail\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [5]\nseeds: [0]\n"
+        "overrides:\n  training.n_iters: 400\n  training.snapshot_freq_for_preemption: 5\n"
+        "evaluations: [{mode: elbo, num_test: 20, num_train: 100}]\n"
+        "resources: {nodes: 2, tasks_per_node: 1, time_min: 30}\nslurm: {max_requeues: 3}\n"
+    )
+    assert lintrans(tmp_path, "run", str(sweep), "--backend", "slurm", extra_env=slurm_env(cluster2)).returncode == 0
+    trial = wait_until("the trial", lambda: next(iter(trial_dirs(tmp_path, "nodefail")), None), 120)
+    wait_until("training on both nodes", lambda: (status_of(trial).get("step") or 0) >= 20, 600)
+    job = json.loads((trial / "launch.json").read_text())["job_id"]
+
+    killed = time.monotonic()
+    assert cluster2.script("node-kill", "n2").returncode == 0
+    wait_until("n2 down", lambda: "down" in cluster2.node_state("n2"), 120, every=0.25)
+    detected = time.monotonic()
+    wait_until("the requeue", lambda: "NODE_FAIL" in cluster2.sacct_states(job), 120, every=0.5)
+    requeued = time.monotonic()
+    step_at_failure = status_of(trial)["step"]
+    time.sleep(5)
+    waiting = lintrans(tmp_path, "status", str(sweep), extra_env=slurm_env(cluster2))
+    assert " queued " in waiting.stdout and "PENDING" in waiting.stdout, waiting.stdout  # waiting, not running
+
+    assert cluster2.script("node-start", "n2").returncode == 0
+    started = time.monotonic()
+    wait_until("the second attempt", lambda: status_of(trial).get("attempt") == 2, 300, every=0.25)
+    resumed = time.monotonic()
+    row = wait_final(cluster2, tmp_path, str(sweep))
+    st = status_of(trial)
+    assert row["status"] == "done" and st["attempt"] == 2 and st["step"] == 400, st
+    assert 0 < st["resumed_from"] <= step_at_failure, st
+    assert len(list((trial / "records").glob("*.json"))) == 1
+    logs = "".join(p.read_text() for p in (trial.parent / "slurm").rglob("*_log.out"))
+    assert f"resuming from {trial}/checkpoints-meta/checkpoint.pth at step {st['resumed_from']}" in logs
+    print(f"node failure: detected {detected - killed:.1f} s after the kill, requeued after {requeued - killed:.1f} s; "
+          f"attempt 2 running {resumed - started:.1f} s after node-start")  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_with_two_agents_equals_one_process(tmp_path, single_run):
+    """Two ``torchrun --nnodes=2 --node-rank=i --rdzv-backend=c10d`` agents, as on two machines."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={i}", "--nproc-per-node=1",
+             "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=lintrans-test",
+             *train_args(tmp_path, *DDP_OVERRIDES)],
+            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    outs = [a.communicate(timeout=600)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert_same_weights(weights(tmp_path), single_run, atol=1e-5)

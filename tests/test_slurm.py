@@ -1,0 +1,245 @@
+"""Sweeps on a real single-node SLURM cluster (slurm/cluster.sh, private ports): arrays, requeue,
+cancel, setup lines, failures of every kind recorded with the scheduler's reason, honest exit codes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.clusters import Cluster, start_cluster, stop_cluster
+from tests.conftest import ROOT, lintrans, status_of, table_rows, trial_dirs, wait_until
+
+TINY = "tests/sweeps/tiny.yaml"
+LONG = "tests/sweeps/long.yaml"
+FINAL = ("done", "failed", "stopped")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = start_cluster(1, "lintrans-slurm-")
+    try:
+        yield c
+    finally:
+        stop_cluster(c)
+
+
+def run(cluster: Cluster, runs: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    return lintrans(runs, *args, extra_env={"SLURM_CONF": cluster.env["SLURM_CONF"]}, **kw)
+
+
+def sweep_file(tmp_path: Path, name: str, body: str) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\nconfig: tests/configs/tiny.py\n{body}")
+    return str(path)
+
+
+def wait_final(cluster: Cluster, runs: Path, sweep: str, n: int, timeout: float = 900) -> list[dict]:
+    """Until `status` (which asks the scheduler) shows every trial final; returns the table rows."""
+
+    def finished():
+        if len(trial_dirs(runs, Path(sweep).stem if sweep.endswith(".yaml") else sweep)) < n:
+            return None
+        rows = table_rows(runs, sweep, extra_env={"SLURM_CONF": cluster.env["SLURM_CONF"]})
+        return rows if len(rows) == n and all(r["status"] in FINAL for r in rows) else None
+
+    return wait_until(f"{n} final trials of {sweep}", finished, timeout, every=3)
+
+
+def test_array_runs_the_sweep_once_even_when_run_twice_at_once(tmp_path, cluster):
+    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", TINY, "--backend", "slurm"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLURM_CONF": cluster.env["SLURM_CONF"]}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum(out.count("submitted array") for out in outs) == 1 and "with 6 tasks" in "".join(outs), outs
+    rows = wait_final(cluster, tmp_path, TINY, 6)
+    assert all(r["status"] == "done" and isinstance(r["nll_bpd"], float) and r["steps"] == 30 for r in rows), rows
+    assert {r["backend"] for r in rows} == {"slurm"} and all("_" in r["job_id"] for r in rows)
+    assert all(status_of(t)["attempt"] == 1 for t in trial_dirs(tmp_path, "tiny"))
+    again = run(cluster, tmp_path, "run", TINY, "--backend", "slurm")
+    assert again.returncode == 0 and "nothing to submit: 6 done" in again.stdout
+
+
+def submitit_log(trial: Path) -> str:
+    return "".join(p.read_text() for p in (trial.parent / "slurm").rglob("*_log.out"))
+
+
+def log_time(text: str, needle: str) -> datetime.datetime:
+    line = next(line for line in text.splitlines() if needle in line)
+    stamp = re.search(r"\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\)", line).group(1)
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
+
+
+def test_interrupted_tasks_resume_once(tmp_path, cluster):
+    """One task requeued by ``scontrol requeue`` (SIGTERM), one sent submitit's preemption signal (USR2)."""
+    body = (
+        "axes:\n  model.K: [3, 4]\nseeds: [0]\noverrides:\n  training.n_iters: 200\n"
+        "  training.snapshot_freq_for_preemption: 10\n  training.eval_freq: 100\n"
+        "evaluations: [{mode: elbo}]\nslurm: {array_parallelism: 2, signal_delay_s: 30}\n"
+    )
+    sweep = sweep_file(tmp_path, "interrupted", body)
+    assert run(cluster, tmp_path, "run", sweep, "--backend", "slurm").returncode == 0
+    requeued, preempted = trial_dirs(tmp_path, "interrupted")
+    wait_until("training progress", lambda: all((status_of(t).get("step") or 0) >= 20 for t in (requeued, preempted)),
+               600)  # fmt: skip
+    cluster.run("scontrol", "requeue", json.loads((requeued / "launch.json").read_text())["job_id"])
+    cluster.run("scancel", "--signal=USR2", json.loads((preempted / "launch.json").read_text())["job_id"])
+    wait_final(cluster, tmp_path, sweep, 2)
+    for trial in (requeued, preempted):
+        st = status_of(trial)
+        assert st["state"] == "done" and st["attempt"] == 2 and st["step"] == 200, st
+        assert st["resumed_from"] >= 20, st
+        assert len(list((trial / "records").glob("*.json"))) == 1  # finished once: one evaluation record
+    log = submitit_log(preempted)  # the requeue follows the checkpoint at once, not after a 300 s wait
+    gap = log_time(log, "Exiting gracefully") - log_time(log, "Caught signal SIGUSR2")
+    assert gap < datetime.timedelta(seconds=60), gap
+
+
+def test_cancel_leaves_the_sweep_resumable(tmp_path, cluster):
+    assert run(cluster, tmp_path, "run", LONG, "--backend", "slurm").returncode == 0
+    (trial,) = trial_dirs(tmp_path, "long")
+    wait_until("training progress", lambda: (status_of(trial).get("step") or 0) >= 10, 600)
+    cancelled = run(cluster, tmp_path, "cancel", LONG)
+    assert cancelled.returncode == 0 and "slurm: cancelled 1 trial" in cancelled.stdout
+    wait_until("the trial to stop", lambda: status_of(trial).get("state") in ("preempted", "failed"), 120)
+    assert status_of(trial)["state"] == "preempted"
+    step = status_of(trial)["step"]
+    assert run(cluster, tmp_path, "run", LONG, "--backend", "slurm").returncode == 0
+    wait_final(cluster, tmp_path, LONG, 1)
+    assert status_of(trial)["state"] == "done" and status_of(trial)["step"] == 200 and step < 200
+
+
+def test_failures_are_recorded_with_the_schedulers_reason(tmp_path, cluster):
+    """scancel --signal=KILL, kill -9 of the trial (OOM-like), a failing setup line, a GPU trial without CUDA:
+    each is failed with a reason on the next `status`; a re-run re-submits only what can resume."""
+    long_ = sweep_file(tmp_path, "victims", "axes:\n  model.K: [3, 4]\nseeds: [0]\noverrides:\n"
+                       "  training.n_iters: 300\n  training.snapshot_freq_for_preemption: 10\n"
+                       "resources: {time_min: 30}\nslurm: {array_parallelism: 2}\n")  # fmt: skip
+    setup = sweep_file(tmp_path, "setup_fails", "axes:\n  model.K: [3]\noverrides: {training.n_iters: 3}\n"
+                       "slurm: {setup: ['export LINTRANS_SETUP_MARK=seen', 'false']}\n")  # fmt: skip
+    gpu = sweep_file(tmp_path, "gpu", "axes:\n  model.K: [3]\noverrides: {training.n_iters: 3}\nresources: {gpus: 1}\n")
+    setup_ok = sweep_file(tmp_path, "setup_ok", "axes:\n  model.K: [3]\noverrides: {training.n_iters: 3}\n"
+                          "slurm: {setup: ['export LINTRANS_SETUP_MARK=\"module loaded\"']}\n")  # fmt: skip
+    assert run(cluster, tmp_path, "run", long_, "--backend", "slurm").returncode == 0
+    a, b = trial_dirs(tmp_path, "victims")
+    wait_until("both victims training", lambda: all((status_of(t).get("step") or 0) >= 10 for t in (a, b)), 600)
+    cluster.run("scancel", "--signal=KILL", json.loads((a / "launch.json").read_text())["job_id"])
+    os.kill(status_of(b)["pid"], signal.SIGKILL)  # the trial process, as the OOM killer would
+    for path in (setup, gpu, setup_ok):
+        assert run(cluster, tmp_path, "run", path, "--backend", "slurm").returncode == 0
+    rows = {r["trial"]: r for r in wait_final(cluster, tmp_path, long_, 2)}
+    assert rows[a.name]["status"] == "failed" and "ended CANCELLED" in rows[a.name]["reason"], rows[a.name]
+    assert rows[b.name]["status"] == "failed" and "killed by SIGKILL" in rows[b.name]["reason"], rows[b.name]
+    (setup_row,) = wait_final(cluster, tmp_path, setup, 1)
+    assert setup_row["status"] == "failed" and "ended FAILED" in setup_row["reason"], setup_row
+    assert "before the trial started" in setup_row["reason"]
+    (gpu_row,) = wait_final(cluster, tmp_path, gpu, 1)  # the gres is scheduled here; CUDA is not there
+    assert gpu_row["status"] == "failed" and gpu_row["reason"].startswith("CUDA unavailable"), gpu_row
+    (ok_row,) = wait_final(cluster, tmp_path, setup_ok, 1)  # the setup lines ran in the job, before the trial
+    assert ok_row["status"] == "done", ok_row
+    assert status_of(trial_dirs(tmp_path, "setup_ok")[0])["environment"]["LINTRANS_SETUP_MARK"] == "module loaded"
+    status = run(cluster, tmp_path, "status", long_)
+    assert status.stdout.count("failed") >= 2, status.stdout
+
+    again = run(cluster, tmp_path, "run", long_, "--backend", "slurm")  # crashes resume from their checkpoints
+    assert again.returncode == 0 and "with 2 tasks" in again.stdout, again.stdout + again.stderr
+    rows = wait_final(cluster, tmp_path, long_, 2)
+    assert all(r["status"] == "done" for r in rows), rows
+    assert all(status_of(t)["resumed_from"] >= 10 for t in (a, b))
+    gpu_again = run(cluster, tmp_path, "run", gpu, "--backend", "slurm")  # bad input: not re-submitted
+    assert gpu_again.returncode == 1 and "failed  " in gpu_again.stderr and "CUDA unavailable" in gpu_again.stderr
+
+
+def test_bad_cluster_input_is_one_line(tmp_path, cluster):
+    part = sweep_file(tmp_path, "nopart", "axes:\n  model.K: [3]\nslurm: {partition: nosuch}\n")
+    result = run(cluster, tmp_path, "run", part, "--backend", "slurm")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "slurm.partition 'nosuch' does not exist on this cluster; valid: debug" in result.stderr
+    unreachable = lintrans(tmp_path, "run", TINY, "--backend", "slurm",
+                           extra_env={"SLURM_CONF": str(tmp_path / "no-such-slurm.conf")})  # fmt: skip
+    assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1, unreachable.stderr
+    assert unreachable.stderr.startswith("error: scontrol show config failed")
+
+
+def test_splits_arrays_above_max_array_size(tmp_path, cluster):
+    cluster.script("stop")
+    lowered = cluster.script("start", env_extra={"LINTRANS_SLURM_MAX_ARRAY_SIZE": "4"})
+    assert lowered.returncode == 0, lowered.stderr
+    arrays: list[tuple[str, str]] = []
+    try:
+        result = run(cluster, tmp_path, "run", TINY, "--backend", "slurm")
+        assert result.returncode == 0, result.stderr
+        arrays += re.findall(r"submitted array (\d+) with (\d+) tasks", result.stdout)
+        assert [n for _, n in arrays] == ["4", "2"], result.stdout
+        jobs = {json.loads((t / "launch.json").read_text())["job_id"] for t in trial_dirs(tmp_path, "tiny")}
+        assert {j.split("_")[0] for j in jobs} == {a for a, _ in arrays} and len(jobs) == 6
+    finally:
+        if arrays:
+            cluster.run("scancel", *[a for a, _ in arrays], check=False)
+        cluster.script("stop")
+        assert cluster.script("start").returncode == 0
+
+
+def test_sbatch_only_scripts_keep_sweep_values_out_of_the_shell(tmp_path, cluster):
+    sweep = "tests/sweeps/injection.yaml"
+    result = run(cluster, tmp_path, "run", sweep, "--sbatch-only")
+    assert result.returncode == 0, result.stderr
+    sbatch = tmp_path / "sweeps" / "injection" / "sbatch"
+    scripts = sorted(sbatch.rglob("*.sbatch"))
+    assert len(scripts) == 1
+    status = run(cluster, tmp_path, "status", sweep)
+    assert status.stdout.count("sbatch script written, not submitted") == 3, status.stdout
+    again = run(cluster, tmp_path, "run", sweep, "--sbatch-only")  # queued already: nothing written twice
+    assert "nothing to submit" in again.stdout and len(list(sbatch.rglob("*.sbatch"))) == 1, again.stdout
+    grown = tmp_path / "injection.yaml"  # a new version of the sweep: a new script, the first one untouched
+    grown.write_text(Path(sweep).read_text().replace('"`touch pwned3`"]', '"`touch pwned3`", "plain"]'))
+    manifest = scripts[0].with_suffix(".manifest").read_text()
+    assert run(cluster, tmp_path, "run", str(grown), "--sbatch-only").returncode == 0
+    assert len(list(sbatch.rglob("*.sbatch"))) == 2 and scripts[0].with_suffix(".manifest").read_text() == manifest
+    for script in scripts:
+        assert "touch" not in script.read_text()
+        cluster.run("sbatch", str(script))
+    rows = wait_final(cluster, tmp_path, sweep, 3, timeout=600)
+    assert all(r["status"] == "done" for r in rows), rows
+    for name in ("pwned", "pwned2", "pwned3"):
+        assert not list(ROOT.rglob(name)) and not list(tmp_path.rglob(name)) and not Path("/tmp", name).exists()
+
+
+def steps_per_second() -> float:
+    """The tiny trial's training speed on this machine now, to size a run that outlives a time limit."""
+    from launchers.sweep import load
+    from lintrans import config as cfg
+    from lintrans.training_loop import train
+
+    sweep = load(LONG)
+    config = cfg.load(sweep.config, {**sweep.overrides, "training.n_iters": 30, "seed": 0})
+    start = time.perf_counter()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train(config, tmp, config_file=sweep.config, overrides={})
+    return 30 / (time.perf_counter() - start)
+
+
+def test_a_real_time_limit_requeues_and_the_trial_finishes(tmp_path, cluster):
+    """time_min: 1, signal_delay_s: 30 and about 100 s of work: SLURM's own time limit, not a test signal."""
+    n_iters = max(200, int(100 * steps_per_second()))
+    sweep = sweep_file(tmp_path, "limited", f"axes:\n  model.K: [3]\nseeds: [0]\noverrides:\n"
+                       f"  training.n_iters: {n_iters}\n  training.snapshot_freq_for_preemption: 10\n"
+                       "resources: {time_min: 1}\nslurm: {signal_delay_s: 30, max_requeues: 8}\n")  # fmt: skip
+    assert run(cluster, tmp_path, "run", sweep, "--backend", "slurm").returncode == 0
+    (row,) = wait_final(cluster, tmp_path, sweep, 1, timeout=900)
+    (trial,) = trial_dirs(tmp_path, "limited")
+    st = status_of(trial)
+    assert row["status"] == "done" and st["attempt"] >= 2 and st["preemptions"] >= 1 and st["step"] == n_iters, st
+    assert "Caught signal SIGUSR2" in submitit_log(trial)  # SLURM's --signal before the limit; no test sent it

@@ -1,0 +1,110 @@
+"""Trial state without a scheduler: what `status` shows for each combination of files, lock and scheduler account."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from launchers import state
+from launchers.state import Observation
+from launchers.trial import record_crash
+
+
+def write(trial, name: str, data) -> None:
+    (trial / name).write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+def test_pending_queued_and_terminal_states(tmp_path):
+    assert state.view(tmp_path)["state"] == "pending"
+    state.write_launch(tmp_path, "slurm", "7_1", "log")
+    assert state.view(tmp_path)["state"] == "queued"  # submitted, nobody asked the scheduler
+    queued = state.view(tmp_path, Observation("queued", "PENDING (ReqNodeNotAvail, UnavailableNodes:n2)"))
+    assert (queued["state"], queued["reason"]) == ("queued", "PENDING (ReqNodeNotAvail, UnavailableNodes:n2)")
+    time.sleep(0.01)
+    state.write_status(tmp_path, "done", step=30)
+    assert state.view(tmp_path, Observation("running", "COMPLETING"))["state"] == "done"  # the trial's own word wins
+
+
+def test_a_job_that_ended_without_the_trial_saying_so_is_failed(tmp_path):
+    state.write_launch(tmp_path, "slurm", "9_0", "log")
+    time.sleep(0.01)
+    state.write_status(tmp_path, "running", step=12)
+    seen = state.view(tmp_path, Observation("ended", "NODE_FAIL (exit 0:0)"))
+    assert seen["state"] == "failed"
+    assert seen["reason"] == "slurm job 9_0 ended NODE_FAIL (exit 0:0) without the trial recording a state"
+    # a requeued job is back in the queue: the trial waits, it is not running
+    assert state.view(tmp_path, Observation("queued", "PENDING (BeginTime)"))["state"] == "queued"
+
+
+def test_a_job_that_died_before_the_trial_started(tmp_path):
+    state.write_status(tmp_path, "preempted", step=3)
+    time.sleep(0.01)
+    state.write_launch(tmp_path, "slurm", "4_2", "log")
+    seen = state.view(tmp_path, Observation("ended", "FAILED (exit 1:0)"))
+    assert seen["state"] == "failed" and "ended FAILED (exit 1:0) before the trial started" in seen["reason"]
+
+
+def test_a_process_that_died_silently_is_failed_and_a_live_lock_is_running(tmp_path):
+    state.write_status(tmp_path, "running", step=5)
+    assert state.view(tmp_path)["state"] == "failed"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(tmp_path / state.LOCK)!r}, os.O_CREAT | os.O_RDWR)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert state.view(tmp_path)["state"] == "running"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert state.view(tmp_path)["state"] == "failed"
+
+
+def test_record_crash_names_the_signal(tmp_path):
+    state.write_launch(tmp_path, "local", "123", "log")
+    time.sleep(0.01)
+    state.write_status(tmp_path, "running", step=5)
+    assert record_crash(tmp_path, -signal.SIGKILL)
+    st = state.status(tmp_path)
+    assert st["state"] == "failed" and st["resumable"] is True
+    assert st["reason"].startswith("trial process killed by SIGKILL (out of memory?")
+    state.write_status(tmp_path, "preempted")
+    assert not record_crash(tmp_path, 75)  # the trial recorded its ending itself
+
+
+def test_damaged_status_with_every_record_is_done(tmp_path):
+    spec = {"id": "t", "n_iters": 10, "evaluations": [{"mode": "elbo", "experiment_name": "s", "param_name": "t"}]}
+    write(tmp_path, state.SPEC, spec)
+    (tmp_path / "records").mkdir()
+    write(tmp_path / "records", "elbo-s-t-ckpt0.json", {"metrics": {"nll_bpd": 1.0}, "run": {"steps": 10}})
+    write(tmp_path, state.STATUS, '{"state": "do')  # truncated
+    assert state.view(tmp_path)["state"] == "done"
+    write(tmp_path / "records", "elbo-s-t-ckpt0.json", {"metrics": {"nll_bpd": 1.0}, "run": {"steps": 5}})
+    assert state.view(tmp_path)["state"] == "pending"  # a record of another step does not count
+
+
+def test_locks_die_with_their_holder(tmp_path):
+    lock = state.Lock(tmp_path / "x.lock")
+    assert lock.acquire() and not state.Lock(tmp_path / "x.lock").acquire()
+    pid = os.fork()
+    if pid == 0:  # the child sees the parent's lock as held elsewhere
+        os._exit(0 if state.Lock(tmp_path / "x.lock").held_elsewhere() else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    lock.release()
+    assert not state.Lock(tmp_path / "x.lock").held_elsewhere()
+
+
+def test_a_preempted_trial_whose_job_was_killed_is_failed_unless_we_cancelled_it(tmp_path):
+    state.write_launch(tmp_path, "slurm", "11_1", "log")
+    time.sleep(0.01)
+    state.write_status(tmp_path, "preempted", reason="signal during training", step=14)
+    killed = state.view(tmp_path, Observation("ended", "CANCELLED (exit 0:9)"))
+    assert killed["state"] == "failed" and killed["resumable"] is True
+    assert killed["reason"].startswith("slurm job 11_1 ended CANCELLED (exit 0:9) after the trial stopped")
+    assert state.view(tmp_path, Observation("ended", "COMPLETED (exit 0:0)"))["state"] == "preempted"
+    state.mark_cancelled(tmp_path)  # `lintrans cancel` asked for it
+    assert state.view(tmp_path, Observation("ended", "CANCELLED (exit 0:15)"))["state"] == "preempted"

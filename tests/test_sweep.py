@@ -1,0 +1,231 @@
+"""Sweep files without a cluster: validation before anything is written, expansion, ids, search spaces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from launchers import cli
+from launchers.sweep import load
+from tests.conftest import ROOT, assert_one_line
+
+HEAD = "name: b\nconfig: tests/configs/tiny.py\n"
+BAD = {
+    "unknown key": (HEAD + "axes:\n  model.K: [2]\nbogus: 1\n", ":5: bogus: unknown key; valid: axes, backend"),
+    "wrong type": (HEAD + "axes:\n  model.K: [2, ten]\n", ":4: axes.model.K.1: wrong type for 'model.K'"),
+    "empty axis": (HEAD + "axes:\n  model.K: []\n", ":4: axes.model.K: an axis is a non-empty list"),
+    "unknown backend": (HEAD + "backend: pbs\naxes:\n  model.K: [2]\n", ":3: backend: Input should be 'local'"),
+    "unknown forward": (HEAD + "axes:\n  model.forward: [heat, warp]\n", ":4: axes.model.forward.1: unknown forward"),
+    "unknown config key": (HEAD + "axes:\n  model.nope: [1]\n", ":4: axes.model.nope.0: unknown config key"),
+    "impossible K": (HEAD + "axes:\n  model.K: [3, 0]\n", ":4: axes.model.K.1: config.model.K must be"),
+    "bad yaml": ("name: b\naxes: [unclosed\n", ":3: not valid YAML"),
+    "nan sigma": (HEAD + "axes:\n  model.sigma: [.nan]\n", ":4: axes.model.sigma.0: nan is not a finite number"),
+    "inf sigma": (HEAD + "axes:\n  model.sigma: [.inf]\n", ":4: axes.model.sigma.0: inf is not a finite number"),
+    "negative cpus": (HEAD + "axes:\n  model.K: [2]\nresources: {cpus: -4}\n", ":5: resources.cpus: Input should be"),
+    "negative gpus": (HEAD + "axes:\n  model.K: [2]\nresources: {gpus: -1}\n", ":5: resources.gpus: Input should be"),
+    "zero time": (HEAD + "axes:\n  model.K: [2]\nresources: {time_min: 0}\n", ":5: resources.time_min: Input"),
+    "zero parallelism": (HEAD + "axes:\n  model.K: [2]\nslurm: {array_parallelism: 0}\n", "slurm.array_parallelism"),
+    "negative slots": (HEAD + "axes:\n  model.K: [2]\nlocal: {slots: -3}\n", ":5: local.slots: Input should be"),
+    "duplicate values": (HEAD + "axes:\n  model.K: [3, 3]\n", ":4: axes.model.K: duplicate values 3"),
+    "duplicate key": (HEAD + "axes:\n  model.K: [3]\n  model.K: [4]\n", ":5: axes.model.K: duplicate key"),
+    "seed axis": (HEAD + "axes:\n  seed: [1, 2]\n", ":4: axes.seed: 'seed' is reserved"),
+    "zero log_freq": (HEAD + "axes:\n  training.log_freq: [0]\n", "config.training.log_freq must be an integer >= 1"),
+    "eval num_test": (
+        HEAD + "axes:\n  model.K: [2]\nevaluations:\n  - {mode: elbo, num_test: abc}\n",
+        ":6: evaluations.0.num_test: Input should be a valid integer, got 'abc'",
+    ),
+    "eval batch": (
+        HEAD + "axes:\n  model.K: [2]\nevaluations:\n  - {mode: fid, batch_size: -5}\n",
+        ":6: evaluations.0.batch_size: Input should be greater than or equal to 1",
+    ),
+    "eval metric": (
+        HEAD + "axes:\n  model.K: [2]\nevaluations:\n  - {mode: fid, metric: fid_inception}\n",
+        ":6: evaluations.0.dataset_name_cleanfid: fid_inception needs reference statistics",
+    ),
+    "eval unknown key": (
+        HEAD + "axes:\n  model.K: [2]\nevaluations:\n  - {mode: elbo, num_tests: 3}\n",
+        ":6: evaluations.0.num_tests: unknown evaluation key",
+    ),
+    "dense too big": (
+        HEAD + "axes:\n  model.forward: [random_fixed]\n  model.K: [100000]\n",
+        "forward process 'random_fixed' would store",
+    ),
+    "distribution in grid": (HEAD + "axes:\n  optim.lr: {loguniform: [1e-4, 1e-2]}\n", "a distribution needs search"),
+    "loguniform low": (
+        HEAD + "axes:\n  optim.lr: {loguniform: [0, 1]}\nsearch: {method: random, n_trials: 2}\n",
+        ":4: axes.optim.lr: loguniform: low must be > 0",
+    ),
+    "uniform order": (
+        HEAD + "axes:\n  optim.lr: {uniform: [2, 1]}\nsearch: {method: random, n_trials: 2}\n",
+        ":4: axes.optim.lr: uniform: low (2.0) must be below high (1.0)",
+    ),
+    "reserved sbatch": (HEAD + "axes:\n  model.K: [2]\nslurm: {additional: {mem: 3G}}\n", "mem: set from resources"),
+    "shell in partition": (HEAD + "axes:\n  model.K: [2]\nslurm: {partition: 'a;b'}\n", ":5: slurm.partition"),
+    "config that raises": (
+        "name: b\nconfig: tests/configs/broken.py\naxes:\n  model.K: [2]\n",
+        ":2: config: cannot load",
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def _broken_config():
+    path = ROOT / "tests" / "configs" / "broken.py"
+    path.write_text("def get_config():\n    raise RuntimeError('boom')\n")
+    yield
+    path.unlink(missing_ok=True)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_sweep_files(tmp_path, capsys, case):
+    text, needle = BAD[case]
+    sweep = tmp_path / "bad.yaml"
+    sweep.write_text(text)
+    code, _, err = run_cli(capsys, "--runs-dir", str(tmp_path / "runs"), "run", str(sweep))
+    assert_one_line(code, err, f"{sweep}{needle}" if needle.startswith(":") else needle)
+    assert not (tmp_path / "runs").exists()  # nothing submitted, nothing written
+
+
+def test_grid_larger_than_max_trials_is_refused(tmp_path, capsys):
+    sweep = tmp_path / "huge.yaml"
+    axes = "".join(f"  {k}: {list(range(1, 101))}\n" for k in ("model.K", "training.n_iters", "training.log_freq"))
+    sweep.write_text(HEAD + "axes:\n" + axes)
+    code, _, err = run_cli(capsys, "--runs-dir", str(tmp_path / "runs"), "run", str(sweep), "--dry-run")
+    assert_one_line(code, err, "1,000,000 trials is more than --max-trials=10,000")
+    assert load(sweep, tmp_path, max_trials=2_000_000).size == 1_000_000  # raising the cap lets it through
+
+
+def test_sbatch_only_goes_with_slurm_only(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--runs-dir", str(tmp_path), "run", "tests/sweeps/tiny.yaml", "--sbatch-only",
+                           "--backend", "local")  # fmt: skip
+    assert_one_line(code, err, "--sbatch-only writes SLURM scripts; it cannot go with --backend local")
+
+
+def test_expansion_is_deterministic_and_dry_run_writes_nothing(tmp_path, capsys):
+    a = run_cli(capsys, "--runs-dir", str(tmp_path), "run", "tests/sweeps/tiny.yaml", "--dry-run")
+    b = run_cli(capsys, "--runs-dir", str(tmp_path), "run", "tests/sweeps/tiny.yaml", "--dry-run")
+    assert a[0] == 0 and a[1] == b[1]
+    assert "6 of 6 trials would be submitted" in a[1]
+    assert not any(tmp_path.iterdir())
+    trials = load(ROOT / "tests/sweeps/tiny.yaml", tmp_path).trials()
+    assert [t.label for t in trials][:2] == ["forward=heat K=3 seed=0", "forward=heat K=5 seed=0"]
+    assert len({t.id for t in trials}) == 6 and all(t.run_dir.parent == tmp_path / "sweeps" / "tiny" for t in trials)
+
+
+def test_ids_are_stable_across_edits_that_add_values(tmp_path):
+    before = {t.label: t.id for t in load(ROOT / "tests/sweeps/tiny.yaml", tmp_path).trials()}
+    grown = tmp_path / "tiny.yaml"
+    text = (ROOT / "tests/sweeps/tiny.yaml").read_text().replace("model.K: [3, 5]", "model.K: [3, 5, 7]")
+    grown.write_text(text)
+    after = {t.label: t.id for t in load(grown, tmp_path).trials()}
+    assert len(after) == 9 and all(after[label] == tid for label, tid in before.items())
+
+
+def test_random_search_gives_the_same_trials_every_time(tmp_path):
+    sweep = tmp_path / "random.yaml"
+    body = (
+        "axes:\n  optim.lr: {loguniform: [1e-4, 1e-2]}\n  model.K: {randint: [2, 9]}\n"
+        "  model.forward: {choice: [heat, identity]}\n"
+    )
+    sweep.write_text(HEAD + body + "seeds: [0, 1]\nsearch: {method: random, n_trials: 5, seed: 3}\n")
+    first, second = load(sweep, tmp_path).trials(), load(sweep, tmp_path).trials()
+    assert [t.id for t in first] == [t.id for t in second] and len(first) == 10
+    assert all(1e-4 <= t.overrides["optim.lr"] <= 1e-2 and 2 <= t.overrides["model.K"] < 9 for t in first)
+    sweep.write_text(sweep.read_text().replace("seed: 3", "seed: 4"))
+    assert {t.id for t in load(sweep, tmp_path).trials()}.isdisjoint({t.id for t in first})
+
+
+def test_shipped_sweeps_validate():
+    for path in sorted((ROOT / "sweeps").glob("*.yaml")) + sorted((ROOT / "tests" / "sweeps").glob("*.yaml")):
+        sweep = load(path)
+        assert sweep.size >= 1, path
+
+
+def test_floats_in_scientific_notation_are_numbers(tmp_path):
+    sweep = tmp_path / "sci.yaml"
+    sweep.write_text(HEAD + "axes:\n  optim.lr: [1e-3, 2E-4]\n")
+    assert [t.overrides["optim.lr"] for t in load(sweep, tmp_path).trials()] == [1e-3, 2e-4]
+
+
+# --------------------------------------------------------------------------- property-based
+
+KEYS = ["model.K", "model.sigma", "training.n_iters", "optim.lr", "model.forward", "data.random_flip", "nope.x"]
+VALUES = st.one_of(
+    st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6), st.booleans(),
+    st.none(), st.lists(st.integers(-2, 2), max_size=3),
+)  # fmt: skip
+SECTIONS = {
+    "resources": st.dictionaries(st.sampled_from(["gpus", "cpus", "mem_gb", "time_min", "nodes", "bogus"]), VALUES),
+    "slurm": st.dictionaries(st.sampled_from(["array_parallelism", "max_requeues", "partition", "setup", "x"]), VALUES),
+    "local": st.dictionaries(st.sampled_from(["slots", "max_restarts", "y"]), VALUES),
+    "evaluations": st.lists(
+        st.dictionaries(st.sampled_from(["mode", "num_test", "batch_size", "metric", "z"]), VALUES)
+    ),
+    "seeds": st.lists(VALUES, max_size=3),
+}
+
+
+@st.composite
+def malformed_sweeps(draw) -> dict:
+    data = {"name": "fuzz", "config": "tests/configs/tiny.py", "axes": {"model.K": [2]}}
+    axes = draw(st.dictionaries(st.sampled_from(KEYS), st.lists(VALUES, max_size=3), max_size=3))
+    if axes:
+        data["axes"] = axes
+    for key, strategy in SECTIONS.items():
+        if draw(st.booleans()):
+            data[key] = draw(strategy)
+    return data
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=malformed_sweeps())
+def test_malformed_sweep_files_exit_2_with_one_line(tmp_path_factory, capsys, data):
+    """Whatever a sweep file holds: a valid sweep (dry run, exit 0) or exit 2 with one line; runs/ untouched."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    sweep = folder / "fuzz.yaml"
+    sweep.write_text(json.dumps(data))  # JSON is YAML
+    code, _, err = run_cli(capsys, "--runs-dir", str(folder / "runs"), "run", str(sweep), "--dry-run")
+    assert "Traceback" not in err
+    assert code in (0, 2), err
+    if code == 2:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {sweep}"), err
+    assert not (folder / "runs").exists()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from([*KEYS[:-1], "training.log_freq", "eval.batch_size", "model.ema_rate"]), value=VALUES)
+def test_override_values_never_give_a_traceback(tmp_path_factory, capsys, key, value):
+    """``train.py --config.<key>=<value>`` with any value: it trains (not here: refused before) or exits 2."""
+    from lintrans import cli as lcli
+
+    workdir = tmp_path_factory.mktemp("ov")
+    text = json.dumps(value) if not isinstance(value, str) else value
+    argv = ["train.py", "--config=tests/configs/tiny.py", f"--workdir={workdir}", f"--config.{key}={text}"]
+    code = lcli.entry(_validate_only, argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and code in (0, 2), err
+    if code == 2:
+        assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+    assert not any(workdir.iterdir())
+
+
+def _validate_only(argv: list[str]) -> int:
+    """train.py's edge up to (not including) training: parse, load, validate, build the forward process."""
+    import train
+    from lintrans import config as cfg
+    from lintrans.forward import create_forward
+
+    config = train.parse(argv).config
+    cfg.validate(config)
+    create_forward(**cfg.forward_args(config))
+    return 0
