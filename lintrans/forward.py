@@ -25,7 +25,7 @@ arguments of its ``__init__`` beyond ``K`` and ``shape``. :mod:`lintrans.config`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -277,9 +277,21 @@ class Heat(ForwardProcess):
 # --------------------------------------------------------------------------- random maps
 
 
-def _generator(seed: int, salt: int) -> torch.Generator:
+def seeded_generator(seed: int, salt: int) -> torch.Generator:
     """A CPU generator from the process's seed, so every rank and every restart agrees."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + salt)
+
+
+def stack_levels(levels: Iterable[Tensor], count: int, n: int) -> Tensor:
+    """``(count, n, n)`` float32 storage filled one level at a time.
+
+    Products are accumulated in float64, but only the running product is kept in float64: a
+    float64 copy of every level (twice the stored bytes) would be the peak memory otherwise.
+    """
+    out = torch.empty(count, n, n)
+    for k, level in enumerate(levels):
+        out[k] = level
+    return out
 
 
 class MatrixProcess(ForwardProcess):
@@ -299,12 +311,12 @@ class MatrixProcess(ForwardProcess):
     def __init__(self, K: int, shape: tuple[int, int, int], forward_seed: int = 0) -> None:
         super().__init__(K, shape)
         _, H, W = self.shape
-        gen = _generator(forward_seed, self.salt)
+        gen = seeded_generator(forward_seed, self.salt)
         if self.separable:
-            self.register_buffer("rows", self.build(H, gen).float(), persistent=False)
-            self.register_buffer("cols", self.build(W, gen).float(), persistent=False)
+            self.register_buffer("rows", self.build(H, gen), persistent=False)
+            self.register_buffer("cols", self.build(W, gen), persistent=False)
             return
-        self.register_buffer("mats", self.build(self.dim, gen).float(), persistent=False)
+        self.register_buffer("mats", self.build(self.dim, gen), persistent=False)
 
     @classmethod
     def storage_bytes(cls, K: int, shape: tuple[int, int, int]) -> int:
@@ -313,7 +325,7 @@ class MatrixProcess(ForwardProcess):
         return 4 * (K + 1) * per_level
 
     def build(self, n: int, gen: torch.Generator) -> Tensor:  # pragma: no cover - abstract
-        """``(K+1, n, n)`` float64 matrices with index 0 the identity."""
+        """``(K+1, n, n)`` float32 matrices with index 0 the identity."""
         raise NotImplementedError
 
     def _apply_level(self, x: Tensor, level: int) -> Tensor:
@@ -346,28 +358,45 @@ def gaussian_levels(K: int, n: int, gen: torch.Generator) -> Tensor:
     return mats
 
 
-def orthogonal_products(K: int, n: int, gen: torch.Generator, step: float) -> Tensor:
+def gaussian_products(K: int, n: int, gen: torch.Generator) -> Iterator[Tensor]:
+    """``T(0) = I``, ``T(k) = R_k T(k-1)`` with independent ``R_k`` of ``N(0, 1/n)`` entries, in float64.
+
+    The seed's product of random matrices. With ``N(0, 1)`` entries every factor multiplies norms
+    by about ``sqrt(n)`` and float32 overflows within dozens of factors; with ``N(0, 1/n)`` the
+    squared singular values of a k-fold product follow the Fuss-Catalan law (large ``n``), whose
+    largest value is about ``e (k + 1)``: ``sigma_max`` grows only like ``sqrt(e k)`` (about 10 at
+    k = 40, 50 at k = 1000), while the typical singular value shrinks geometrically (the median by
+    about ``sqrt(2)`` per factor, ~1e-6 at k = 40). The process dissipates information as heat does.
+    Singular values below ``~1e-16 sigma_max`` are rounding noise in float64, and the smallest ones
+    underflow harmlessly towards zero; nothing overflows. Yields the running product, one level at
+    a time, so a caller can check the numerics without storing every level.
+    """
+    product = torch.eye(n, dtype=torch.float64)
+    yield product
+    for _ in range(K):
+        product = (torch.randn(n, n, generator=gen, dtype=torch.float64) / math.sqrt(n)) @ product
+        yield product
+
+
+def rotation_products(K: int, n: int, gen: torch.Generator, step: float) -> Iterator[Tensor]:
     """``T(k) = R_k ... R_1`` with near-identity orthogonal factors, stable for any K.
 
     Each factor is the Cayley transform ``(I - eps A/2)^{-1} (I + eps A/2)`` of a random
     skew-symmetric ``A`` (entries ``N(0, 1/n)``): exactly orthogonal, so the product keeps
-    every singular value at 1 instead of growing or shrinking geometrically as a product of
-    Gaussian matrices does. The running product is accumulated in float64 and
+    every singular value at 1, an isometry that dissipates nothing (unlike
+    :func:`gaussian_products`). The running product is accumulated in float64 and
     re-orthonormalised by QR (sign-fixed, so it stays continuous in k) to remove rounding drift.
     """
     eye = torch.eye(n, dtype=torch.float64)
-    mats = torch.empty(K + 1, n, n, dtype=torch.float64)
-    mats[0] = eye
     product = eye
-    for k in range(1, K + 1):
+    yield product
+    for _ in range(K):
         G = torch.randn(n, n, generator=gen, dtype=torch.float64) / math.sqrt(n)
         A = (G - G.T) * (step / 2)
         R = torch.linalg.solve(eye - A, eye + A)
-        product = R @ product
-        Q, Rtri = torch.linalg.qr(product)
+        Q, Rtri = torch.linalg.qr(R @ product)
         product = Q * torch.sign(torch.diagonal(Rtri))[None, :]
-        mats[k] = product
-    return mats
+        yield product
 
 
 @register_forward("random_fixed")
@@ -377,7 +406,7 @@ class RandomFixed(MatrixProcess):
     salt = 1
 
     def build(self, n: int, gen: torch.Generator) -> Tensor:
-        return gaussian_levels(self.K, n, gen)
+        return gaussian_levels(self.K, n, gen).float()
 
 
 @register_forward("random_fixed_separable")
@@ -385,11 +414,12 @@ class RandomFixedSeparable(RandomFixed):
     separable = True
 
 
-@register_forward("random_product")
-class RandomProduct(MatrixProcess):
-    """``T(k) = R_k ... R_1`` with orthogonal near-identity ``R_i`` (see :func:`orthogonal_products`).
+@register_forward("random_rotation_product")
+class RandomRotationProduct(MatrixProcess):
+    """``T(k) = R_k ... R_1`` with orthogonal near-identity ``R_i`` (see :func:`rotation_products`).
 
-    ``product_step`` sets how far each factor rotates (IHDM-style configs: 0.1).
+    ``product_step`` sets how far each factor rotates (IHDM-style configs: 0.1). Its salt is the
+    one the orthogonal product had when it was called ``random_product``, so its matrices are the same.
     """
 
     salt = 2
@@ -400,9 +430,26 @@ class RandomProduct(MatrixProcess):
         super().__init__(K, shape, forward_seed)
 
     def build(self, n: int, gen: torch.Generator) -> Tensor:
-        return orthogonal_products(self.K, n, gen, self.step)
+        return stack_levels(rotation_products(self.K, n, gen, self.step), self.K + 1, n)
+
+
+@register_forward("random_rotation_product_separable")
+class RandomRotationProductSeparable(RandomRotationProduct):
+    separable = True
+
+
+@register_forward("random_product")
+class RandomProduct(MatrixProcess):
+    """The seed's ``T(k) = R_k ... R_1`` with Gaussian ``R_i`` (``N(0, 1/n)``, see :func:`gaussian_products`)."""
+
+    salt = 3
+
+    def build(self, n: int, gen: torch.Generator) -> Tensor:
+        return stack_levels(gaussian_products(self.K, n, gen), self.K + 1, n)
 
 
 @register_forward("random_product_separable")
 class RandomProductSeparable(RandomProduct):
+    """Per-axis Gaussian products: ``T(k) = I_C (x) (A_k ... A_1) (x) (B_k ... B_1)``."""
+
     separable = True

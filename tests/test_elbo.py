@@ -29,8 +29,9 @@ DATA_SCALE = 0.1  # data standard deviations of 0.03..0.2, i.e. comparable to si
 N_TRAIN, N_TEST = 5000, 2000
 
 # Gap allowed between the expected bound and the exact NLL, in nats per dimension. Measured gaps
-# (this seed): identity 0.89, random_product 0.89, heat 0.42, constant_velocity 0.31,
-# constant_deceleration 0.30. The bound is loose for three reasons, none of them a bug:
+# (this seed): identity 0.89, random_rotation_product 0.89, random_product 0.73, heat 0.42,
+# constant_velocity 0.30, constant_deceleration 0.30. The bound is loose for three reasons, none of
+# them a bug:
 # * the factorised inference distribution: q draws u_{k-1} and u_k with independent noise, which
 #   the reverse model cannot predict, so every middle level costs about
 #   d_eff/2 * log(1 + v_k / sigma^2) (v_k: posterior variance of T(k-1) u_0 given u_k; d_eff: the
@@ -38,12 +39,14 @@ N_TRAIN, N_TEST = 5000, 2000
 # * delta != sigma: each KL to N(., delta^2 I) pays c = d/2 (sigma^2/delta^2 - 1 + log(delta^2/sigma^2))
 #   and the decoder a density of width delta > sigma;
 # * the prior: a mixture over the training set, whose KL is itself bounded (log-sum-exp bound). When
-#   T(K) is invertible (identity, random_product) it is a kernel density estimate in all d
-#   dimensions with bandwidth delta, far from the true N(T(K) m, T(K) S T(K)^T); heat keeps only the
-#   DC component (a 1-D estimate), and T(K) = 0 gives the exact N(0, delta^2 I).
+#   T(K) is an isometry (identity, random_rotation_product) it is a kernel density estimate in all d
+#   dimensions with bandwidth delta, far from the true N(T(K) m, T(K) S T(K)^T); random_product's
+#   Gaussian product shrinks some directions below delta, heat keeps only the DC component (a 1-D
+#   estimate), and T(K) = 0 gives the exact N(0, delta^2 I).
 TOLERANCE = {
     "identity": 1.0,
-    "random_product": 1.0,
+    "random_rotation_product": 1.0,
+    "random_product": 0.8,
     "heat": 0.5,
     "constant_velocity": 0.4,
     "constant_deceleration": 0.4,

@@ -10,7 +10,7 @@ import scipy.fft
 import torch
 
 from lintrans.errors import UsageError
-from lintrans.forward import FORWARD_PROCESSES, dct, dct_2d, idct_2d
+from lintrans.forward import FORWARD_PROCESSES, dct, dct_2d, gaussian_products, idct_2d
 from tests.conftest import make_process
 
 NAMES = sorted(FORWARD_PROCESSES)
@@ -94,9 +94,9 @@ def condition(m: torch.Tensor) -> float:
     return (s.max() / s.min()).item()
 
 
-def test_random_product_is_stable_at_K_1000_on_28x28():
+def test_random_rotation_product_is_stable_at_K_1000_on_28x28():
     K = 1000
-    p = make("random_product_separable", (1, 28, 28), K=K)
+    p = make("random_rotation_product_separable", (1, 28, 28), K=K)
     for k in range(K + 1):
         A, B = p.rows[k].double(), p.cols[k].double()
         assert torch.isfinite(A).all() and torch.isfinite(B).all()
@@ -105,9 +105,44 @@ def test_random_product_is_stable_at_K_1000_on_28x28():
     x = torch.rand(2, 1, 28, 28)
     assert torch.isfinite(p(x, torch.tensor([K, K // 2]))).all()
     # the dense variant at a smaller size, same K
-    dense = make("random_product", (1, 6, 6), K=K)
+    dense = make("random_rotation_product", (1, 6, 6), K=K)
     conds = [condition(dense.mats[k].double()) for k in range(0, K + 1, 50)]
     assert max(conds) < 1e3
+
+
+def test_gaussian_product_stays_finite_at_K_1000():
+    """N(0, 1/n) factors: sigma_max grows like sqrt(e k), nothing overflows, at K = 1000.
+
+    The dense builder's float64 running product is checked level by level without storing the
+    levels, at 14x14 (at 28x28 the 1000 products of 784x784 matrices take about a minute on one
+    core); the separable variant runs end to end at 28x28, where each level is a Kronecker product
+    of two 28x28 products.
+    """
+    K = 1000
+    gen = torch.Generator().manual_seed(0)
+    for k, product in enumerate(gaussian_products(K, 14 * 14, gen)):
+        if k % 100 == 0:
+            sigma_max = torch.linalg.matrix_norm(product, ord=2).item()
+            assert math.isfinite(sigma_max) and sigma_max < 10 * math.sqrt(math.e * (k + 1)), (k, sigma_max)
+    assert torch.isfinite(product).all()
+    p = make("random_product_separable", (1, 28, 28), K=K)
+    assert torch.isfinite(p.rows).all() and torch.isfinite(p.cols).all()
+    x = torch.rand(3, 1, 28, 28)
+    y = p(x, torch.tensor([K, K // 2, 1]))
+    assert torch.isfinite(y).all() and y.abs().max() < 1e4
+
+
+def test_random_product_dissipates_and_the_rotation_product_does_not():
+    """At k = 40 on 14x14 most singular values of the Gaussian product are tiny (the seed: median
+    ~1e-6 at 28x28), the largest near sqrt(e (k+1)) ~ 10; the rotation product keeps them all at 1."""
+    k = 40
+    gaussian = make("random_product", (1, 14, 14), K=k)
+    rotation = make("random_rotation_product", (1, 14, 14), K=k)
+    s = torch.linalg.svdvals(gaussian.matrix(k))
+    assert s.median() < 1e-4 and 1 < s.max() < 30, (s.median(), s.max())
+    decayed = torch.linalg.svdvals(gaussian.matrix(k // 2)).median()
+    assert s.median() < decayed * 1e-2  # the decay continues level after level
+    torch.testing.assert_close(torch.linalg.svdvals(rotation.matrix(k)), torch.ones(196, dtype=torch.float64))
 
 
 def test_naive_gaussian_product_breaks_down_at_28x28():
@@ -122,7 +157,9 @@ def test_naive_gaussian_product_breaks_down_at_28x28():
     assert broke_at is not None and broke_at < 100, broke_at
 
 
-@pytest.mark.parametrize("name", ["random_fixed", "random_product", "random_fixed_separable"])
+@pytest.mark.parametrize(
+    "name", ["random_fixed", "random_product", "random_rotation_product", "random_fixed_separable"]
+)
 def test_random_processes_are_reproducible(name):
     a, b = make(name, (1, 6, 6)), make(name, (1, 6, 6))
     for k in (1, 4, 7):

@@ -50,7 +50,7 @@ def get_default_configs():
     model.blur_sigma_min = 0.5
     model.max_dense_bytes = 2**31  # refuse a forward process that would store more than this
     model.forward_seed = placeholder(int)  # random processes; None: config.seed
-    model.product_step = 0.1  # random_product: rotation per factor
+    model.product_step = 0.1  # random_rotation_product(_separable): rotation per factor
     model.dropout = 0.1
     model.model_channels = 128
     model.channel_mult = (1, 2, 2)
