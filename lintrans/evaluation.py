@@ -128,7 +128,10 @@ def subset(dataset, n: int | None, seed: int) -> Tensor:
 
 
 def sample_producer(model, process: ForwardProcess, train_set, delta: float, seed: int, device: torch.device):
-    """``produce(n)``: ``n`` samples of the reverse process from IHDM's prior over training images."""
+    """``produce(n)``: ``n`` samples of the reverse process from IHDM's prior over training images.
+
+    A stochastic process draws one ``theta`` per sample, used by its prior and its whole reverse path.
+    """
     gen = torch.Generator(device=device).manual_seed(seed)
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
     position = 0
@@ -137,8 +140,9 @@ def sample_producer(model, process: ForwardProcess, train_set, delta: float, see
         nonlocal position
         idx = order[(position + torch.arange(n)) % len(order)]
         position += n
-        u_K = sampling.prior(process, train_set.batch(idx).to(device), delta, gen)
-        final, _ = sampling.reverse(model, u_K, process.K, delta, gen)
+        theta = sampling.draw_theta(process, n, gen)
+        u_K = sampling.prior(process, train_set.batch(idx).to(device), delta, gen, theta)
+        final, _ = sampling.reverse(model, u_K, process.K, delta, gen, theta=theta)
         return final
 
     return produce
