@@ -64,13 +64,18 @@ def main(argv: list[str]) -> int:
     gen = torch.Generator(device=device).manual_seed(fv.seed)
     pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(fv.seed))
     draws = 2 if fv.interpolate else (1 if fv.same_init else n)
-    u_K = sampling.prior(process, train_set.batch(pick[:draws]).to(device), delta, gen)
+    # A stochastic process: one theta per sample, shared along an interpolation path and by a shared u_K.
+    theta = sampling.draw_theta(process, n, gen, share=fv.interpolate or fv.same_init)
+    prior_theta = None if theta is None else theta[:draws]
+    u_K = sampling.prior(process, train_set.batch(pick[:draws]).to(device), delta, gen, prior_theta)
     if fv.interpolate:
         u_K = sampling.interpolate(u_K[0], u_K[1], n)
     elif fv.same_init:
         u_K = u_K.expand(n, *u_K.shape[1:]).contiguous()
     share = fv.share_noise or fv.interpolate
-    final, frames = sampling.reverse(loaded.model, u_K, process.K, delta, gen, share_noise=share, num_frames=50)
+    final, frames = sampling.reverse(
+        loaded.model, u_K, process.K, delta, gen, share_noise=share, num_frames=50, theta=theta
+    )
 
     mode = "interpolate" if fv.interpolate else "same_init" if fv.same_init else "share_noise" if share else "random"
     out = Path(fv.outdir or Path(fv.workdir) / "samples" / f"sample_{mode}_ckpt{fv.checkpoint}")

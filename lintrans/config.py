@@ -144,8 +144,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     d = config.data
     for key in ("image_size", "num_channels"):
         _need(_is_int(d[key]) and d[key] >= 1, f"data.{key}", "an integer >= 1", d[key])
-    args = forward_args(config)
-    forward.check_forward(args["name"], args["K"], args["shape"], args["max_bytes"])
+    theta = m.get("condition_on_theta", False)
+    _need(isinstance(theta, bool), "model.condition_on_theta", "true or false", theta)
+    forward.check_forward(**forward_args(config))
 
 
 # --------------------------------------------------------------------------- plain values
@@ -172,8 +173,16 @@ def forward_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def model_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Keyword arguments of :class:`lintrans.unet.UNet` for this config."""
+    """Keyword arguments of :class:`lintrans.unet.UNet` for this config.
+
+    ``theta_dim`` is the forward process's when ``model.condition_on_theta`` is set (the network then
+    sees each sample's theta), else 0; it is 0 for a deterministic process either way. Runs from
+    before the key existed read it as false.
+    """
+    from lintrans.forward import process_class
+
     m = config.model
+    conditioned = bool(m.get("condition_on_theta", False))
     return {
         "in_channels": config.data.num_channels,
         "model_channels": m.model_channels,
@@ -186,6 +195,7 @@ def model_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "num_heads": m.num_heads,
         "num_head_channels": m.num_head_channels,
         "rescale_resblocks": bool(m.rescale_resblocks),
+        "theta_dim": process_class(m.forward).theta_dim if conditioned else 0,
     }
 
 

@@ -27,6 +27,20 @@ optimal variational weights over components), which here is
 the nearest-component bound. ``T(K) x_i`` is computed once per evaluation and kept on the device,
 centred, so that the squared distances (expanded as ``|a|^2 + |b|^2 - 2 a.b``) lose no precision to
 the common mean.
+
+Stochastic processes (``T_theta`` with ``theta ~ p(theta)`` independent of ``u_0``): the generative
+model draws ``theta`` from ``p(theta)``, then ``u_K`` from the mixture over ``T_theta(K) x_i``, then
+the reverse chain ``f(u_k, k, theta)``; taking ``q(theta | u_0) = p(theta)`` (exact, since ``theta`` is
+independent of ``u_0``) makes ``KL(q(theta) || p(theta)) = 0`` and
+``-log p(u_0) <= E_theta[L(u_0 | theta)]``, the bound above with ``T = T_theta`` averaged over
+``theta``. Estimator: one ``theta`` per *test batch* (drawn first from ``generator``), unbiased for
+the average over test images because each image's ``theta`` is marginally ``p(theta)``. The prior
+mixture needs the training set pushed through ``T_theta(K)`` for that ``theta``; batches that drew
+the same value (a discrete ``theta``) are grouped and share one push, so the training set is
+pushed once per distinct ``theta`` (once in all for a deterministic process, for which nothing is
+drawn and the estimator is the one above), not once per test image. ``nll_nats_stderr`` treats
+images as independent, which understates the ``theta`` part of the variance when images of a batch
+share ``theta``; the draws are returned (``theta``) so a result can be reproduced.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ from tqdm import tqdm
 from lintrans.datasets import dequantize
 from lintrans.errors import UsageError
 from lintrans.forward import ForwardProcess
+from lintrans.loss import Model
 
 # Rows of the pushed-forward training set per log-sum-exp chunk: bounds the (batch, chunk) matrix.
 PRIOR_CHUNK = 16384
@@ -92,6 +107,19 @@ class MixturePrior:
         return constant + math.log(len(self.points)) - log_mixture
 
 
+def theta_groups(thetas: Tensor | None, count: int) -> list[tuple[Tensor | None, list[int]]]:
+    """Batches ``0..count-1`` grouped by identical ``theta`` row (in order of first appearance).
+
+    ``thetas`` is ``(count, theta_dim)``, one row per batch, or ``None`` (deterministic: one group).
+    """
+    if thetas is None:
+        return [(None, list(range(count)))]
+    groups: dict[tuple[float, ...], list[int]] = {}
+    for batch, row in enumerate(thetas.tolist()):
+        groups.setdefault(tuple(row), []).append(batch)
+    return [(thetas[ids[0]], ids) for ids in groups.values()]
+
+
 def _default_device(model: Callable, x: Tensor) -> torch.device:
     """The device of the model's first parameter or buffer, else the data's."""
     tensors = (*model.parameters(), *model.buffers()) if isinstance(model, nn.Module) else ()
@@ -108,7 +136,7 @@ def _check(process: ForwardProcess, name: str, x: Tensor) -> None:
 
 @torch.no_grad()
 def negative_elbo(
-    model: Callable[[Tensor, Tensor], Tensor],
+    model: Model,
     process: ForwardProcess,
     train_x0: Tensor,
     test_x0: Tensor,
@@ -122,10 +150,11 @@ def negative_elbo(
 ) -> dict:
     """The negative ELBO of ``test_x0``, per image, and its breakdown (see the module docstring).
 
-    ``model(u, k)`` returns the residual ``f`` (``k`` a ``LongTensor (B,)``); ``train_x0`` defines the
-    prior mixture. Computation runs in ``test_x0``'s float dtype on ``device`` (default: the model's);
-    ``process`` is moved there. The noise (and the dequantisation of 8-bit data) comes from
-    ``generator`` (default: seed 0 on ``device``), so a call is reproducible.
+    ``model(u, k, theta)`` returns the residual ``f`` (``k`` a ``LongTensor (B,)``, ``theta`` the
+    process's per-sample parameter or ``None``); ``train_x0`` defines the prior mixture. Computation
+    runs in ``test_x0``'s float dtype on ``device`` (default: the model's); ``process`` is moved
+    there. ``theta``, the noise (and the dequantisation of 8-bit data) come from ``generator``
+    (default: seed 0 on ``device``), so a call is reproducible.
 
     Returns plain floats/ints/lists: ``nll_nats`` (= ``L_K + L_mid_total + L_1``, mean per image) and
     its standard error over the test images ``nll_nats_stderr``, ``bpd`` and ``nll_bpd_continuous``
@@ -133,10 +162,12 @@ def negative_elbo(
     ``L_levels`` (index ``k`` = mean ``L_k`` for ``k = 2..K``, where ``L_levels[K]`` is the ``K -> K-1``
     transition, not the prior; ``None`` at 0 and 1), ``L_mid_total``, ``mse_per_level`` (index ``k`` =
     mean ``|T(k-1) u_0 - u_k - f(u_k, k)|^2`` summed over pixels, index 1 the decoder's, ``None`` at 0),
-    and the bookkeeping ``dims``, ``K``, ``num_train``, ``num_test``, ``sigma``, ``delta`` and
-    ``forward_applications``: images pushed through ``T``, i.e. ``num_train`` (``T(K)`` of the
-    training set, once) plus ``K * num_test`` (``T(k) u_0`` for ``k = 1..K``, each reused as the
-    target ``T(k-1) u_0`` of level ``k + 1``, and ``T(K) u_0`` for the prior term).
+    ``theta`` (a stochastic process's draw per test batch, a list of rows; ``None`` otherwise), and the
+    bookkeeping ``dims``, ``K``, ``num_train``, ``num_test``, ``sigma``, ``delta``, ``prior_pushes``
+    (distinct ``theta`` values, 1 for a deterministic process) and ``forward_applications``: images
+    pushed through ``T``, i.e. ``prior_pushes * num_train`` (``T(K)`` of the training set) plus
+    ``K * num_test`` (``T(k) u_0`` for ``k = 1..K``, each reused as the target ``T(k-1) u_0`` of level
+    ``k + 1``, and ``T(K) u_0`` for the prior term).
     """
     if sigma <= 0 or delta <= 0:
         raise UsageError(f"sigma and delta must be positive, got sigma={sigma!r}, delta={delta!r}")
@@ -157,47 +188,61 @@ def negative_elbo(
     n_train, n_test = len(train_x0), len(test_x0)
     train_batches = math.ceil(n_train / batch_size)
     test_batches = math.ceil(n_test / batch_size)
-    bar = tqdm(total=train_batches + test_batches * K, desc="elbo", disable=not progress, dynamic_ncols=True)
+    thetas = process.sample_theta(test_batches, gen)  # one per test batch; None (no draw) if deterministic
+    groups = theta_groups(thetas, test_batches)
+    bar_total = train_batches * len(groups) + test_batches * K
+    bar = tqdm(total=bar_total, desc="elbo", disable=not progress, dynamic_ncols=True)
     is_module = isinstance(model, nn.Module)
     was_training = is_module and model.training
     if is_module:
         model.eval()
-    try:
+
+    def rows(theta: Tensor | None, n: int) -> Tensor | None:
+        return None if theta is None else theta.to(device).expand(n, -1)
+
+    def pushed_prior(theta: Tensor | None) -> MixturePrior:
+        """The mixture over ``T_theta(K) x_i``, the training set pushed forward in batches."""
         pushed = []
         for start in range(0, n_train, batch_size):
             x = train_x0[start : start + batch_size].to(device=device, dtype=dtype)
-            pushed.append(process(x, process.levels(K, len(x), device)))
+            pushed.append(process(x, process.levels(K, len(x), device), rows(theta, len(x))))
             bar.update(1)
-        prior = MixturePrior(torch.cat(pushed), delta)
-        del pushed
-        applications = n_train
+        return MixturePrior(torch.cat(pushed), delta)
 
+    try:
+        applications = 0
         level_sums = torch.zeros(K + 1, dtype=torch.float64, device=device)
         mse_sums = torch.zeros(K + 1, dtype=torch.float64, device=device)
         prior_sum = torch.zeros((), dtype=torch.float64, device=device)
         total_moments = torch.zeros(2, dtype=torch.float64, device=device)
-        for start in range(0, n_test, batch_size):
-            x = test_x0[start : start + batch_size].to(device=device, dtype=dtype)
-            if quantised:
-                x = dequantize(x, torch.rand(x.shape, generator=gen, device=gen.device, dtype=dtype).to(device))
-            total = torch.zeros(len(x), dtype=torch.float64, device=device)
-            previous = x  # T(0) u_0
-            for k in range(1, K + 1):
-                levels = process.levels(k, len(x), device)
-                current = process(x, levels)
-                applications += len(x)
-                u = current + sigma * noise(x.shape)
-                sq = (previous - u - model(u, levels).to(dtype)).double().pow(2).flatten(1).sum(1)
-                term = sq / (2.0 * delta**2) + (decoder_constant if k == 1 else c)
-                mse_sums[k] += sq.sum()
-                level_sums[k] += term.sum()
-                total += term
-                previous = current
-                bar.update(1)
-            prior_term = prior.kl_bound(previous, c)
-            prior_sum += prior_term.sum()
-            total += prior_term
-            total_moments += torch.stack([total.sum(), total.pow(2).sum()])
+        for theta, batch_ids in groups:
+            prior = pushed_prior(theta)
+            applications += n_train
+            for batch in batch_ids:
+                start = batch * batch_size
+                x = test_x0[start : start + batch_size].to(device=device, dtype=dtype)
+                if quantised:
+                    x = dequantize(x, torch.rand(x.shape, generator=gen, device=gen.device, dtype=dtype).to(device))
+                theta_x = rows(theta, len(x))
+                total = torch.zeros(len(x), dtype=torch.float64, device=device)
+                previous = x  # T(0) u_0
+                for k in range(1, K + 1):
+                    levels = process.levels(k, len(x), device)
+                    current = process(x, levels, theta_x)
+                    applications += len(x)
+                    u = current + sigma * noise(x.shape)
+                    sq = (previous - u - model(u, levels, theta_x).to(dtype)).double().pow(2).flatten(1).sum(1)
+                    term = sq / (2.0 * delta**2) + (decoder_constant if k == 1 else c)
+                    mse_sums[k] += sq.sum()
+                    level_sums[k] += term.sum()
+                    total += term
+                    previous = current
+                    bar.update(1)
+                prior_term = prior.kl_bound(previous, c)
+                prior_sum += prior_term.sum()
+                total += prior_term
+                total_moments += torch.stack([total.sum(), total.pow(2).sum()])
+            del prior
     finally:
         bar.close()
         if is_module:
@@ -224,6 +269,8 @@ def negative_elbo(
         "K": K,
         "num_train": n_train,
         "num_test": n_test,
+        "theta": None if thetas is None else thetas.tolist(),
+        "prior_pushes": len(groups),
         "forward_applications": applications,
         "sigma": float(sigma),
         "delta": float(delta),

@@ -11,6 +11,15 @@ into IHDM's ``runs/<dataset>/evaluation_results/<experiment>/`` folder
 ``metric="auto"`` picks ``fid_mnist_features`` for mnist5k (offline, the project's digit
 features) unless clean-fid reference statistics are named with ``dataset_name_cleanfid``, and
 ``fid_inception`` otherwise.
+
+Every FID evaluation also measures memorisation (:mod:`lintrans.memorisation`) on the first
+``memorisation_samples`` of the samples the FID generated: each sample's distance to its nearest
+training image in pixel space (``[0, 1]`` values, all channels) and in the FID's feature space,
+and the share of samples whose nearest / second-nearest distance ratio is below 1/3 (in pixel
+space, the literature's test). The metrics hold ``memorised_fraction``, ``nn_distance_pixel`` and
+``nn_distance_feature`` (means), so they become table columns; the breakdown holds both spaces'
+figures. The whole training set is compared with, streamed in chunks through the same feature
+extractor: for ``fid_inception`` that is one Inception pass over the training set per evaluation.
 """
 
 from __future__ import annotations
@@ -70,6 +79,11 @@ class EvalSpec:
     dataset_name_cleanfid: Name | None = Field(None, description="Reference statistics, clean-fid naming.")
     dataset_split: Name = Field("train", description="clean-fid split of the statistics; 'custom' for --save_stats.")
     cleanfid_mode: Literal["clean", "legacy_tensorflow"] = Field("clean", description="clean or legacy_tensorflow.")
+    memorisation_samples: Count = Field(
+        1000,
+        description="FID: the first N samples (at most num_gen) are compared with every training image for "
+        "memorisation; bounds the memory they are kept in and the (N x training set) distances.",
+    )
 
     def resolved(self, dataset: str) -> EvalSpec:
         """This spec for a run on ``dataset``: ``metric`` resolved, FID metric and statistics compatible."""
@@ -128,7 +142,10 @@ def subset(dataset, n: int | None, seed: int) -> Tensor:
 
 
 def sample_producer(model, process: ForwardProcess, train_set, delta: float, seed: int, device: torch.device):
-    """``produce(n)``: ``n`` samples of the reverse process from IHDM's prior over training images."""
+    """``produce(n)``: ``n`` samples of the reverse process from IHDM's prior over training images.
+
+    A stochastic process draws one ``theta`` per sample, used by its prior and its whole reverse path.
+    """
     gen = torch.Generator(device=device).manual_seed(seed)
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
     position = 0
@@ -137,18 +154,52 @@ def sample_producer(model, process: ForwardProcess, train_set, delta: float, see
         nonlocal position
         idx = order[(position + torch.arange(n)) % len(order)]
         position += n
-        u_K = sampling.prior(process, train_set.batch(idx).to(device), delta, gen)
-        final, _ = sampling.reverse(model, u_K, process.K, delta, gen)
+        theta = sampling.draw_theta(process, n, gen)
+        u_K = sampling.prior(process, train_set.batch(idx).to(device), delta, gen, theta)
+        final, _ = sampling.reverse(model, u_K, process.K, delta, gen, theta=theta)
         return final
 
     return produce
+
+
+# Training images per chunk of the memorisation comparison: bounds the (samples, chunk) distances.
+MEMORISATION_CHUNK = 2048
+
+
+def run_memorisation(samples: Tensor, train_set, metric: str, mode: str, batch_size: int, device) -> tuple:
+    """Memorisation metrics and breakdown of ``uint8`` samples against every image of ``train_set``."""
+    from lintrans import fid, memorisation
+
+    extractor, resize = fid.extractor_for(metric, mode, device)
+    pixels = samples.float() / 255.0
+    pixel_nn = memorisation.NearestTwo(pixels.to(device))
+    feature_nn = memorisation.NearestTwo(fid.features(pixels, extractor, resize, mode, batch_size, device).to(device))
+    for start in range(0, len(train_set), MEMORISATION_CHUNK):
+        x = train_set.batch(torch.arange(start, min(start + MEMORISATION_CHUNK, len(train_set))))
+        pixel_nn.update(x.to(device))
+        feature_nn.update(fid.features(x, extractor, resize, mode, batch_size, device).to(device))
+    pixel, feature = (memorisation.summary(*found.distances()[:2]) for found in (pixel_nn, feature_nn))
+    metrics = {
+        "memorised_fraction": pixel["memorised_fraction"],
+        "nn_distance_pixel": pixel["nn_distance_mean"],
+        "nn_distance_feature": feature["nn_distance_mean"],
+    }
+    breakdown = {
+        "samples": len(samples),
+        "train_images": len(train_set),
+        "ratio_threshold": memorisation.RATIO,
+        "pixel": pixel,
+        "feature": {**feature, "extractor": metric},
+    }
+    return metrics, breakdown
 
 
 def run_fid(model, process, train_set, test_set, spec: EvalSpec, delta: float, resolution: int, device) -> tuple:
     from lintrans import fid
 
     produce = sample_producer(model, process, train_set, delta, spec.seed, device)
-    stream = fid.BatchStream(produce, spec.num_gen, spec.batch_size, desc="generate")
+    keep = min(spec.memorisation_samples, spec.num_gen)
+    stream = fid.BatchStream(produce, spec.num_gen, spec.batch_size, desc="generate", keep=keep)
     if spec.metric == "fid_mnist_features":
         score = fid.fid_mnist_features(
             stream, test_set.images, spec.num_gen, spec.batch_size, device, spec.cleanfid_mode
@@ -162,7 +213,10 @@ def run_fid(model, process, train_set, test_set, spec: EvalSpec, delta: float, r
             "statistics": str(fid.stats_file(name, resolution, mode, split)),
             "weights": str(fid.inception_file()),
         }
-    return {spec.metric: score}, {"num_gen": spec.num_gen, **breakdown}
+    memorised, memorisation = run_memorisation(
+        stream.kept(), train_set, spec.metric, spec.cleanfid_mode, spec.batch_size, device
+    )
+    return {spec.metric: score, **memorised}, {"num_gen": spec.num_gen, **breakdown, "memorisation": memorisation}
 
 
 def run_elbo(model, process, train_set, test_set, spec: EvalSpec, sigma: float, delta: float, device) -> tuple:

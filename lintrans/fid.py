@@ -16,6 +16,8 @@ Two metrics that are never compared with each other, so they carry different nam
 Both go through ``cleanfid.fid.compute_fid`` with a generator callable: clean-fid asks for
 ``ceil(num_gen / batch_size)`` batches of ``batch_size`` images in ``[0, 255]`` and keeps the
 first ``num_gen`` feature rows, which :class:`BatchStream` relies on to pad the last batch.
+:func:`features` runs any images through the same clean-fid path (resize and extractor of the
+metric, :func:`extractor_for`), which the memorisation figures of an FID evaluation use.
 """
 
 from __future__ import annotations
@@ -134,13 +136,18 @@ def keep_size(image: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- image stream
 
 
+def to_levels(images: Tensor) -> Tensor:
+    """``(B, C, H, W)`` in ``[0, 1]`` to the 256 levels a saved PNG has, as floats in ``[0, 255]``."""
+    return (images.float().clamp(0, 1) * 255).round()
+
+
 def to_cleanfid(images: Tensor) -> Tensor:
     """``(B, C, H, W)`` in ``[0, 1]`` to what clean-fid wants from a generator: ``(B, 3, H, W)`` in ``[0, 255]``.
 
     Values are rounded to the 256 levels a saved PNG has (the reference images are PNGs), and
     grey images are repeated to three channels.
     """
-    out = (images.float().clamp(0, 1) * 255).round()
+    out = to_levels(images)
     return out.expand(-1, 3, -1, -1) if out.shape[1] == 1 else out
 
 
@@ -149,18 +156,31 @@ class BatchStream:
 
     clean-fid calls it ``ceil(num_gen / batch_size)`` times with a latent it does not need and
     keeps the first ``num_gen`` feature rows; the last batch therefore produces only what is
-    missing and is padded (by repetition) to ``batch_size``, which costs no generation.
+    missing and is padded (by repetition) to ``batch_size``, which costs no generation. The first
+    ``keep`` images are kept on the CPU as the FID saw them (``uint8``, their own channels):
+    :meth:`kept`.
     """
 
-    def __init__(self, produce: Callable[[int], Tensor], num_gen: int, batch_size: int, desc: str = "") -> None:
+    def __init__(
+        self, produce: Callable[[int], Tensor], num_gen: int, batch_size: int, desc: str = "", keep: int = 0
+    ) -> None:
         from tqdm import tqdm
 
-        self.produce, self.batch_size, self.remaining = produce, batch_size, num_gen
+        self.produce, self.batch_size, self.remaining, self.keep = produce, batch_size, num_gen, keep
+        self.kept_batches: list[Tensor] = []
         self.bar = tqdm(total=num_gen, desc=desc, unit="img", dynamic_ncols=True, disable=not desc)
+
+    def kept(self) -> Tensor:
+        """The first ``keep`` images produced (fewer if fewer were), ``uint8 (N, C, H, W)``."""
+        return torch.cat(self.kept_batches) if self.kept_batches else torch.empty(0, dtype=torch.uint8)
 
     def __call__(self, latent: Tensor) -> Tensor:
         n = min(self.batch_size, max(self.remaining, 1))
-        images = to_cleanfid(self.produce(n))
+        produced = self.produce(n)
+        room = self.keep - sum(len(b) for b in self.kept_batches)
+        if room > 0:
+            self.kept_batches.append(to_levels(produced[:room]).to(torch.uint8).cpu())
+        images = to_cleanfid(produced)
         self.remaining -= n
         self.bar.update(n)
         if self.remaining <= 0:
@@ -192,6 +212,45 @@ def save_png_folder(images: Tensor, folder: Path) -> Path:
     return folder
 
 
+def extractor_for(metric: str, mode: str, device: torch.device) -> tuple[nn.Module, Callable | None]:
+    """The feature extractor of ``metric`` and its clean-fid ``custom_fn_resize`` (``None``: clean-fid's own)."""
+    if metric == "fid_mnist_features":
+        return CleanFidDigitFeatures(load_digit_net(device)), keep_size
+    if metric == "fid_inception":
+        return inception_extractor(mode, device), None
+    raise UsageError(f"unknown FID metric '{metric}'; valid: {choices(METRICS)}")
+
+
+def features(
+    images: Tensor,
+    extractor: nn.Module,
+    resize: Callable | None,
+    mode: str,
+    batch_size: int,
+    device: torch.device,
+) -> Tensor:
+    """Features of ``images`` (``(N, C, H, W)`` in ``[0, 1]``) along clean-fid's generator path.
+
+    That is the path the FID's samples take (:class:`BatchStream`, the metric's resize and
+    extractor, ``cleanfid.fid.get_model_features``), so these features are the FID's features.
+    """
+    from cleanfid import fid as cleanfid
+
+    position = 0
+
+    def serve(n: int) -> Tensor:
+        nonlocal position
+        position += n
+        return images[position - n : position]
+
+    stream = BatchStream(serve, len(images), batch_size)
+    feats = cleanfid.get_model_features(
+        stream, extractor, mode=mode, num_gen=len(images), batch_size=batch_size, device=device, verbose=False,
+        custom_fn_resize=resize,
+    )  # fmt: skip
+    return torch.from_numpy(feats)
+
+
 def fid_mnist_features(
     gen: BatchStream,
     reference: Tensor,
@@ -204,7 +263,7 @@ def fid_mnist_features(
     from cleanfid import fid as cleanfid
 
     check_fid_args(num_gen, batch_size, mode)
-    extractor = CleanFidDigitFeatures(load_digit_net(device))
+    extractor, resize = extractor_for("fid_mnist_features", mode, device)
     with tempfile.TemporaryDirectory(prefix="lintrans-fid-ref-") as tmp:
         folder = save_png_folder(reference, Path(tmp) / "reference")
         score = cleanfid.compute_fid(
@@ -216,7 +275,7 @@ def fid_mnist_features(
             device=device,
             num_workers=0,
             custom_feat_extractor=extractor,
-            custom_fn_resize=keep_size,
+            custom_fn_resize=resize,
             verbose=False,
         )
     return float(score)
@@ -237,6 +296,7 @@ def fid_inception(
 
     check_fid_args(num_gen, batch_size, mode)
     ensure_reference_stats(dataset_name, resolution, mode, split)
+    extractor, resize = extractor_for("fid_inception", mode, device)
     score = cleanfid.compute_fid(
         gen=gen,
         dataset_name=dataset_name,
@@ -247,7 +307,8 @@ def fid_inception(
         batch_size=batch_size,
         device=device,
         num_workers=0,
-        custom_feat_extractor=inception_extractor(mode, device),
+        custom_feat_extractor=extractor,
+        custom_fn_resize=resize,
         verbose=False,
     )
     return float(score)

@@ -1,4 +1,4 @@
-"""Deterministic linear forward processes ``u_k = T(k) u_0`` and their registry.
+"""Linear forward processes ``u_k = T(k) u_0`` (or ``T_theta(k) u_0``) and their registry.
 
 Each process is a small ``nn.Module`` keyed by name in ``FORWARD_PROCESSES``; the name in
 ``config.model.forward`` selects it. A process maps a batch ``x`` of shape ``(B, C, H, W)``
@@ -8,12 +8,20 @@ training loss needs both), and ``matrix(k)`` gives the dense ``d x d`` matrix (f
 ``d = C*H*W``) for small images, built independently of ``forward`` so that tests can
 check one against the other.
 
+Stochastic processes (the seed's idea 3, :class:`StochasticProcess`) draw a parameter ``theta``
+per sample, independent of ``u_0``, that picks the map ``T_theta(k)``: ``theta_dim > 0``,
+``sample_theta(n, generator)`` draws ``(n, theta_dim)`` values from ``p(theta)``, and ``forward``,
+``pair`` and ``matrix`` take that ``theta`` (one row per sample; ``matrix`` one row). For a
+deterministic process ``theta_dim = 0``, ``sample_theta`` returns ``None`` without touching the
+generator, and ``theta`` is ``None`` everywhere: callers pass whatever ``sample_theta`` gave them,
+so training, sampling and evaluation have one code path for both kinds.
+
 Adding a process is one class plus a name::
 
     @register_forward("my_process")
     class MyProcess(ForwardProcess):
-        def forward(self, x, k): ...
-        def matrix(self, k): ...
+        def forward(self, x, k, theta=None): ...
+        def matrix(self, k, theta=None): ...
 
 A config file may do exactly that before ``get_config`` returns; the class is then
 available wherever that config is loaded (every DDP rank loads it). A process takes plain
@@ -25,7 +33,7 @@ arguments of its ``__init__`` beyond ``K`` and ``shape``. :mod:`lintrans.config`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -57,17 +65,19 @@ def process_class(name: str) -> type[ForwardProcess]:
     return FORWARD_PROCESSES[name]
 
 
-def check_forward(name: str, K: int, shape: tuple[int, int, int], max_bytes: int | None = None) -> type[ForwardProcess]:
+def check_forward(
+    name: str, K: int, shape: tuple[int, int, int], max_bytes: int | None = None, **params
+) -> type[ForwardProcess]:
     """The class of ``name`` once ``K`` and its memory are known to be possible (nothing is built).
 
-    ``max_bytes`` bounds what the process would keep in memory (``storage_bytes``), whatever its
-    kind: a dense random map at K = 10^4 or a heat schedule at K = 10^9 is refused before a single
-    byte is allocated.
+    ``max_bytes`` bounds what the process would keep in memory (``storage_bytes``, which may
+    depend on ``params``), whatever its kind: a dense random map at K = 10^4 or a heat schedule at
+    K = 10^9 is refused before a single byte is allocated.
     """
     cls = process_class(name)
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise UsageError(f"config.model.K must be an integer >= 1, got {K!r}")
-    need = cls.storage_bytes(K, tuple(shape))
+    need = cls.storage_bytes(K, tuple(shape), **params)
     if max_bytes is not None and need > max_bytes:
         hint = f"; use '{name}_separable' instead" if f"{name}_separable" in FORWARD_PROCESSES else ""
         raise UsageError(
@@ -81,14 +91,15 @@ def create_forward(
     name: str, K: int, shape: tuple[int, int, int], max_bytes: int | None = None, **params
 ) -> ForwardProcess:
     """Build the process ``name`` for horizon ``K`` on images of ``shape`` ``(C, H, W)`` (see :func:`check_forward`)."""
-    return check_forward(name, K, shape, max_bytes)(K, tuple(shape), **params)
+    return check_forward(name, K, shape, max_bytes, **params)(K, tuple(shape), **params)
 
 
 class ForwardProcess(nn.Module):
-    """Base class: ``T(k)`` for ``k = 0..K`` on images of a fixed shape, ``T(0) = I``."""
+    """Base class: ``T(k)`` for ``k = 0..K`` on images of a fixed shape, ``T(0) = I``; deterministic."""
 
     name: str = ""
     config_keys: tuple[str, ...] = ()  # keyword arguments of __init__, read from config.model
+    theta_dim: int = 0  # size of the per-sample parameter theta; 0: deterministic
 
     def __init__(self, K: int, shape: tuple[int, int, int]) -> None:
         super().__init__()
@@ -96,7 +107,7 @@ class ForwardProcess(nn.Module):
         self.shape: tuple[int, int, int] = shape
 
     @classmethod
-    def storage_bytes(cls, K: int, shape: tuple[int, int, int]) -> int:
+    def storage_bytes(cls, K: int, shape: tuple[int, int, int], **params) -> int:
         """Bytes of the buffers the process keeps: one float per level unless a subclass stores more."""
         return 4 * (K + 1)
 
@@ -104,14 +115,18 @@ class ForwardProcess(nn.Module):
     def dim(self) -> int:
         return math.prod(self.shape)
 
-    def forward(self, x: Tensor, k: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def sample_theta(self, n: int, generator: torch.Generator) -> Tensor | None:
+        """``(n, theta_dim)`` draws from ``p(theta)`` on the generator's device; ``None`` (no draw) here."""
+        return None
+
+    def forward(self, x: Tensor, k: Tensor, theta: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def pair(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    def pair(self, x: Tensor, k: Tensor, theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(T(k) x, T(k-1) x)``; subclasses share work between the two where they can."""
-        return self(x, k), self(x, k - 1)
+        return self(x, k, theta), self(x, k - 1, theta)
 
-    def matrix(self, k: int) -> Tensor:  # pragma: no cover - abstract
+    def matrix(self, k: int, theta: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def levels(self, k: int | Tensor, batch: int, device: torch.device) -> Tensor:
@@ -119,6 +134,32 @@ class ForwardProcess(nn.Module):
         if isinstance(k, Tensor):
             return k.to(device=device, dtype=torch.long).expand(batch)
         return torch.full((batch,), int(k), device=device, dtype=torch.long)
+
+
+class StochasticProcess(ForwardProcess):
+    """``T_theta(k)`` with ``theta ~ p(theta)`` per sample, independent of ``u_0`` (the seed's idea 3).
+
+    A subclass sets ``theta_dim``, draws ``theta`` in :meth:`sample_theta` and reads it through
+    :meth:`theta_of`, which refuses a missing or misshapen ``theta``: a stochastic process has no
+    map without one.
+    """
+
+    theta_dim = 1
+
+    def sample_theta(self, n: int, generator: torch.Generator) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def theta_of(self, theta: Tensor | None, batch: int) -> Tensor:
+        """``theta`` as ``(batch, theta_dim)``; a single row (``matrix``) may be given flat."""
+        if theta is not None and batch == 1:
+            theta = theta.reshape(1, -1)
+        if theta is None or tuple(theta.shape) != (batch, self.theta_dim):
+            got = None if theta is None else tuple(theta.shape)
+            raise UsageError(
+                f"forward process '{self.name}' needs theta of shape ({batch}, {self.theta_dim}) from its "
+                f"sample_theta, got {got}"
+            )
+        return theta
 
 
 # --------------------------------------------------------------------------- scalar maps
@@ -136,10 +177,10 @@ class ScalarProcess(ForwardProcess):
     def coefficients(k: Tensor, K: int) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, x: Tensor, k: Tensor) -> Tensor:
+    def forward(self, x: Tensor, k: Tensor, theta: Tensor | None = None) -> Tensor:
         return x * self.coeffs[k].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
-    def matrix(self, k: int) -> Tensor:
+    def matrix(self, k: int, theta: Tensor | None = None) -> Tensor:
         return self.coeffs[k].double().cpu() * torch.eye(self.dim, dtype=torch.float64)
 
 
@@ -246,40 +287,91 @@ class Heat(ForwardProcess):
         self.register_buffer("t", t.float(), persistent=False)
 
     @classmethod
-    def storage_bytes(cls, K: int, shape: tuple[int, int, int]) -> int:
+    def storage_bytes(cls, K: int, shape: tuple[int, int, int], **params) -> int:
         return 4 * (K + 1) + 4 * shape[1] * shape[2]
 
-    def masks(self, k: Tensor) -> Tensor:
-        """Per-sample DCT multipliers, ``(B, 1, H, W)``."""
-        return torch.exp(-self.freq2 * self.t[k].view(-1, 1, 1))[:, None]
+    def times(self, k: Tensor, theta: Tensor | None) -> Tensor:
+        """Per-sample diffusion times ``s_k^2 / 2``, ``(B,)``."""
+        return self.t[k]
 
-    def forward(self, x: Tensor, k: Tensor) -> Tensor:
+    def masks(self, k: Tensor, theta: Tensor | None = None) -> Tensor:
+        """Per-sample DCT multipliers, ``(B, 1, H, W)``."""
+        return torch.exp(-self.freq2 * self.times(k, theta).view(-1, 1, 1))[:, None]
+
+    def forward(self, x: Tensor, k: Tensor, theta: Tensor | None = None) -> Tensor:
         xf = x.float() if x.dtype in _REDUCED_PRECISION else x
-        out = idct_2d(dct_2d(xf) * self.masks(k).to(xf.dtype))
+        out = idct_2d(dct_2d(xf) * self.masks(k, theta).to(xf.dtype))
         return out.to(x.dtype)
 
-    def pair(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    def pair(self, x: Tensor, k: Tensor, theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One DCT, two masks, one inverse DCT over both (stacked along the batch)."""
         xf = x.float() if x.dtype in _REDUCED_PRECISION else x
         coeffs = dct_2d(xf)
-        masks = self.masks(torch.cat([k, k - 1])).to(xf.dtype)
+        masks = self.masks(torch.cat([k, k - 1]), None if theta is None else theta.repeat(2, 1)).to(xf.dtype)
         both = idct_2d(coeffs.repeat(2, 1, 1, 1) * masks).to(x.dtype)
         return both[: len(x)], both[len(x) :]
 
-    def matrix(self, k: int) -> Tensor:
+    def matrix(self, k: int, theta: Tensor | None = None) -> Tensor:
         C, H, W = self.shape
         D = torch.kron(dct_matrix(H), dct_matrix(W))  # row-major vec of D_H X D_W^T
-        m = torch.exp(-self.freq2.double().cpu() * float(self.t[k])).reshape(-1)
+        time = float(self.times(torch.tensor([k], device=self.t.device), theta)[0])
+        m = torch.exp(-self.freq2.double().cpu() * time).reshape(-1)
         block = D.T @ torch.diag(m) @ D
         return torch.block_diag(*([block] * C))
+
+
+@register_forward("heat_random_scale")
+class HeatRandomScale(StochasticProcess, Heat):
+    """Heat dissipation with a per-sample blur scale: widths ``theta s_k``, ``theta ~ Uniform[a, b]``.
+
+    ``a, b`` are ``blur_scale_min`` and ``blur_scale_max``; ``theta = 1`` is :class:`Heat`. Each
+    image dissipates at its own rate, so ``u_K`` alone does not say how far it has been blurred.
+    """
+
+    config_keys = (*Heat.config_keys, "blur_scale_min", "blur_scale_max")
+
+    def __init__(
+        self,
+        K: int,
+        shape: tuple[int, int, int],
+        blur_sigma_min: float,
+        blur_sigma_max: float,
+        blur_scale_min: float,
+        blur_scale_max: float,
+    ) -> None:
+        lo, hi = blur_scale_min, blur_scale_max
+        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo <= hi < math.inf):
+            raise UsageError(f"heat_random_scale needs 0 < blur_scale_min <= blur_scale_max, got {lo!r} and {hi!r}")
+        super().__init__(K, shape, blur_sigma_min, blur_sigma_max)
+        self.scale_min, self.scale_max = float(lo), float(hi)
+
+    def sample_theta(self, n: int, generator: torch.Generator) -> Tensor:
+        u = torch.rand((n, 1), generator=generator, device=generator.device)
+        return self.scale_min + (self.scale_max - self.scale_min) * u
+
+    def times(self, k: Tensor, theta: Tensor | None) -> Tensor:
+        scale = self.theta_of(theta, len(k))[:, 0].to(self.t)
+        return self.t[k] * scale**2
 
 
 # --------------------------------------------------------------------------- random maps
 
 
-def _generator(seed: int, salt: int) -> torch.Generator:
+def seeded_generator(seed: int, salt: int) -> torch.Generator:
     """A CPU generator from the process's seed, so every rank and every restart agrees."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + salt)
+
+
+def stack_levels(levels: Iterable[Tensor], count: int, n: int) -> Tensor:
+    """``(count, n, n)`` float32 storage filled one level at a time.
+
+    Products are accumulated in float64, but only the running product is kept in float64: a
+    float64 copy of every level (twice the stored bytes) would be the peak memory otherwise.
+    """
+    out = torch.empty(count, n, n)
+    for k, level in enumerate(levels):
+        out[k] = level
+    return out
 
 
 class MatrixProcess(ForwardProcess):
@@ -299,22 +391,26 @@ class MatrixProcess(ForwardProcess):
     def __init__(self, K: int, shape: tuple[int, int, int], forward_seed: int = 0) -> None:
         super().__init__(K, shape)
         _, H, W = self.shape
-        gen = _generator(forward_seed, self.salt)
+        gen = seeded_generator(forward_seed, self.salt)
         if self.separable:
-            self.register_buffer("rows", self.build(H, gen).float(), persistent=False)
-            self.register_buffer("cols", self.build(W, gen).float(), persistent=False)
+            self.register_buffer("rows", self.build(H, gen), persistent=False)
+            self.register_buffer("cols", self.build(W, gen), persistent=False)
             return
-        self.register_buffer("mats", self.build(self.dim, gen).float(), persistent=False)
+        self.register_buffer("mats", self.build(self.dim, gen), persistent=False)
 
     @classmethod
-    def storage_bytes(cls, K: int, shape: tuple[int, int, int]) -> int:
+    def storage_bytes(cls, K: int, shape: tuple[int, int, int], **params) -> int:
         C, H, W = shape
         per_level = H * H + W * W if cls.separable else (C * H * W) ** 2
         return 4 * (K + 1) * per_level
 
     def build(self, n: int, gen: torch.Generator) -> Tensor:  # pragma: no cover - abstract
-        """``(K+1, n, n)`` float64 matrices with index 0 the identity."""
+        """``(K+1, n, n)`` float32 matrices with index 0 the identity."""
         raise NotImplementedError
+
+    def index(self, k: Tensor, theta: Tensor | None) -> Tensor:
+        """Which stored matrix each sample uses: its level here."""
+        return k
 
     def _apply_level(self, x: Tensor, level: int) -> Tensor:
         if self.separable:
@@ -323,20 +419,22 @@ class MatrixProcess(ForwardProcess):
         M = self.mats[level].to(x.dtype)
         return (x.reshape(len(x), -1) @ M.T).reshape(x.shape)
 
-    def forward(self, x: Tensor, k: Tensor) -> Tensor:
-        """Groups the batch by level, so each distinct level costs one batched matmul."""
+    def forward(self, x: Tensor, k: Tensor, theta: Tensor | None = None) -> Tensor:
+        """Groups the batch by stored matrix, so each distinct one costs one batched matmul."""
         out = torch.empty_like(x)
-        for level in torch.unique(k).tolist():
-            idx = (k == level).nonzero(as_tuple=True)[0]
+        index = self.index(k, theta)
+        for level in torch.unique(index).tolist():
+            idx = (index == level).nonzero(as_tuple=True)[0]
             out[idx] = self._apply_level(x[idx], level)
         return out
 
-    def matrix(self, k: int) -> Tensor:
+    def matrix(self, k: int, theta: Tensor | None = None) -> Tensor:
         C = self.shape[0]
+        i = int(self.index(torch.tensor([k]), theta)[0])
         if self.separable:
-            block = torch.kron(self.rows[k].double().cpu(), self.cols[k].double().cpu())
+            block = torch.kron(self.rows[i].double().cpu(), self.cols[i].double().cpu())
             return torch.block_diag(*([block] * C))
-        return self.mats[k].double().cpu()
+        return self.mats[i].double().cpu()
 
 
 def gaussian_levels(K: int, n: int, gen: torch.Generator) -> Tensor:
@@ -346,28 +444,45 @@ def gaussian_levels(K: int, n: int, gen: torch.Generator) -> Tensor:
     return mats
 
 
-def orthogonal_products(K: int, n: int, gen: torch.Generator, step: float) -> Tensor:
+def gaussian_products(K: int, n: int, gen: torch.Generator) -> Iterator[Tensor]:
+    """``T(0) = I``, ``T(k) = R_k T(k-1)`` with independent ``R_k`` of ``N(0, 1/n)`` entries, in float64.
+
+    The seed's product of random matrices. With ``N(0, 1)`` entries every factor multiplies norms
+    by about ``sqrt(n)`` and float32 overflows within dozens of factors; with ``N(0, 1/n)`` the
+    squared singular values of a k-fold product follow the Fuss-Catalan law (large ``n``), whose
+    largest value is about ``e (k + 1)``: ``sigma_max`` grows only like ``sqrt(e k)`` (about 10 at
+    k = 40, 50 at k = 1000), while the typical singular value shrinks geometrically (the median by
+    about ``sqrt(2)`` per factor, ~1e-6 at k = 40). The process dissipates information as heat does.
+    Singular values below ``~1e-16 sigma_max`` are rounding noise in float64, and the smallest ones
+    underflow harmlessly towards zero; nothing overflows. Yields the running product, one level at
+    a time, so a caller can check the numerics without storing every level.
+    """
+    product = torch.eye(n, dtype=torch.float64)
+    yield product
+    for _ in range(K):
+        product = (torch.randn(n, n, generator=gen, dtype=torch.float64) / math.sqrt(n)) @ product
+        yield product
+
+
+def rotation_products(K: int, n: int, gen: torch.Generator, step: float) -> Iterator[Tensor]:
     """``T(k) = R_k ... R_1`` with near-identity orthogonal factors, stable for any K.
 
     Each factor is the Cayley transform ``(I - eps A/2)^{-1} (I + eps A/2)`` of a random
     skew-symmetric ``A`` (entries ``N(0, 1/n)``): exactly orthogonal, so the product keeps
-    every singular value at 1 instead of growing or shrinking geometrically as a product of
-    Gaussian matrices does. The running product is accumulated in float64 and
+    every singular value at 1, an isometry that dissipates nothing (unlike
+    :func:`gaussian_products`). The running product is accumulated in float64 and
     re-orthonormalised by QR (sign-fixed, so it stays continuous in k) to remove rounding drift.
     """
     eye = torch.eye(n, dtype=torch.float64)
-    mats = torch.empty(K + 1, n, n, dtype=torch.float64)
-    mats[0] = eye
     product = eye
-    for k in range(1, K + 1):
+    yield product
+    for _ in range(K):
         G = torch.randn(n, n, generator=gen, dtype=torch.float64) / math.sqrt(n)
         A = (G - G.T) * (step / 2)
         R = torch.linalg.solve(eye - A, eye + A)
-        product = R @ product
-        Q, Rtri = torch.linalg.qr(product)
+        Q, Rtri = torch.linalg.qr(R @ product)
         product = Q * torch.sign(torch.diagonal(Rtri))[None, :]
-        mats[k] = product
-    return mats
+        yield product
 
 
 @register_forward("random_fixed")
@@ -377,7 +492,7 @@ class RandomFixed(MatrixProcess):
     salt = 1
 
     def build(self, n: int, gen: torch.Generator) -> Tensor:
-        return gaussian_levels(self.K, n, gen)
+        return gaussian_levels(self.K, n, gen).float()
 
 
 @register_forward("random_fixed_separable")
@@ -385,11 +500,56 @@ class RandomFixedSeparable(RandomFixed):
     separable = True
 
 
-@register_forward("random_product")
-class RandomProduct(MatrixProcess):
-    """``T(k) = R_k ... R_1`` with orthogonal near-identity ``R_i`` (see :func:`orthogonal_products`).
+def check_choices(num_choices: int) -> int:
+    """``num_choices`` if it is an integer >= 1, else a :class:`UsageError` naming the key."""
+    if isinstance(num_choices, bool) or not isinstance(num_choices, int) or num_choices < 1:
+        raise UsageError(f"config.model.num_choices must be an integer >= 1, got {num_choices!r}")
+    return num_choices
 
-    ``product_step`` sets how far each factor rotates (IHDM-style configs: 0.1).
+
+@register_forward("random_choice")
+class RandomChoice(StochasticProcess, RandomFixed):
+    """One of ``M`` seeded :class:`RandomFixed` map families per sample: ``theta ~ Uniform{0..M-1}``.
+
+    ``M`` is ``num_choices``; family ``m`` is stored at rows ``m (K+1) .. m (K+1) + K`` and
+    ``theta`` (a float holding ``m``) picks it. Family 0 is ``random_fixed``'s maps with the same
+    seed, so ``M = 1`` is ``random_fixed``. Storage is ``M`` times ``random_fixed``'s (the
+    dense/separable budget check counts it).
+    """
+
+    config_keys = ("forward_seed", "num_choices")
+
+    def __init__(self, K: int, shape: tuple[int, int, int], forward_seed: int = 0, num_choices: int = 3) -> None:
+        self.num_choices = check_choices(num_choices)
+        super().__init__(K, shape, forward_seed)
+
+    @classmethod
+    def storage_bytes(cls, K: int, shape: tuple[int, int, int], num_choices: int = 3, **params) -> int:
+        return check_choices(num_choices) * super().storage_bytes(K, shape)
+
+    def build(self, n: int, gen: torch.Generator) -> Tensor:
+        family = super().build  # random_fixed's levels, one family per draw
+        return torch.cat([family(n, gen) for _ in range(self.num_choices)])
+
+    def sample_theta(self, n: int, generator: torch.Generator) -> Tensor:
+        return torch.randint(self.num_choices, (n, 1), generator=generator, device=generator.device).float()
+
+    def index(self, k: Tensor, theta: Tensor | None) -> Tensor:
+        choice = self.theta_of(theta, len(k))[:, 0].to(device=k.device, dtype=torch.long)
+        return choice * (self.K + 1) + k
+
+
+@register_forward("random_choice_separable")
+class RandomChoiceSeparable(RandomChoice):
+    separable = True
+
+
+@register_forward("random_rotation_product")
+class RandomRotationProduct(MatrixProcess):
+    """``T(k) = R_k ... R_1`` with orthogonal near-identity ``R_i`` (see :func:`rotation_products`).
+
+    ``product_step`` sets how far each factor rotates (IHDM-style configs: 0.1). Its salt is the
+    one the orthogonal product had when it was called ``random_product``, so its matrices are the same.
     """
 
     salt = 2
@@ -400,9 +560,26 @@ class RandomProduct(MatrixProcess):
         super().__init__(K, shape, forward_seed)
 
     def build(self, n: int, gen: torch.Generator) -> Tensor:
-        return orthogonal_products(self.K, n, gen, self.step)
+        return stack_levels(rotation_products(self.K, n, gen, self.step), self.K + 1, n)
+
+
+@register_forward("random_rotation_product_separable")
+class RandomRotationProductSeparable(RandomRotationProduct):
+    separable = True
+
+
+@register_forward("random_product")
+class RandomProduct(MatrixProcess):
+    """The seed's ``T(k) = R_k ... R_1`` with Gaussian ``R_i`` (``N(0, 1/n)``, see :func:`gaussian_products`)."""
+
+    salt = 3
+
+    def build(self, n: int, gen: torch.Generator) -> Tensor:
+        return stack_levels(gaussian_products(self.K, n, gen), self.K + 1, n)
 
 
 @register_forward("random_product_separable")
 class RandomProductSeparable(RandomProduct):
+    """Per-axis Gaussian products: ``T(k) = I_C (x) (A_k ... A_1) (x) (B_k ... B_1)``."""
+
     separable = True

@@ -1,7 +1,8 @@
 """One training step, callable: randomness, augmentation, loss, all-reduce, update, EMA.
 
-Every per-sample random choice (levels, noise, flips, dequantisation) is drawn for the *global*
-batch from a generator seeded by ``(seed, step)``, and each rank takes its slice
+Every per-sample random choice (levels, noise, flips, dequantisation, and the ``theta`` of a
+stochastic forward process) is drawn for the *global* batch from a generator seeded by
+``(seed, step)``, and each rank takes its slice
 (:func:`step_randomness`). Hence 2 ranks at batch ``b`` and 1 rank at batch ``2b`` compute the
 same update, and a resume at step ``s`` needs only ``s`` plus the saved model, EMA, optimizer and
 (dropout) RNG states. :class:`TrainStep` is what ``training_loop`` calls each step and what the
@@ -31,15 +32,29 @@ Timer = Callable[[str], AbstractContextManager]
 
 
 def step_randomness(
-    seed: int, step: int, global_batch: int, shape: tuple[int, ...], K: int, random_flip: bool, dequantization: bool
+    seed: int,
+    step: int,
+    global_batch: int,
+    shape: tuple[int, ...],
+    K: int,
+    random_flip: bool,
+    dequantization: bool,
+    sample_theta: Callable[[int, torch.Generator], Tensor | None] | None = None,
 ) -> dict[str, Tensor]:
-    """Levels, noise, flips and dequantisation noise for the whole global batch of ``step``."""
+    """Levels, noise, flips, dequantisation noise and ``theta`` for the whole global batch of ``step``.
+
+    ``sample_theta`` is the forward process's; ``theta`` is drawn last and only where it exists,
+    so a deterministic process sees exactly the draws it saw before stochastic processes existed.
+    """
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + step)
     out = {"k": sample_levels(global_batch, K, gen), "noise": torch.randn((global_batch, *shape), generator=gen)}
     if random_flip:
         out["flip"] = torch.rand(global_batch, generator=gen) < 0.5
     if dequantization:
         out["dequant"] = torch.rand((global_batch, *shape), generator=gen)
+    theta = sample_theta(global_batch, gen) if sample_theta is not None else None
+    if theta is not None:
+        out["theta"] = theta
     return out
 
 
@@ -100,16 +115,17 @@ class TrainStep:
     def __call__(self, step: int, x0: Tensor, stop_requested: bool = False) -> StepResult:
         shape = self.process.shape
         rnd = step_randomness(self.seed, step, self.global_batch, shape, self.process.K, self.random_flip,
-                              self.dequantization)  # fmt: skip
+                              self.dequantization, self.process.sample_theta)  # fmt: skip
         rnd = {key: value[self.rows] for key, value in rnd.items()}
         x0 = augment(x0, rnd).to(self.device, non_blocking=True)
         k, noise = rnd["k"].to(self.device), rnd["noise"].to(self.device)
+        theta = rnd["theta"].to(self.device) if "theta" in rnd else None
 
         # Loss and gradient (DDP averages the gradients over ranks during backward).
         with self.timer("forward_process"):
-            target_k, target_prev = self.process.pair(x0, k)
+            target_k, target_prev = self.process.pair(x0, k, theta)
         with self.autocast:
-            per = denoising_loss(self.ddp, target_k, target_prev, k, noise, self.sigma)
+            per = denoising_loss(self.ddp, target_k, target_prev, k, noise, self.sigma, theta)
         loss = per.mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -62,19 +62,25 @@ def held_out_loss(
     model, process: ForwardProcess, eval_set, *, seed: int, sigma: float, batch_size: int, num_batches: int,
     device: torch.device,
 ) -> float:  # fmt: skip
-    """Mean per-sample loss over the first ``num_batches`` held-out batches, with fixed randomness."""
+    """Mean per-sample loss over the first ``num_batches`` held-out batches, with fixed randomness.
+
+    Levels, noise and (for a stochastic process) ``theta`` are drawn for all ``n`` images at once,
+    so the figure does not depend on the world size.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
     n = min(len(eval_set), batch_size * num_batches)
     gen = torch.Generator().manual_seed(seed + 12345)
     k_all = sample_levels(n, process.K, gen)
     noise_all = torch.randn((n, *process.shape), generator=gen)
+    theta_all = process.sample_theta(n, gen)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     for start in range(rank * batch_size, n, world * batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
         x0 = eval_set.batch(idx).to(device)
-        per = per_sample_loss(model, process, x0, k_all[idx].to(device), noise_all[idx].to(device), sigma)
+        theta = None if theta_all is None else theta_all[idx].to(device)
+        per = per_sample_loss(model, process, x0, k_all[idx].to(device), noise_all[idx].to(device), sigma, theta)
         total += torch.stack([per.sum().double(), torch.tensor(float(len(idx)), device=device, dtype=torch.float64)])
     model.train(was_training)
     dist.all_reduce(total)
@@ -88,8 +94,9 @@ def write_samples(
     """Sample grid, prior grid and reverse-process GIF from the EMA model; returns the samples."""
     gen = torch.Generator(device=device).manual_seed(seed + 777)
     idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed + 778))[:n]
-    u_K = sampling.prior(process, train_set.batch(idx).to(device), delta, gen)
-    final, frames = sampling.reverse(ema_model, u_K, process.K, delta, gen, num_frames=40)
+    theta = sampling.draw_theta(process, len(idx), gen)
+    u_K = sampling.prior(process, train_set.batch(idx).to(device), delta, gen, theta)
+    final, frames = sampling.reverse(ema_model, u_K, process.K, delta, gen, num_frames=40, theta=theta)
     images.save_grid(folder / "samples.png", final.cpu())
     images.save_grid(folder / "prior.png", u_K.cpu())
     images.save_gif(folder / "process.gif", frames)

@@ -1,7 +1,11 @@
 """The IHDM U-Net (the guided-diffusion architecture IHDM uses), conditioned on the level k.
 
-``UNet(**model_args)(u_k, k)`` predicts the residual ``f`` with ``u_{k-1} ~ u_k + f``
-(:func:`lintrans.config.model_args` reads the arguments from ``config.model``).
+``UNet(**model_args)(u_k, k, theta)`` predicts the residual ``f`` with ``u_{k-1} ~ u_k + f``
+(:func:`lintrans.config.model_args` reads the arguments from ``config.model``). ``theta`` is the
+per-sample parameter of a stochastic forward process (``None`` for a deterministic one); with
+``theta_dim > 0`` it is embedded like the level (sinusoids of each component, an MLP) and added to
+the level embedding, with ``theta_dim = 0`` it is ignored, so every caller calls the network the
+same way.
 ``attention_levels`` are indices into ``channel_mult`` (IHDM's convention). Normalisation is
 GroupNorm and the non-linearity swish (SiLU), as in every IHDM config. ResBlocks return
 ``skip(x) + h`` as IHDM's do; ``rescale_resblocks=True`` is the variant that divides that sum by
@@ -37,6 +41,11 @@ def level_embedding(k: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     args = k.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
+
+
+def theta_embedding(theta: Tensor, dim: int) -> Tensor:
+    """:func:`level_embedding` of each component of ``theta (B, theta_dim)``, concatenated: ``(B, theta_dim*dim)``."""
+    return level_embedding(theta.reshape(-1), dim).reshape(len(theta), -1)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -133,6 +142,7 @@ class UNet(nn.Module):
         num_heads: int = 1,
         num_head_channels: int = -1,
         rescale_resblocks: bool = False,
+        theta_dim: int = 0,
     ) -> None:
         super().__init__()
         ch = model_channels
@@ -146,6 +156,11 @@ class UNet(nn.Module):
             )
         self.model_channels = ch
         self.level_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.theta_mlp = (
+            nn.Sequential(nn.Linear(theta_dim * ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            if theta_dim
+            else None
+        )
 
         def res(i: int, o: int) -> ResBlock:
             return ResBlock(i, o, emb_dim, dropout, use_scale_shift_norm, rescale_resblocks)
@@ -184,8 +199,12 @@ class UNet(nn.Module):
                     self.upsamplers[str(len(self.up) - 1)] = Upsample(cur, conv_resample)
         self.out = nn.Sequential(group_norm(cur), nn.SiLU(), zero_module(nn.Conv2d(cur, in_ch, 3, padding=1)))
 
-    def forward(self, x: Tensor, k: Tensor) -> Tensor:
+    def forward(self, x: Tensor, k: Tensor, theta: Tensor | None = None) -> Tensor:
         emb = self.level_mlp(level_embedding(k, self.model_channels))
+        if self.theta_mlp is not None:
+            if theta is None:
+                raise UsageError("this network is conditioned on theta (config.model.condition_on_theta) but got none")
+            emb = emb + self.theta_mlp(theta_embedding(theta, self.model_channels))
         h = self.input_conv(x)
         hs = [h]
         for layers in self.down:

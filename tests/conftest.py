@@ -97,7 +97,15 @@ def weights(workdir: Path, key: str = "model") -> dict[str, torch.Tensor]:
     return state[key]
 
 
-PROCESS_PARAMS = {"blur_sigma_min": 0.5, "blur_sigma_max": 4.0, "forward_seed": 3, "product_step": 0.1}
+PROCESS_PARAMS = {
+    "blur_sigma_min": 0.5,
+    "blur_sigma_max": 4.0,
+    "forward_seed": 3,
+    "product_step": 0.1,
+    "blur_scale_min": 0.5,
+    "blur_scale_max": 1.5,
+    "num_choices": 3,
+}
 
 
 def make_process(name: str, shape: tuple[int, int, int] = (1, 6, 6), K: int = 7, max_bytes: int = 2**31, **params):

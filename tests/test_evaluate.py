@@ -45,7 +45,10 @@ def test_record_contents_and_replacement(tiny_run, tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == json.loads(json.dumps(second, default=str))  # replaced, not added
     assert len([r for r in records.read_records(tiny_run) if r["experiment"] == "single"]) == 1
     assert first["metrics"] == second["metrics"]  # same seed, same samples, same score
-    assert first["metrics"].keys() == {"fid_mnist_features"} and math.isfinite(first["metrics"]["fid_mnist_features"])
+    memorisation = {"memorised_fraction", "nn_distance_pixel", "nn_distance_feature"}
+    assert first["metrics"].keys() == {"fid_mnist_features", *memorisation}
+    assert all(math.isfinite(value) for value in first["metrics"].values())
+    assert 0 <= first["metrics"]["memorised_fraction"] <= 1 and first["breakdown"]["memorisation"]["samples"] == 4
     run_info = first["run"]
     assert (run_info["dataset"], run_info["forward"], run_info["K"], run_info["steps"]) == ("mnist5k", "heat", 5, 10)
     assert run_info["sigma"] == 0.01 and first["run"]["delta"] == pytest.approx(0.0125)
@@ -55,6 +58,8 @@ def test_record_contents_and_replacement(tiny_run, tmp_path, monkeypatch):
     assert {"torch", "clean-fid", "lintrans"} <= first["versions"].keys()
     summary = tmp_path / "runs" / "mnist5k" / "evaluation_results" / "single"
     assert len(list(summary.glob("*.json"))) == 1  # the same evaluation replaces its file
+    with open(summary / "summary.csv") as f:
+        assert memorisation <= set(next(csv.reader(f)))  # table columns
 
 
 def require_elbo() -> None:

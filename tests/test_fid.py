@@ -112,11 +112,13 @@ def test_stream_matches_cleanfid_contract():
         produced.append(n)
         return torch.full((n, 1, 4, 4), 0.5)
 
-    stream = fid.BatchStream(produce, num_gen=10, batch_size=4)
+    stream = fid.BatchStream(produce, num_gen=10, batch_size=4, keep=6)
     batches = [stream(None) for _ in range(3)]
     assert produced == [4, 4, 2]
     assert all(b.shape == (4, 3, 4, 4) for b in batches)
     assert batches[0].max().item() == 128.0  # 0.5 * 255 rounded like a saved PNG
+    kept = stream.kept()  # the first 6, as the FID saw them, in their own channels
+    assert kept.shape == (6, 1, 4, 4) and kept.dtype == torch.uint8 and bool((kept == 128).all())
 
 
 def evaluate_cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess:

@@ -50,7 +50,12 @@ def get_default_configs():
     model.blur_sigma_min = 0.5
     model.max_dense_bytes = 2**31  # refuse a forward process that would store more than this
     model.forward_seed = placeholder(int)  # random processes; None: config.seed
-    model.product_step = 0.1  # random_product: rotation per factor
+    model.product_step = 0.1  # random_rotation_product(_separable): rotation per factor
+    # Stochastic processes draw a parameter theta per sample, independent of the image:
+    model.blur_scale_min = 0.5  # heat_random_scale: blur widths scaled by theta ~ Uniform[min, max]
+    model.blur_scale_max = 1.5
+    model.num_choices = 3  # random_choice(_separable): theta ~ Uniform{0..M-1} picks one of M random map families
+    model.condition_on_theta = False  # the U-Net also sees theta (embedded like the level); no effect if deterministic
     model.dropout = 0.1
     model.model_channels = 128
     model.channel_mult = (1, 2, 2)
