@@ -194,16 +194,16 @@ def submit(sweep: Sweep, trials: list[Trial], backend, args) -> int:
         write_spec(sweep, t)
         if views[t.id]["state"] in ("stopped", "failed"):  # asked to go again: the next start is a resume
             state.write_status(t.run_dir, "preempted", reason=f"re-run after {views[t.id]['state']}", resumable=True)
-    if args.sbatch_only:
+    code = 0
+    if not todo:
+        skipped = sum(v.startswith("skip (") for v in plan.values())
+        print(f"nothing to submit: {sum(v == 'skip (done)' for v in plan.values())} done, {skipped} skipped in all")
+    elif args.sbatch_only:
         for path in backend.sbatch_scripts(sweep, todo):
             print(f"wrote {path} (submit with: sbatch {path})")
         return 0
-    code = 0
-    if todo:
-        code = backend.submit(sweep, todo)
     else:
-        skipped = sum(v.startswith("skip (") for v in plan.values())
-        print(f"nothing to submit: {sum(v == 'skip (done)' for v in plan.values())} done, {skipped} skipped in all")
+        code = backend.submit(sweep, todo)
     if backend.name == "slurm" and todo:
         print(f"follow with: lintrans status {args.sweep}")
         failed = report_failures([t for t in trials if plan[t.id].startswith("skip (failed")], views)
@@ -268,6 +268,8 @@ def cmd_table(args) -> int:
                 written = table.plot_curves(sweep, trials, folder / "curves.png")
             elif kind == "axes":
                 written = table.plot_axes(sweep, rows, objective.metric, folder / "axes.png")
+            elif kind == "samples":
+                written = table.plot_samples(sweep, trials, folder / "samples.png")
             else:
                 written = table.plot_k(rows, Path(kind) if kind.endswith(".png") else folder / "k.png")
             print(f"plot: {written}" if written else f"plot {kind}: nothing to plot yet", file=sys.stderr)

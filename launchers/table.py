@@ -32,7 +32,7 @@ AXIS_NAMES = {"model.forward": "forward", "model.K": "K", "model.sigma": "sigma"
 FID_METRICS = ("fid_inception", "fid_mnist_features")
 NLL_METRIC = "nll_bpd"
 CONFIG_SECTIONS = ("model", "data", "training", "optim", "sampling", "eval")
-PLOTS = ("k", "curves", "axes")
+PLOTS = ("k", "curves", "axes", "samples")
 
 log = logging.getLogger(__name__)
 
@@ -264,4 +264,30 @@ def plot_axes(sweep: Sweep, table: list[dict[str, Any]], metric: str, path: Path
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def latest_samples(trial_dir: Path) -> Path | None:
+    """The sample grid of a trial's last sampling step (``samples/iter_N/samples.png``)."""
+    grids = [(int(p.parent.name.split("_")[1]), p) for p in trial_dir.glob("samples/iter_*/samples.png")]
+    return max(grids)[1] if grids else None
+
+
+def plot_samples(sweep: Sweep, trials: list[Trial], path: Path) -> Path | None:
+    """Each trial's last sample grid, one panel per trial of the first seed, labelled by its axis values."""
+    from PIL import Image
+
+    first_seed = sweep.seeds[0]
+    shown = [(t, g) for t in trials if t.overrides["seed"] == first_seed and (g := latest_samples(t.run_dir))]
+    if not shown:
+        return None
+    columns_ = min(4, len(shown))
+    rows_ = (len(shown) + columns_ - 1) // columns_
+    plt, fig, axes = _figure(rows_, columns_, 3.0, 3.3)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (t, grid) in zip(axes.flat, shown, strict=False):
+        with Image.open(grid) as img:
+            ax.imshow(img.convert("RGB"))
+        ax.set_title(" ".join(f"{axis_name(k).split('.')[-1]}={t.overrides[k]}" for k in t.axes), fontsize=8)
     return _save(plt, fig, path)

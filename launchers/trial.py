@@ -172,7 +172,8 @@ def run_trial(trial_dir: str | Path, backend: str = "local", report: Callable | 
         print(f"trial {spec['id']} is already running (lock held): {trial_dir}", flush=True)
         return EXIT_BUSY
     try:
-        return _run_locked(spec, trial_dir, backend, report)
+        with signals_preempt():  # outside the training loop a stop signal ends the trial cleanly, as preempted
+            return _run_locked(spec, trial_dir, backend, report)
     finally:
         lock.release()
 
@@ -200,6 +201,7 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
     preemptions = previous.get("preemptions", 0)
     common = {"attempt": attempt, "backend": backend, "job_id": job_id(), "wall_s": wall, "preemptions": preemptions}
     started = time.time()
+    phase = "starting"
 
     def finish(st: str, **fields: Any) -> None:
         state.write_status(trial_dir, st, **{**common, "wall_s": wall + time.time() - started, **fields})
@@ -226,6 +228,7 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
             if report is not None:
                 report(step, metrics)
 
+        phase = "training"
         code = train(config, trial_dir, config_file=spec["config"], overrides=spec["overrides"], report=progress)
         if code == EXIT_PREEMPTED:
             finish(
@@ -234,16 +237,16 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
             return EXIT_PREEMPTED
         from lintrans.evaluation import evaluate
 
-        with signals_preempt():
-            for ev in evaluations_missing(trial_dir, spec):
-                finish("running", step=config.training.n_iters, evaluating=f"{ev.mode} ({ev.param_name})")
-                evaluate(trial_dir, ev)
-            write_hparams(trial_dir, spec)
+        phase = "evaluating"
+        for ev in evaluations_missing(trial_dir, spec):
+            finish("running", step=config.training.n_iters, evaluating=f"{ev.mode} ({ev.param_name})")
+            evaluate(trial_dir, ev)
+        write_hparams(trial_dir, spec)
         finish("done", step=config.training.n_iters, evaluating=None, eta_s=None)
         print(f"trial {spec['id']} done: {trial_dir}", flush=True)
         return 0
     except Preempted as exc:
-        finish("preempted", preemptions=preemptions + 1, reason=f"{exc} during the evaluations", evaluating=None)
+        finish("preempted", preemptions=preemptions + 1, reason=f"{exc} while {phase}", evaluating=None)
         return EXIT_PREEMPTED
     except Stopped as exc:
         finish("stopped", reason=str(exc), step=state.status(trial_dir).get("step"), resumable=False)

@@ -71,7 +71,9 @@ def detect(env: dict[str, str] | None = None) -> DistInfo:
             "srun",
             _tasks_on_this_node(env),
         )
-    return DistInfo(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "single")
+    # World size 1 coordinates with nobody: a MASTER_PORT inherited from elsewhere (an sbatch job
+    # exports the submitting shell's environment) must not make a lone run fight for a port.
+    return DistInfo(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 def _tasks_on_this_node(env: dict[str, str]) -> int:
@@ -109,10 +111,12 @@ def init(device_request: str = "auto", backend: str | None = None) -> tuple[Dist
     info = detect()
     device = select(device_request, info.local_rank, info.local_world_size)
     if not dist.is_initialized():
-        os.environ["MASTER_ADDR"] = info.master_addr
-        os.environ["MASTER_PORT"] = str(info.master_port)
+        # torchrun's workers join its agent's store (env://); the others meet at rank 0's address,
+        # given explicitly rather than through os.environ, which every child process would inherit.
+        method = "env://" if info.launcher == "torchrun" else f"tcp://{info.master_addr}:{info.master_port}"
         dist.init_process_group(
             backend or ("nccl" if device.type == "cuda" else "gloo"),
+            init_method=method,
             rank=info.rank,
             world_size=info.world_size,
             timeout=datetime.timedelta(minutes=30),

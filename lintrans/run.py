@@ -129,10 +129,13 @@ class Run:
         if numbered_step is not None:
             write_atomic(self.numbered_path(numbered_step), lambda f: torch.save(state, f))
 
-    def load(self, path: Path, device: torch.device | str = "cpu") -> dict:
-        """A checkpoint's state; a damaged file is a one-line error naming an older one that loads."""
+    def load(self, path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> dict:
+        """A checkpoint's state; a damaged file is a one-line error naming an older one that loads.
+
+        ``mmap`` maps the file instead of reading it: for a field or two of a large checkpoint.
+        """
         try:
-            return torch.load(path, map_location=device, weights_only=True)
+            return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
         except FileNotFoundError:
             raise UsageError(f"checkpoint not found: {path}") from None
         except Exception as exc:  # noqa: BLE001 - truncated zips, garbage and foreign pickles all land here
@@ -155,7 +158,7 @@ class Run:
 
     def step(self) -> int:
         """The step of ``checkpoints-meta``, or 0 when there is none."""
-        return int(self.load(self.meta)["step"]) if self.meta.is_file() else 0
+        return int(self.load(self.meta, mmap=True)["step"]) if self.meta.is_file() else 0
 
     def remove_temp_files(self) -> list[Path]:
         """Temp files of atomic writes killed mid-way (``.<name>.*.tmp``); call when nothing else writes here."""

@@ -229,12 +229,11 @@ pid_of() {
 
 is_running() { pid_of "$1" >/dev/null; }
 
-# All live processes that carry this cluster's marker, plus their
-# descendants (job steps started by slurmstepd).
-cluster_pids() {
-  local p pid stat rest ppid
-  local -A parent=()
-  local -a roots=()
+# tree_of MATCH: every live process for which `MATCH PID` succeeds, plus all
+# of their descendants (one pass over /proc, then closed under "child of").
+tree_of() {
+  local match="$1" p pid stat rest ppid changed
+  local -A parent=() keep=()
   for p in /proc/[0-9]*; do
     pid="${p#/proc/}"
     [[ "$pid" == "$$" || "$pid" == "${BASHPID:-}" ]] && continue
@@ -242,15 +241,10 @@ cluster_pids() {
     rest="${stat##*) }"
     read -r _ ppid _ <<<"$rest"
     parent["$pid"]="$ppid"
-    if grep -qzxF -- "$MARKER" "$p/environ" 2>/dev/null; then
-      roots+=("$pid")
-    fi
+    if "$match" "$pid"; then keep["$pid"]=1; fi
   done
-  [[ ${#roots[@]} -gt 0 ]] || return 0
-  local -A keep=()
-  for pid in "${roots[@]}"; do keep["$pid"]=1; done
-  # Close the set under "child of": iterate until no change.
-  local changed=1
+  [[ ${#keep[@]} -gt 0 ]] || return 0
+  changed=1
   while [[ $changed -eq 1 ]]; do
     changed=0
     for pid in "${!parent[@]}"; do
@@ -262,6 +256,20 @@ cluster_pids() {
   done
   for pid in "${!keep[@]}"; do printf '%s\n' "$pid"; done
 }
+
+# has_marker PID: the process carries this cluster's marker.
+has_marker() { grep -qzxF -- "$MARKER" "/proc/$1/environ" 2>/dev/null; }
+
+# is_stepd PID: one of this cluster's slurmstepds.
+is_stepd() {
+  local comm
+  comm="$(cat "/proc/$1/comm" 2>/dev/null)" || return 1
+  [[ "$comm" == slurmstepd* ]] && has_marker "$1"
+}
+
+# All live processes that carry this cluster's marker, plus their
+# descendants (job steps started by slurmstepd).
+cluster_pids() { tree_of has_marker; }
 
 # ns_of PID: "uts:[...] mnt:[...]" of a process.
 ns_of() {
@@ -276,7 +284,7 @@ ns_of() {
 # UTS + mount namespaces; for the single node `localhost`, slurmd plus this
 # cluster's slurmstepds and their descendants.
 node_pids() {
-  local node="$1" pid ns p comm
+  local node="$1" pid ns
   if [[ $MULTI -eq 1 ]]; then
     if pid="$(pid_of "$(slurmd_pidfile "$node")")"; then
       ns="$(ns_of "$pid")" || ns=""
@@ -294,35 +302,7 @@ node_pids() {
     return 0
   fi
   pid_of "$(slurmd_pidfile "$node")" || true
-  local -A parent=()
-  local -a steps=()
-  local stat rest ppid
-  for p in /proc/[0-9]*; do
-    pid="${p#/proc/}"
-    [[ "$pid" == "$$" || "$pid" == "${BASHPID:-}" ]] && continue
-    stat="$(cat "$p/stat" 2>/dev/null)" || continue
-    rest="${stat##*) }"
-    read -r _ ppid _ <<<"$rest"
-    parent["$pid"]="$ppid"
-    comm="$(cat "$p/comm" 2>/dev/null)" || continue
-    if [[ "$comm" == slurmstepd* ]] && grep -qzxF -- "$MARKER" "$p/environ" 2>/dev/null; then
-      steps+=("$pid")
-    fi
-  done
-  [[ ${#steps[@]} -gt 0 ]] || return 0
-  local -A keep=()
-  for pid in "${steps[@]}"; do keep["$pid"]=1; done
-  local changed=1
-  while [[ $changed -eq 1 ]]; do
-    changed=0
-    for pid in "${!parent[@]}"; do
-      if [[ -z "${keep[$pid]:-}" && -n "${keep[${parent[$pid]}]:-}" ]]; then
-        keep["$pid"]=1
-        changed=1
-      fi
-    done
-  done
-  for pid in "${!keep[@]}"; do printf '%s\n' "$pid"; done
+  tree_of is_stepd
 }
 
 # kill_node NODE: SIGKILL every process of NODE (repeat until none is left:

@@ -99,3 +99,17 @@ def start_cluster(nodes: int, prefix: str) -> Cluster:
 def stop_cluster(cluster: Cluster) -> None:
     cluster.script("stop")
     shutil.rmtree(cluster.dir, ignore_errors=True)
+
+
+def cluster_fixture(nodes: int, prefix: str):
+    """A module-scoped pytest fixture: a cluster of ``nodes`` started for the module, stopped after it."""
+
+    @pytest.fixture(scope="module")
+    def fixture():
+        cluster = start_cluster(nodes, prefix)
+        try:
+            yield cluster
+        finally:
+            stop_cluster(cluster)
+
+    return fixture

@@ -116,6 +116,35 @@ def make_process(name: str, shape: tuple[int, int, int] = (1, 6, 6), K: int = 7,
     return create_forward(name, K, shape, max_bytes, **{k: given[k] for k in process_class(name).config_keys})
 
 
+# Same data, levels and noise per sample; dropout off; SGD so the update is linear in the
+# gradient. Averaging two half-batch gradients instead of one full-batch gradient only changes
+# float32 summation order (~1e-7 relative); 5 SGD steps at lr 0.05 keep that below 1e-5.
+DDP_OVERRIDES = [
+    "--config.optim.optimizer=SGD",
+    "--config.optim.lr=0.05",
+    "--config.optim.warmup=0",
+    "--config.training.n_iters=5",
+    "--config.training.batch_size=16",
+]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[key] - b[key]).abs().max().item() for key in a)
+    assert worst <= atol, worst
+    moved = max((a[key] - b[key]).abs().max().item() for key in a if "out." in key)
+    assert moved <= atol
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> dict:
+    """The reference of the DDP-equivalence tests: one process at the same global batch."""
+    workdir = tmp_path_factory.mktemp("single")
+    result = run(train_args(workdir, *DDP_OVERRIDES))
+    assert result.returncode == 0, result.stderr
+    return weights(workdir)
+
+
 def require(tool: str) -> str:
     """Path of an external tool; missing is a failure under CI=true, a skip elsewhere."""
     path = shutil.which(tool)

@@ -121,7 +121,7 @@ def test_a_signal_during_the_evaluations_preempts_and_the_rerun_redoes_only_what
     assert "local: cancelled 1 trial" in cancelled.stdout, cancelled.stdout
     out, _ = proc.communicate(timeout=120)  # the trial stops now, not after its evaluation
     st = status_of(trial)
-    assert st["state"] == "preempted" and "during the evaluations" in st["reason"], (st, out)
+    assert st["state"] == "preempted" and "while evaluating" in st["reason"], (st, out)
     quick = trial / "records" / "elbo-evals-quick-ckpt0.json"
     before = quick.stat().st_mtime_ns
     again = lintrans(tmp_path, "run", sweep, "--allow-failures")

@@ -12,35 +12,30 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.clusters import Cluster, start_cluster, stop_cluster
-from tests.conftest import ROOT, env, lintrans, run, status_of, table_rows, train_args, trial_dirs, wait_until, weights
-from tests.test_training import DDP_OVERRIDES, assert_same_weights
+from tests.clusters import Cluster, cluster_fixture
+from tests.conftest import (
+    DDP_OVERRIDES,
+    ROOT,
+    assert_same_weights,
+    env,
+    lintrans,
+    status_of,
+    table_rows,
+    train_args,
+    trial_dirs,
+    wait_until,
+    weights,
+)
 
 pytestmark = pytest.mark.multinode
 FINAL = ("done", "failed", "stopped")
 
 
-@pytest.fixture(scope="module")
-def cluster2() -> Iterator[Cluster]:
-    c = start_cluster(2, "lintrans-mn-")
-    try:
-        yield c
-    finally:
-        stop_cluster(c)
-
-
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory) -> dict:
-    """The reference: one process at the same global batch."""
-    workdir = tmp_path_factory.mktemp("single")
-    result = run(train_args(workdir, *DDP_OVERRIDES))
-    assert result.returncode == 0, result.stderr
-    return weights(workdir)
+cluster2 = cluster_fixture(2, "lintrans-mn-")
 
 
 def ddp_sweep(tmp_path: Path, name: str, extra: str = "") -> str:

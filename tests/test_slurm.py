@@ -11,26 +11,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.clusters import Cluster, start_cluster, stop_cluster
-from tests.conftest import ROOT, lintrans, status_of, table_rows, trial_dirs, wait_until
+from tests.clusters import Cluster, cluster_fixture
+from tests.conftest import ROOT, env, lintrans, status_of, table_rows, train_args, trial_dirs, wait_until
 
 TINY = "tests/sweeps/tiny.yaml"
 LONG = "tests/sweeps/long.yaml"
 FINAL = ("done", "failed", "stopped")
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    c = start_cluster(1, "lintrans-slurm-")
-    try:
-        yield c
-    finally:
-        stop_cluster(c)
+cluster = cluster_fixture(1, "lintrans-slurm-")
 
 
 def run(cluster: Cluster, runs: Path, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -215,28 +206,25 @@ def test_sbatch_only_scripts_keep_sweep_values_out_of_the_shell(tmp_path, cluste
         assert not list(ROOT.rglob(name)) and not list(tmp_path.rglob(name)) and not Path("/tmp", name).exists()
 
 
-def steps_per_second() -> float:
-    """The tiny trial's training speed on this machine now, to size a run that outlives a time limit."""
-    from launchers.sweep import load
-    from lintrans import config as cfg
-    from lintrans.training_loop import train
-
-    sweep = load(LONG)
-    config = cfg.load(sweep.config, {**sweep.overrides, "training.n_iters": 30, "seed": 0})
-    start = time.perf_counter()
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        train(config, tmp, config_file=sweep.config, overrides={})
-    return 30 / (time.perf_counter() - start)
+def steps_per_second(tmp_path: Path) -> float:
+    """The tiny trial's training speed here and now, one thread as in a task (two runs: start-up cancels)."""
+    seconds = {}
+    for n in (10, 50):
+        start = time.perf_counter()
+        args = train_args(tmp_path / f"calibrate{n}", f"--config.training.n_iters={n}")
+        result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(OMP_NUM_THREADS="1"), capture_output=True,
+                                timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        seconds[n] = time.perf_counter() - start
+    return 40 / max(seconds[50] - seconds[10], 1e-3)
 
 
 def test_a_real_time_limit_requeues_and_the_trial_finishes(tmp_path, cluster):
-    """time_min: 1, signal_delay_s: 30 and about 100 s of work: SLURM's own time limit, not a test signal."""
-    n_iters = max(200, int(100 * steps_per_second()))
+    """time_min: 2, signal_delay_s: 30 and about 110 s of work: SLURM's own time limit, not a test signal."""
+    n_iters = max(200, int(110 * steps_per_second(tmp_path)))
     sweep = sweep_file(tmp_path, "limited", f"axes:\n  model.K: [3]\nseeds: [0]\noverrides:\n"
                        f"  training.n_iters: {n_iters}\n  training.snapshot_freq_for_preemption: 10\n"
-                       "resources: {time_min: 1}\nslurm: {signal_delay_s: 30, max_requeues: 8}\n")  # fmt: skip
+                       "resources: {time_min: 2}\nslurm: {signal_delay_s: 30, max_requeues: 8}\n")  # fmt: skip
     assert run(cluster, tmp_path, "run", sweep, "--backend", "slurm").returncode == 0
     (row,) = wait_final(cluster, tmp_path, sweep, 1, timeout=900)
     (trial,) = trial_dirs(tmp_path, "limited")

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.clusters import Cluster, start_cluster, stop_cluster
+from tests.clusters import cluster_fixture, start_cluster, stop_cluster
 from tests.conftest import wait_until
 
-
-@pytest.fixture(scope="module")
-def cluster2() -> Iterator[Cluster]:
-    cluster = start_cluster(2, "lintrans-slurm2-")
-    try:
-        yield cluster
-    finally:
-        stop_cluster(cluster)
+cluster2 = cluster_fixture(2, "lintrans-slurm2-")
 
 
 # --------------------------------------------------------------------------------- 2 nodes

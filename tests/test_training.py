@@ -9,41 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from lintrans.config import model_args
 from lintrans.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from lintrans.model import build_model
 from tests.configs import tiny
-from tests.conftest import ROOT, env, require, run, train_args, weights
-
-# Same data, levels and noise per sample; dropout off; SGD so the update is linear in the
-# gradient. Averaging two half-batch gradients instead of one full-batch gradient only changes
-# float32 summation order (~1e-7 relative); 5 SGD steps at lr 0.05 keep that below 1e-5.
-DDP_OVERRIDES = [
-    "--config.optim.optimizer=SGD",
-    "--config.optim.lr=0.05",
-    "--config.optim.warmup=0",
-    "--config.training.n_iters=5",
-    "--config.training.batch_size=16",
-]
-
-
-def assert_same_weights(a: dict, b: dict, atol: float) -> None:
-    assert a.keys() == b.keys()
-    worst = max((a[key] - b[key]).abs().max().item() for key in a)
-    assert worst <= atol, worst
-    moved = max((a[key] - b[key]).abs().max().item() for key in a if "out." in key)
-    assert moved <= atol
-
-
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory) -> dict:
-    workdir = tmp_path_factory.mktemp("single")
-    result = run(train_args(workdir, *DDP_OVERRIDES))
-    assert result.returncode == 0, result.stderr
-    return weights(workdir)
+from tests.conftest import DDP_OVERRIDES, ROOT, assert_same_weights, env, require, run, train_args, weights
 
 
 def test_ddp_torchrun_matches_single_process(tmp_path, single_run):
