@@ -166,7 +166,8 @@ def view(trial_dir: Path, observation: Observation | None = None) -> dict[str, A
     job = f"{ln.get('backend', '')} job {ln.get('job_id')}"
     if is_running(trial_dir):
         state, reason = "running", None
-    elif scheduler_holds and (unanswered or state not in FINAL):
+    elif scheduler_holds and (unanswered or state not in FINAL or (state == "failed" and st.get("resumable", True))):
+        # A job the scheduler holds again (requeued after NODE_FAIL, say) runs the trial again.
         state, reason = observation.phase, observation.detail if observation.phase == "queued" else None
     elif unanswered and ln.get("script"):
         state, reason = "queued", f"sbatch script written, not submitted: {ln['script']}"

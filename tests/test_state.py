@@ -108,3 +108,13 @@ def test_a_preempted_trial_whose_job_was_killed_is_failed_unless_we_cancelled_it
     assert state.view(tmp_path, Observation("ended", "COMPLETED (exit 0:0)"))["state"] == "preempted"
     state.mark_cancelled(tmp_path)  # `lintrans cancel` asked for it
     assert state.view(tmp_path, Observation("ended", "CANCELLED (exit 0:15)"))["state"] == "preempted"
+
+
+def test_a_crashed_trial_whose_job_was_requeued_is_queued(tmp_path):
+    """A rank lost its peer when a node died (the trial recorded a crash); SLURM requeued the job: it will run."""
+    state.write_launch(tmp_path, "slurm", "5_0", "log")
+    time.sleep(0.01)
+    state.write_status(tmp_path, "failed", reason="RuntimeError: connection closed by peer", resumable=True)
+    assert state.view(tmp_path, Observation("queued", "PENDING (ReqNodeNotAvail)"))["state"] == "queued"
+    state.write_status(tmp_path, "failed", reason="config.model.K must be ...", resumable=False)
+    assert state.view(tmp_path, Observation("running", "COMPLETING"))["state"] == "failed"
