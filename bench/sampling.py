@@ -62,9 +62,9 @@ def main() -> None:
     for precision in a.precisions.split(","):
         if precision == "bf16":
 
-            def net(u, k):
+            def net(*inputs):  # (u, k), and theta where the forward process has one
                 with torch.autocast(device.type, dtype=torch.bfloat16):
-                    return model(u, k)
+                    return model(*inputs)
         else:
             net = model
         for bs in (int(b) for b in a.batch_sizes.split(",")):

@@ -128,7 +128,10 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
     proc = subprocess.run(cmd, cwd=C.ROOT, env=env or os.environ.copy(), capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        last = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+        raise RuntimeError(
+            f"{' '.join(cmd[1:])} failed ({proc.returncode}): {last[0]}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        )
     return wall, proc.stdout + proc.stderr
 
 
@@ -503,7 +506,8 @@ def main() -> None:
             try:
                 out[part] = PARTS[part](a, tmp)
             except Exception as exc:  # noqa: BLE001 - record the failure, carry on with the other parts
-                out[part] = {"error": f"{type(exc).__name__}: {exc}"}
+                message = f"{type(exc).__name__}: {exc}"  # one line for the tables, the rest in "output"
+                out[part] = {"error": message.splitlines()[0], "output": message}
                 print(f"{part}: FAILED: {exc}", file=sys.stderr)
     finally:
         if a.keep:
