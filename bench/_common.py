@@ -1,4 +1,8 @@
-"""Shared helpers for the benchmarks: repository path, machine facts, timing, result files.
+"""Shared helpers for the benchmarks: repository path, machine facts, timing, result files, the training step.
+
+The training step is :class:`lintrans.step.TrainStep` itself, built by :func:`train_step` from the
+components ``training_loop`` builds it from; its ``timer`` hook (:class:`PhaseTimer`) gives the
+per-phase times. There is no copy of the step here.
 
 Every benchmark writes ``bench/results/<name>.json`` (figures + machine + commit + command) and
 ``bench/results/<name>.md`` (a short human summary). Benchmarks are scripts, never timed tests.
@@ -6,6 +10,7 @@ Every benchmark writes ``bench/results/<name>.json`` (figures + machine + commit
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -16,7 +21,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,14 +83,11 @@ def machine(device: str = "cpu") -> dict:
     return info
 
 
-def pick_device(name: str):
-    import torch
+def device(request: str):
+    """This process's device and process group (world size 1 unless under ``torchrun``), as the trainer sets them up."""
+    from lintrans import distributed
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
+    return distributed.init(request)[1]
 
 
 def sync(device) -> None:
@@ -160,16 +164,10 @@ def command_line() -> str:
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
-    def cell(v) -> str:
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
+    """A Markdown table of positional rows, through the project's one renderer (:func:`lintrans.tables.render`)."""
+    from lintrans.tables import render
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return render([dict(zip(header, r, strict=True)) for r in rows], header)
 
 
 def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
@@ -214,29 +212,159 @@ def trainer_args(config: str, workdir: Path, steps: int, batch_size: int, precis
     ]
 
 
-def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of a TensorBoard log directory, as (step, value) pairs."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def steady_median(values: list[float]) -> float | None:
     """Median of a per-interval series with the first interval (warm-up) dropped when there are more."""
     steady = values[1:] if len(values) > 1 else values
     return statistics.median(steady) if steady else None
 
 
-def load_config(path: str, overrides: dict | None = None):
-    """An ml_collections config file with dotted overrides (the launcher's own loader)."""
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        from launchers.sweep import apply_overrides
-        from launchers.sweep import load_config as _load
+# ----------------------------------------------------------------------------- the real training step
 
-        return apply_overrides(_load(Path(path)), overrides or {})
-    finally:
-        os.chdir(cwd)
+PHASES = ("forward_process", "optimizer", "ema")  # the phases TrainStep hands to its timer
+
+
+class PhaseTimer:
+    """``TrainStep``'s ``timer``: device-synchronised seconds per phase, summed while ``on``."""
+
+    def __init__(self, device) -> None:
+        self.device, self.on, self.seconds = device, False, dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.on:
+            yield
+            return
+        sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        sync(self.device)
+        self.seconds[name] += time.perf_counter() - t0
+
+
+@dataclass
+class Step:
+    """``step()``: the next batch through :class:`lintrans.step.TrainStep`, as the training loop feeds it."""
+
+    run: Callable
+    batches: Iterator
+    timer: PhaseTimer
+    index: int = 0
+
+    def __call__(self):
+        out = self.run(self.index, next(self.batches))
+        self.index += 1
+        return out
+
+    def breakdown(self, steps: int) -> tuple[dict[str, float], list[float]]:
+        """Seconds of each phase summed over ``steps`` device-synchronised steps, and each step's seconds."""
+        self.timer.seconds, self.timer.on = dict.fromkeys(PHASES, 0.0), True
+        try:
+            return self.timer.seconds, time_calls(self, self.timer.device, 0, steps)
+        finally:
+            self.timer.on = False
+
+
+def train_step(config, device, train_set, bf16: bool = False, channels_last: bool = False, fused_adam: bool = False):
+    """The :class:`~lintrans.step.TrainStep` of ``training_loop``, from the components it builds it from.
+
+    What-ifs change only what goes in: ``channels_last`` converts the model (and each batch) to
+    NHWC; ``fused_adam`` passes ``torch.optim.Adam(fused=True)`` with ``make_optimizer``'s
+    hyper-parameters in place of its ``foreach`` Adam.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from lintrans import config as cfg
+    from lintrans import datasets
+    from lintrans.ema import EMA
+    from lintrans.forward import create_forward
+    from lintrans.model import build_model, make_optimizer
+    from lintrans.step import TrainStep
+
+    m, o, batch = config.model, config.optim, config.training.batch_size
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build_model(cfg.model_args(config), config.seed, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model.parameters(), **cfg.optim_args(config))
+    if fused_adam and isinstance(opt, torch.optim.Adam):
+        opt = torch.optim.Adam(model.parameters(), **{**opt.defaults, "foreach": None, "fused": True})
+    timer, process = PhaseTimer(device), create_forward(**cfg.forward_args(config)).to(device)
+    step = TrainStep(
+        model=model, ema=EMA(model, m.ema_rate), optimizer=opt, process=process, sigma=m.sigma, seed=config.seed,
+        global_batch=batch, lr=o.lr, warmup=o.warmup, grad_clip=o.grad_clip, random_flip=config.data.random_flip,
+        dequantization=config.data.uniform_dequantization, bf16=bf16, device=device, timer=timer,
+    )  # fmt: skip
+    torch.manual_seed(config.seed * 1000 + rank)  # the trainer's dropout stream
+    sampler = datasets.GlobalBatchSampler(len(train_set), batch, rank, world, config.seed)
+    batches = datasets.batches(train_set, sampler)
+    if channels_last:
+        batches = (x.contiguous(memory_format=torch.channels_last) for x in batches)
+    model.train()
+    return Step(step, batches, timer)
+
+
+def step_options(doc: str, name: str, warmup: int) -> argparse.ArgumentParser:
+    """The options of the benchmarks that time the training step."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--config", default="configs/mnist/small_mnist.py")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument(
+        "--data", default="auto", help="auto (mnist5k for 1x28x28, else synthetic), synthetic, or a data set"
+    )
+    p.add_argument("--precisions", default="no,bf16", help="comma list of 'no' (fp32) and 'bf16'")
+    p.add_argument("--seed", type=int, default=None, help="config seed (default: the config's)")
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--quick", action="store_true", help="smoke run (seconds)")
+    p.add_argument("--name", default=name, help="result file stem under bench/results/")
+    return p
+
+
+def step_setup(a: argparse.Namespace):
+    """Device, config (``--batch-size``, ``--seed``, ``--data``), training images and the result file's facts."""
+    from lintrans import datasets
+    from lintrans.config import image_shape, load
+
+    dev = device(a.device)
+    overrides = {"training.batch_size": a.batch_size, **({"seed": a.seed} if a.seed is not None else {})}
+    config = load(a.config, overrides)
+    shape, data = image_shape(config), a.data
+    if data == "auto":
+        data = "mnist5k" if shape == (1, 28, 28) else "synthetic"
+    if data == "synthetic":
+        train_set, data = synthetic_images(max(4 * a.batch_size, 512), shape), "synthetic uint8 images"
+    else:
+        train_set = datasets.load(load(a.config, {**overrides, "data.dataset": data}))[0]
+    facts = {
+        "machine": machine(dev.type),
+        "config": a.config,
+        "batch_size": a.batch_size,
+        "data": data,
+        "quick": a.quick,
+    }
+    return dev, config, train_set, facts
+
+
+def synthetic_images(n: int, shape: tuple[int, int, int], seed: int = 0):
+    import torch
+
+    from lintrans.datasets import TensorImages
+
+    gen = torch.Generator().manual_seed(seed)
+    return TensorImages(torch.randint(0, 256, (n, *shape), generator=gen, dtype=torch.uint8))
+
+
+def untrained(config, device):
+    """The config's network (initial weights, eval mode) and forward process: wall time does not depend on weights."""
+    from lintrans import config as cfg
+    from lintrans.forward import create_forward
+    from lintrans.model import build_model
+
+    model = build_model(cfg.model_args(config), config.seed, device).eval()
+    return model, create_forward(**cfg.forward_args(config)).to(device)
+
+
+def shares_text(shares: dict[str, float], digits: int = 1) -> str:
+    return ", ".join(f"{k} {100 * v:.{digits}f}%" for k, v in shares.items())

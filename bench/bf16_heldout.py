@@ -33,6 +33,8 @@ from pathlib import Path
 
 import _common as C
 
+from launchers.table import learning_curve
+
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -69,16 +71,15 @@ def command(a, precision: str, workdir: Path) -> list[str]:
 
 
 def result(a, precision: str, workdir: Path, wall: float, cmd: list[str]) -> dict:
-    sc = C.read_scalars(workdir / "tensorboard")
-    evals = dict(sc.get("eval/loss", []))
+    evals = dict(learning_curve(workdir, "eval/loss"))
     return {
         "precision": "fp32" if precision == "no" else precision,
         "command": " ".join(cmd[1:]),
         "wall_s": wall,
         "heldout_loss": evals.get(a.steps),
         "heldout_loss_by_step": evals,
-        "trainer_img_per_s_median": C.steady_median([v for _, v in sc.get("train/img_per_s", [])]),
-        "train_loss_last": sc.get("train/loss", [(0, None)])[-1][1],
+        "trainer_img_per_s_median": C.steady_median([v for _, v in learning_curve(workdir, "train/img_per_s")]),
+        "train_loss_last": (learning_curve(workdir, "train/loss") or [(0, None)])[-1][1],
     }
 
 
@@ -87,28 +88,25 @@ def main() -> None:
     info = C.machine("cpu")
     out = []
     with tempfile.TemporaryDirectory(prefix="bench-heldout-") as tmp:
-        procs = {}
+        started, walls = {}, {}
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if not a.serial:
             env["OMP_NUM_THREADS"] = "1"
         for precision in ("no", "bf16"):
-            workdir = Path(tmp) / precision
+            workdir, log = Path(tmp) / precision, Path(tmp) / f"{precision}.log"
             cmd = command(a, precision, workdir)
-            log = open(Path(tmp) / f"{precision}.log", "w")
             t0 = time.perf_counter()
-            p = subprocess.Popen(cmd, cwd=C.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            procs[precision] = (p, t0, cmd, workdir, log)
+            with open(log, "w") as stdout:
+                p = subprocess.Popen(cmd, cwd=C.ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT)
+            started[precision] = (p, t0, cmd, workdir, log)
             if a.serial:
                 p.wait()
-                procs[precision] = (p, t0, cmd, workdir, log, time.perf_counter() - t0)
-        for precision, entry in procs.items():
-            p, t0, cmd, workdir, log = entry[:5]
+                walls[precision] = time.perf_counter() - t0
+        for precision, (p, t0, cmd, workdir, log) in started.items():
             p.wait()
-            wall = entry[5] if len(entry) > 5 else time.perf_counter() - t0
-            log.close()
+            wall = walls.get(precision, time.perf_counter() - t0)
             if p.returncode != 0:
-                text = (Path(tmp) / f"{precision}.log").read_text()[-3000:]
-                raise SystemExit(f"train.py ({precision}) failed with {p.returncode}:\n{text}")
+                raise SystemExit(f"train.py ({precision}) failed with {p.returncode}:\n{log.read_text()[-3000:]}")
             r = result(a, precision, workdir, wall, cmd)
             out.append(r)
             print(

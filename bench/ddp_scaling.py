@@ -30,6 +30,8 @@ from pathlib import Path
 
 import _common as C
 
+from launchers.table import learning_curve
+
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -73,7 +75,7 @@ def run(a, nproc: int, threads: int | None, workdir: Path) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    ips = [v for _, v in C.read_scalars(workdir / "tensorboard")["train/img_per_s"]]
+    ips = [v for _, v in learning_curve(workdir, "train/img_per_s")]
     return {
         "procs": nproc,
         "threads_per_proc": threads,

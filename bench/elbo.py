@@ -23,11 +23,9 @@ import time
 import _common as C
 import torch
 
+from lintrans import config as cfg
 from lintrans import datasets
-from lintrans.config import sampling_delta
 from lintrans.elbo import negative_elbo
-from lintrans.forward import create_forward
-from lintrans.training_loop import build_model
 
 
 def parse() -> argparse.Namespace:
@@ -49,18 +47,17 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     a = parse()
-    device = C.pick_device(a.device)
+    device = C.device(a.device)
     info = C.machine(device.type)
     overrides = {"data.dataset": "mnist5k"}
     if a.quick:
         overrides.update({"model.K": 3, "model.model_channels": 8})
-    config = C.load_config(a.config, overrides)
+    config = cfg.load(a.config, overrides)
     train_set, test_set = datasets.load(config)
     train_all = train_set.batch(torch.arange(len(train_set)))
     test_all = test_set.batch(torch.arange(len(test_set)))
-    process = create_forward(config).to(device)
-    model = build_model(config, device).eval()
-    K, sigma, delta = config.model.K, float(config.model.sigma), sampling_delta(config)
+    model, process = C.untrained(config, device)
+    K, sigma, delta = config.model.K, float(config.model.sigma), cfg.sampling_delta(config)
 
     def push_time(n: int) -> float:
         t0 = time.perf_counter()

@@ -3,13 +3,15 @@
     .venv/bin/python bench/forward_processes.py            # 28x28x1, 32x32x3, 64x64x3
     .venv/bin/python bench/forward_processes.py --quick    # smoke run
 
-For every registered process (separable variants included) and every size, ``process.pair`` is
+For every process in the registry (``lintrans.forward.FORWARD_PROCESSES``: separable variants
+included, and whatever a config registers) and every size, ``process.pair`` is
 timed on a batch of ``--batch-size`` images with levels drawn as training draws them
 (``k ~ Uniform{1..K}``, one per sample), on the device, in fp32. Dense matrix processes that
-refuse a size (``config.model.max_dense_bytes``) are reported as skipped with their message.
+refuse a size (``config.model.max_dense_bytes``), or need a parameter the config lacks, are
+reported as skipped with their message.
 
-The share of a training step: the real training step (``bench/_step.py``, fp32, DDP world size 1,
-same batch) of the config for that size is timed once with its own process (``heat``), and the
+The share of a training step: the real training step (:class:`lintrans.step.TrainStep`, fp32, DDP
+world size 1, same batch) of the config for that size is timed once with its own process (``heat``), and the
 step of another process is taken as ``step_heat - pair_heat + pair`` (everything else in the step
 is the same), so ``share = pair / (step_heat - pair_heat + pair)``.
 
@@ -27,8 +29,8 @@ import time
 
 import _common as C
 import torch
-from _step import TrainStep, synthetic_images
 
+from lintrans import config as cfg
 from lintrans.errors import UsageError
 from lintrans.forward import FORWARD_PROCESSES, create_forward
 
@@ -63,9 +65,9 @@ def parse() -> argparse.Namespace:
     return a
 
 
-def time_pair(process, x: torch.Tensor, K: int, device, a) -> dict:
+def time_pair(process, x: torch.Tensor, device, a) -> dict:
     gen = torch.Generator().manual_seed(0)
-    ks = [torch.randint(1, K + 1, (len(x),), generator=gen).to(device) for _ in range(8)]
+    ks = [torch.randint(1, process.K + 1, (len(x),), generator=gen).to(device) for _ in range(8)]
     it = iter(range(10**9))
 
     def call():
@@ -78,35 +80,35 @@ def time_pair(process, x: torch.Tensor, K: int, device, a) -> dict:
 
 def main() -> None:
     a = parse()
-    device = C.pick_device(a.device)
+    device = C.device(a.device)
     info = C.machine(device.type)
     widths = dict(item.split("=") for item in a.widths.split(","))
     names = list(FORWARD_PROCESSES) if a.processes == "all" else a.processes.split(",")
     out = {}
     for size in a.sizes.split(","):
         path, (ch, res) = SIZES[size]
-        base = C.load_config(path, {"training.batch_size": a.batch_size})
         width = widths.get(size, "full")
+        overrides = {"training.batch_size": a.batch_size}
         if width != "full":
-            base.model.model_channels = int(width)
+            overrides["model.model_channels"] = int(width)
+        base = cfg.load(path, overrides)
         x = torch.rand(a.batch_size, ch, res, res, generator=torch.Generator().manual_seed(1)).to(device)
         rows = {}
         for name in names:
-            cfg = C.load_config(path, {"training.batch_size": a.batch_size, "model.forward": name})
             t0 = time.perf_counter()
             try:
-                process = create_forward(cfg).to(device)
+                process = create_forward(**cfg.forward_args(cfg.load(path, {"model.forward": name}))).to(device)
             except UsageError as exc:
                 rows[name] = {"skipped": str(exc)}
                 print(f"{size} {name}: skipped ({exc})")
                 continue
             build_s = time.perf_counter() - t0
-            s = time_pair(process, x, cfg.model.K, device, a)
+            s = time_pair(process, x, device, a)
             rows[name] = {
                 "pair": s,
                 "per_image_us": 1e6 * s["median_s"] / a.batch_size,
                 "build_s": build_s,
-                "K": cfg.model.K,
+                "K": process.K,
             }
             print(
                 f"{size} {name}: pair {1e3 * s['median_s']:.3f} ms / batch {a.batch_size} "
@@ -115,22 +117,18 @@ def main() -> None:
             del process
         step = None
         if not a.no_step:
-            train_set = synthetic_images(max(4 * a.batch_size, 256), (ch, res, res))
-            ts = TrainStep(base, device, train_set, "no")
-            ts.instrument = True  # the warm-up step also times the pair inside the step
-            ts.step()
-            pair_in_step = ts.timers["forward_process"]
-            ts.instrument = False
-            times = C.time_calls(ts.step, device, 0, a.step_repeats)
+            train_step = C.train_step(base, device, C.synthetic_images(max(4 * a.batch_size, 256), (ch, res, res)))
+            phases, _ = train_step.breakdown(1)  # the warm-up step also times the pair inside the step
+            times = C.time_calls(train_step, device, 0, a.step_repeats)
             step = {
                 "config": path,
                 "model_channels": base.model.model_channels,
                 "width": "full"
                 if width == "full"
-                else f"reduced (model_channels={width}, config has {C.load_config(path).model.model_channels})",
+                else f"reduced (model_channels={width}, config has {cfg.load(path).model.model_channels})",
                 "process": base.model.forward,
                 "step": C.summarise(times),
-                "pair_in_step_s": pair_in_step,
+                "pair_in_step_s": phases["forward_process"],
             }
             step_s = step["step"]["median_s"]
             pair_own = rows.get(base.model.forward, {}).get("pair", {}).get("median_s", step["pair_in_step_s"])
@@ -140,7 +138,7 @@ def main() -> None:
                     r["step_estimate_s"] = step_s - pair_own + p
                     r["share_of_step"] = p / r["step_estimate_s"]
             print(f"{size} step ({step['width']}): {1e3 * step_s:.0f} ms at batch {a.batch_size}")
-            del ts
+            del train_step
         out[size] = {"config": path, "processes": rows, "training_step": step}
 
     worst = {

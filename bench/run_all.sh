@@ -5,6 +5,7 @@
 #   bash bench/run_all.sh                     # all of them
 #   bash bench/run_all.sh sampling elbo       # some of them
 #   QUICK=1 bash bench/run_all.sh             # smoke runs (--quick)
+#   PYTHON=/elsewhere/.venv/bin/python bash bench/run_all.sh   # another interpreter (default .venv/bin/python)
 #
 # On a shared machine: LOCK=/tmp/lintrans-cpu.lock serialises each run with other users of that
 # lock (flock), and MAX_LOAD=3 waits (up to WAIT_S, default 900 s) for the 1-minute load average
@@ -26,11 +27,11 @@ for name in "${names[@]}"; do
     done
   fi
   echo "== $name ($(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg))"
-  cmd=(.venv/bin/python "bench/$name.py" "${extra[@]}")
+  cmd=("${PYTHON:-.venv/bin/python}" "bench/$name.py" "${extra[@]}")
   if [[ -n "${LOCK:-}" ]]; then
     cmd=(flock "$LOCK" "${cmd[@]}")
   fi
   "${cmd[@]}" || { echo "!! $name failed"; status=1; }
 done
-.venv/bin/python bench/summary.py || status=1
+"${PYTHON:-.venv/bin/python}" bench/summary.py || status=1
 exit $status

@@ -18,10 +18,8 @@ import argparse
 import _common as C
 import torch
 
+from lintrans import config as cfg
 from lintrans import sampling
-from lintrans.config import sampling_delta
-from lintrans.forward import create_forward
-from lintrans.training_loop import build_model
 
 
 def parse() -> argparse.Namespace:
@@ -42,15 +40,11 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     a = parse()
-    device = C.pick_device(a.device)
+    device = C.device(a.device)
     info = C.machine(device.type)
-    overrides = {"model.K": a.K} if a.K else {}
-    config = C.load_config(a.config, overrides)
-    K = config.model.K
-    shape = (config.data.num_channels, config.data.image_size, config.data.image_size)
-    process = create_forward(config).to(device)
-    model = build_model(config, device).eval()
-    delta = sampling_delta(config)
+    config = cfg.load(a.config, {"model.K": a.K} if a.K else {})
+    K, shape, delta = config.model.K, cfg.image_shape(config), cfg.sampling_delta(config)
+    model, process = C.untrained(config, device)
     peaks = {
         p: C.matmul_peak(
             device, torch.float32 if p == "fp32" else torch.bfloat16, 1024 if a.quick else 2048, 0.5 if a.quick else 1.5
@@ -68,9 +62,9 @@ def main() -> None:
     for precision in a.precisions.split(","):
         if precision == "bf16":
 
-            def net(u, k):
+            def net(*inputs):  # (u, k), and theta where the forward process has one
                 with torch.autocast(device.type, dtype=torch.bfloat16):
-                    return model(u, k)
+                    return model(*inputs)
         else:
             net = model
         for bs in (int(b) for b in a.batch_sizes.split(",")):

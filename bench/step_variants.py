@@ -3,10 +3,11 @@
     .venv/bin/python bench/step_variants.py            # small_mnist, batch 32
     .venv/bin/python bench/step_variants.py --quick
 
-Each variant is the real step of ``bench/_step.py`` with one change applied in-process (nothing in
-``lintrans/`` is edited): ``channels_last`` (model weights and input in NHWC memory format, which
-oneDNN's convolutions prefer, above all in bf16), ``fused_adam`` (``torch.optim.Adam(fused=True)``,
-one kernel over all parameters, instead of ``foreach=True``, which on CPU loops per tensor).
+Each variant is the real step (:class:`lintrans.step.TrainStep`) given different inputs (nothing in
+``lintrans/`` is edited): ``channels_last`` (a model converted to NHWC memory format, which oneDNN's
+convolutions prefer, above all in bf16, fed NHWC batches), ``fused_adam`` (``torch.optim.Adam(fused=True)``,
+one kernel over all parameters, passed in place of ``make_optimizer``'s ``foreach=True`` Adam, which
+on CPU loops per tensor).
 Reports img/s (median of timed steps) and the optimizer/EMA/forward-process shares per variant.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 
 import _common as C
-from _step import TrainStep, train_images
 
 VARIANTS = {
     "baseline": {},
@@ -26,17 +26,8 @@ VARIANTS = {
 
 
 def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/mnist/small_mnist.py")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data", default="auto")
-    p.add_argument("--precisions", default="no,bf16")
+    p = C.step_options(__doc__, "step_variants", warmup=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--name", default="step_variants")
     a = p.parse_args()
     if a.quick:
         a.warmup, a.steps = 1, 2
@@ -45,17 +36,13 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     a = parse()
-    device = C.pick_device(a.device)
-    info = C.machine(device.type)
-    config = C.load_config(a.config, {"training.batch_size": a.batch_size})
-    train_set, data_name = train_images(config, a.data)
+    device, config, train_set, facts = C.step_setup(a)
     results = []
     for precision in a.precisions.split(","):
         for name in a.variants.split(","):
-            ts = TrainStep(config, device, train_set, precision, VARIANTS[name])
-            times = C.time_calls(ts.step, device, a.warmup, a.steps)
-            ts.instrument = True
-            inst = C.time_calls(ts.step, device, 0, max(2, a.steps // 3))
+            step = C.train_step(config, device, train_set, bf16=precision == "bf16", **VARIANTS[name])
+            times = C.time_calls(step, device, a.warmup, a.steps)
+            phases, inst = step.breakdown(max(2, a.steps // 3))
             s = C.summarise(times)
             r = {
                 "precision": "fp32" if precision == "no" else precision,
@@ -63,26 +50,22 @@ def main() -> None:
                 "step": s,
                 "img_per_s": a.batch_size / s["median_s"],
                 "img_per_s_best": a.batch_size / s["min_s"],
-                "share": {k: v / sum(inst) for k, v in ts.timers.items()},
+                "share": {k: v / sum(inst) for k, v in phases.items()},
             }
             results.append(r)
             print(
                 f"{r['precision']} {name}: {r['img_per_s']:.1f} img/s (best {r['img_per_s_best']:.1f}); "
-                + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["share"].items()),
+                f"{C.shares_text(r['share'])}",
                 flush=True,
             )
-            del ts
+            del step
     data = {
-        "machine": info,
-        "config": a.config,
-        "batch_size": a.batch_size,
-        "data": data_name,
-        "quick": a.quick,
+        **facts,
         "variants": VARIANTS,
         "results": results,
     }
-    md = C.header_md("Training step variants (what-if)", info)
-    md += f"Config `{a.config}`, batch {a.batch_size}, data {data_name}; variants applied in-process only.\n\n"
+    md = C.header_md("Training step variants (what-if)", facts["machine"])
+    md += f"Config `{a.config}`, batch {a.batch_size}, data {facts['data']}; variants applied in-process only.\n\n"
     md += C.md_table(
         ["precision", "variant", "img/s (median)", "img/s (best step)", "fwd process %", "optimizer %", "EMA %"],
         [

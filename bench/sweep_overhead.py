@@ -14,11 +14,14 @@ Parts (all in a temporary directory; nothing is left in runs/):
             ``LINTRANS_SLURM_MAX_ARRAY_SIZE=1001``), times ``run SWEEP --backend slurm --dry-run``
             and the real submission of ``--slurm-trials`` (1,000) trials end to end, ``scancel``s
             everything, profiles a second submission (cProfile), cancels again and stops the cluster.
-``table``   writes ``--table-trials`` (10,000) fake trial directories in the formats the launcher
-            and ``lintrans.records`` write (``trial.json``, ``status.json``, ``launch.json``,
-            ``records/elbo-*.json`` and ``records/fid-*.json`` shaped like ``evaluation.evaluate``'s
-            records), then times ``launchers.table.rows`` + ``render`` (md and csv) in-process
-            (median of 3, warm page cache) and ``python -m launchers table SWEEP`` end to end.
+``table``   writes ``--table-trials`` (10,000) finished local trials, each file by the function that
+            writes it in a sweep (``trial.json``: ``launchers.trial.spec_of``; ``launch.json``,
+            ``status.json``: ``launchers.state``; ``records/elbo-*.json``, ``records/fid-*.json``:
+            ``lintrans.records.write_record`` of records shaped like ``evaluation.evaluate``'s; no
+            fsync), then times ``launchers.table.rows(sweep, sweep.trials())`` + ``render`` (md and
+            csv) in-process (median of 3, warm page cache) and ``python -m launchers table SWEEP``
+            end to end (which also asks the local backend about each trial and rebuilds
+            ``runs/results.csv``).
 ``local``   per-trial overhead of the local backend: sweeps of N trivial trials
 ``ray``     (``training.n_iters=0`` on an 8-channel model: load data, build the model, one held-out
             batch, no training) run serially (``local.slots: 1`` / ``ray.max_concurrent: 1``) for
@@ -36,7 +39,6 @@ import argparse
 import contextlib
 import cProfile
 import io
-import json
 import os
 import pstats
 import shutil
@@ -50,6 +52,7 @@ from pathlib import Path
 import _common as C
 
 PY = sys.executable
+LAUNCHER = [PY, "-m", "launchers"]  # what the `lintrans` command runs
 MNIST5K = "configs/mnist5k/default_mnist5k_configs.py"
 FORWARDS = ["heat", "identity", "constant_velocity", "constant_deceleration", "random_fixed_separable"]
 SLURM_DIR = "/tmp/bench-slurm"
@@ -115,12 +118,20 @@ def write_sweep(path: Path, name: str, axes: dict, config: str, overrides: dict,
     return path
 
 
-def timed(cmd: list[str], env: dict | None = None, check: bool = True, quiet: bool = True) -> tuple[float, str]:
+def cli_args(runs: Path, *args: str) -> list[str]:
+    """Arguments of ``lintrans`` (``launchers.cli.main``) with its own runs directory."""
+    return ["--runs-dir", str(runs), *args]
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=C.ROOT, env=env or os.environ.copy(), capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:
+        last = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+        raise RuntimeError(
+            f"{' '.join(cmd[1:])} failed ({proc.returncode}): {last[0]}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        )
     return wall, proc.stdout + proc.stderr
 
 
@@ -148,9 +159,13 @@ def import_floor(modules: str, repeats: int) -> float:
 
 
 def part_dryrun(a, tmp: Path) -> dict:
+    from launchers import cli
+    from launchers.sweep import load
+
     axes = axes_for(a.dryrun_trials)
     sweep = write_sweep(tmp / "dry10k.yaml", "benchdry", axes, MNIST5K, {"training.n_iters": 10})
-    cmd = [PY, "-m", "launchers", "--runs-dir", str(tmp / "runs"), "run", str(sweep), "--dry-run"]
+    args = cli_args(tmp / "dryrun", "run", str(sweep), "--dry-run")
+    cmd = [*LAUNCHER, *args]
     walls = []
     for _ in range(a.repeats):
         wall, out = timed(cmd)
@@ -167,16 +182,13 @@ def part_dryrun(a, tmp: Path) -> dict:
         "import_floor_s": floor,
     }
     # in-process split: load (validation) / expand / dry-run print
-    from launchers import cli
-    from launchers import sweep as sweep_mod
-
     t0 = time.perf_counter()
-    sw = sweep_mod.load(sweep, tmp / "runs")
+    loaded = load(sweep, tmp / "dryrun")
     t1 = time.perf_counter()
-    trials = sw.trials()
+    trials = loaded.trials()
     t2 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        cli.main(["--runs-dir", str(tmp / "runs"), "run", str(sweep), "--dry-run"])
+        cli.main(args)
     t3 = time.perf_counter()
     res["in_process"] = {
         "load_validate_s": t1 - t0,
@@ -187,7 +199,7 @@ def part_dryrun(a, tmp: Path) -> dict:
     if not a.no_profile:
         prof = cProfile.Profile()
         with contextlib.redirect_stdout(io.StringIO()):
-            prof.runcall(cli.main, ["--runs-dir", str(tmp / "runs"), "run", str(sweep), "--dry-run"])
+            prof.runcall(cli.main, args)
         res["profile"] = profile_top(prof)
     print(
         f"dry run of {a.dryrun_trials} trials: {res['wall_s']:.2f} s end to end (imports {floor:.2f} s; "
@@ -196,16 +208,10 @@ def part_dryrun(a, tmp: Path) -> dict:
     return res
 
 
-def slurm_env() -> dict:
-    env = dict(os.environ, LINTRANS_SLURM_MAX_ARRAY_SIZE="1001", **SLURM_PORTS)
-    out = subprocess.run(
-        ["bash", "slurm/cluster.sh", "env", SLURM_DIR], cwd=C.ROOT, env=env, capture_output=True, text=True, check=True
-    ).stdout
-    for line in out.splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export ") :].partition("=")
-            env[key] = value.strip("'\"")
-    return env
+def cluster(command: str, env: dict, check: bool = True) -> str:
+    """``slurm/cluster.sh COMMAND`` on the benchmark's own test cluster; its output."""
+    args = ["bash", "slurm/cluster.sh", command, SLURM_DIR]
+    return subprocess.run(args, cwd=C.ROOT, env=env, capture_output=True, text=True, check=check).stdout
 
 
 def cancel_all(env: dict) -> int:
@@ -220,24 +226,20 @@ def part_slurm(a, tmp: Path) -> dict:
         return {"skipped": "SLURM is not installed (bash scripts/setup.sh installs it)"}
     env = dict(os.environ, LINTRANS_SLURM_MAX_ARRAY_SIZE="1001", LINTRANS_SLURM_CPUS="2", **SLURM_PORTS)
     t0 = time.perf_counter()
-    subprocess.run(
-        ["bash", "slurm/cluster.sh", "start", SLURM_DIR],
-        cwd=C.ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    cluster("start", env)
     start_s = time.perf_counter() - t0
-    env = slurm_env()
+    for line in cluster("env", env).splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value.strip("'\"")
     res: dict = {"cluster_start_s": start_s, "trials": a.slurm_trials, "cluster_dir": SLURM_DIR}
     try:
         axes = axes_for(a.slurm_trials)
         extra = {"slurm": {"array_parallelism": 1, "max_requeues": 0}}
         sweep = write_sweep(tmp / "slurm1k.yaml", "benchslurm", axes, MNIST5K, {"training.n_iters": 0}, extra)
-        base = [PY, "-m", "launchers", "--runs-dir", str(tmp / "runs"), "run", str(sweep), "--backend", "slurm"]
-        res["dry_run_s"], _ = timed([*base, "--dry-run"], env)
-        res["submit_s"], out = timed(base, env)
+        args = cli_args(tmp / "slurm", "run", str(sweep), "--backend", "slurm")
+        res["dry_run_s"], _ = timed([*LAUNCHER, *args, "--dry-run"], env)
+        res["submit_s"], out = timed([*LAUNCHER, *args], env)
         res["submit_output_tail"] = out.strip().splitlines()[-3:]
         res["queued_after_submit"] = cancel_all(env)
         print(
@@ -247,194 +249,116 @@ def part_slurm(a, tmp: Path) -> dict:
         if not a.no_profile:
             sweep2 = write_sweep(tmp / "slurm1k_b.yaml", "benchslurmb", axes, MNIST5K, {"training.n_iters": 0}, extra)
             prof_file = tmp / "slurm_submit.prof"
-            cmd = [
-                PY,
-                "-m",
-                "cProfile",
-                "-o",
-                str(prof_file),
-                "-m",
-                "launchers",
-                "--runs-dir",
-                str(tmp / "runs"),
-                "run",
-                str(sweep2),
-                "--backend",
-                "slurm",
-            ]
-            res["profiled_submit_s"], _ = timed(cmd, env)
+            args = cli_args(tmp / "slurm", "run", str(sweep2), "--backend", "slurm")
+            res["profiled_submit_s"], _ = timed([PY, "-m", "cProfile", "-o", str(prof_file), *LAUNCHER[1:], *args], env)
             cancel_all(env)
             res["profile"] = profile_top(str(prof_file))
         # the pieces a submission is made of, measured on their own
         res["squeue_s"], _ = timed(["squeue", "-h", "-r", "-o", "%i"], env)
         res["scontrol_show_config_s"], _ = timed(["scontrol", "show", "config"], env)
-        res["import_floor_s"] = import_floor("launchers.cli, launchers.slurm, submitit", 1)
+        res["import_floor_s"] = import_floor("launchers.cli, launchers.backends.slurm, submitit", 1)
     finally:
         cancel_all(env)
         t0 = time.perf_counter()
-        subprocess.run(["bash", "slurm/cluster.sh", "stop", SLURM_DIR], cwd=C.ROOT, env=env, capture_output=True)
+        cluster("stop", env, check=False)
         res["cluster_stop_s"] = time.perf_counter() - t0
     return res
 
 
-ELBO_BREAKDOWN_K = 20
+TABLE_STEPS = 150
 
 
-def fake_record(mode: str, trial_dir: Path, spec: dict, config_json: dict, i: int) -> dict:
-    K = spec["overrides"]["model.K"]
-    if mode == "elbo":
+def fake_record(ev: dict, run: dict, i: int, environment: dict) -> dict:
+    """A record as ``lintrans.evaluation.evaluate`` makes it (breakdowns as ``negative_elbo``, ``run_fid`` give)."""
+    from lintrans.elbo import DEQUANTIZATION_8BIT
+
+    K, n_train, n_test = run["K"], 4500, 500
+    if ev["mode"] == "elbo":
         metrics = {"nll_bpd": 1.2 + (i % 97) / 1000, "nll_nats": 650.0 + i % 13}
-        levels = [None, None, *[1.0 + j / 100 for j in range(K - 1)]]
         breakdown = {
-            "nll_nats": metrics["nll_nats"],
-            "nll_nats_stderr": 1.5,
-            "bpd": metrics["nll_bpd"],
-            "nll_bpd_continuous": -3.1,
-            "dequantization": "8-bit data (every value a multiple of 1/255)...",
-            "L_K": 3.2,
-            "L_1": -600.0,
-            "L_levels": levels,
-            "L_mid_total": 40.0,
-            "mse_per_level": [None, *[0.1 * j for j in range(K)]],
-            "dims": 784,
-            "K": K,
-            "num_train": 4500,
-            "num_test": 500,
-            "forward_applications": 4500 + K * 500,
-            "sigma": 0.01,
-            "delta": 0.0125,
-        }
-        evaluation = {"metric": "nll_bpd", "num_train": 4500, "num_test": 500, "batch_size": 256, "seed": 0}
+            "nll_nats": metrics["nll_nats"], "nll_nats_stderr": 1.5, "bpd": metrics["nll_bpd"],
+            "nll_bpd_continuous": -3.1, "dequantization": DEQUANTIZATION_8BIT, "L_K": 3.2, "L_1": -600.0,
+            "L_levels": [None, None, *[1.0 + j / 100 for j in range(K - 1)]], "L_mid_total": 40.0,
+            "mse_per_level": [None, *[0.1 * j for j in range(K)]], "dims": 784, "K": K, "num_train": n_train,
+            "num_test": n_test, "forward_applications": n_train + K * n_test, "sigma": run["sigma"],
+            "delta": run["delta"],
+        }  # fmt: skip
+        evaluation = {"metric": "nll_bpd", "num_train": n_train, "num_test": n_test}
     else:
         metrics = {"fid_mnist_features": 20.0 + (i % 31) / 10}
-        breakdown = {
-            "num_gen": 500,
-            "feature_extractor": {"held_out_accuracy": 0.97, "feature_dim": 128, "sha256": "0" * 64},
-        }
-        evaluation = {
-            "metric": "fid_mnist_features",
-            "num_gen": 500,
-            "reference": "mnist5k held-out digits",
-            "cleanfid_mode": "clean",
-            "batch_size": 256,
-            "seed": 0,
-        }
+        extractor = {"held_out_accuracy": 0.97, "feature_dim": 128, "sha256": "0" * 64}
+        breakdown = {"num_gen": ev["num_gen"], "feature_extractor": extractor}
+        evaluation = {"metric": "fid_mnist_features", "num_gen": ev["num_gen"], "reference": "mnist5k held-out digits",
+                      "cleanfid_mode": ev["cleanfid_mode"]}  # fmt: skip
     return {
-        "mode": mode,
-        "experiment": spec["sweep"],
-        "param": spec["id"],
-        "dataset_name": "mnist5k",
-        "run": {
-            "workdir": str(trial_dir),
-            "dataset": "mnist5k",
-            "forward": spec["overrides"]["model.forward"],
-            "K": K,
-            "sigma": spec["overrides"]["model.sigma"],
-            "delta": 0.0125,
-            "seed": 0,
-            "steps": 150,
-            "checkpoint": 0,
-            "checkpoint_path": str(trial_dir / "checkpoints-meta" / "checkpoint.pth"),
-            "overrides": spec["overrides"],
-            "config": config_json,
-        },
-        "evaluation": evaluation,
-        "metrics": metrics,
-        "breakdown": breakdown,
-        "wall_s": 12.3,
-        "device": "cpu",
-        "hostname": "bench",
-        "timestamp": "2026-01-01T00:00:00+00:00",
-        "versions": {"python": "3.11", "torch": "2.14.1", "clean-fid": "0.1.35", "lintrans": "0.1", "numpy": "2"},
-        "argv": ["evaluate.py"],
-    }
+        "mode": ev["mode"], "experiment": ev["experiment_name"], "param": ev["param_name"], "dataset_name": "mnist5k",
+        "run": run, "evaluation": {**evaluation, "batch_size": ev["batch_size"], "seed": ev["seed"]},
+        "metrics": metrics, "breakdown": breakdown, "wall_s": 12.3, **environment,
+    }  # fmt: skip
+
+
+def fake_trial(sweep, trial, environment: dict) -> None:
+    """A finished local trial's files, each written by the function that writes it in a real sweep."""
+    from launchers import state
+    from launchers.trial import spec_of
+    from lintrans import config as cfg
+    from lintrans import records
+    from lintrans.atomic import write_json
+    from lintrans.evaluation import run_identity
+    from lintrans.run import META, Run
+
+    d, spec, job = trial.run_dir, spec_of(sweep, trial), str(100_000 + trial.index)
+    write_json(d / state.SPEC, spec)
+    state.write_launch(d, "local", job, str(d / "train.log"))  # before status.json: the trial answered it
+    state.write_status(d, "done", attempt=1, backend="local", job_id=job, wall_s=321.5, preemptions=0,
+                       resumed_from=0, n_iters=TABLE_STEPS, step=TABLE_STEPS,
+                       eval_loss=0.05, train_loss=0.05, img_per_s=40.0, evaluating=None, eta_s=None)  # fmt: skip
+    config = cfg.apply_overrides(sweep.base, trial.overrides)
+    run = run_identity(config, Run(d), d / META, 0, TABLE_STEPS, cfg.sampling_delta(config))
+    run["overrides"] = trial.overrides  # what source.json (not written here) would say
+    for ev in spec["evaluations"]:
+        records.write_record(d, fake_record(ev, run, trial.index, environment))
 
 
 def part_table(a, tmp: Path) -> dict:
+    from unittest import mock
+
     from launchers import table
     from launchers.sweep import load
-    from lintrans.config import to_json
+    from lintrans.records import environment
+    from lintrans.tables import render
 
-    axes = axes_for(a.table_trials)
-    sweep_file = write_sweep(
-        tmp / "table10k.yaml",
-        "benchtable",
-        axes,
-        MNIST5K,
-        {"training.n_iters": 150},
-        {"evaluations": [{"mode": "elbo"}, {"mode": "fid", "num_gen": 500}]},
-    )
-    os.chdir(C.ROOT)
-    sweep = load(sweep_file, tmp / "runs")
-    config_json = json.loads(to_json(C.load_config(MNIST5K)))
+    runs = tmp / "table"
+    evaluations = [{"mode": "elbo"}, {"mode": "fid", "num_gen": 500}]
+    sweep_file = write_sweep(tmp / "table10k.yaml", "benchtable", axes_for(a.table_trials), MNIST5K,
+                             {"training.n_iters": TABLE_STEPS}, {"evaluations": evaluations})  # fmt: skip
+    sweep = load(sweep_file, runs)
+    env = environment("cpu")
     t0 = time.perf_counter()
-    for t in sweep.trials():
-        d = t.run_dir
-        (d / "records").mkdir(parents=True, exist_ok=True)
-        spec = {
-            "id": t.id,
-            "index": t.index,
-            "sweep": sweep.name,
-            "sweep_file": str(sweep_file),
-            "cwd": str(C.ROOT),
-            "config": str(C.ROOT / MNIST5K),
-            "overrides": t.overrides,
-            "axes": list(sweep.axes),
-            "evaluations": sweep.evaluations,
-            "max_requeues": 3,
-            "runs_dir": str(tmp / "runs"),
-        }
-        (d / "trial.json").write_text(json.dumps(spec, indent=2))
-        (d / "status.json").write_text(
-            json.dumps(
-                {
-                    "attempt": 1,
-                    "backend": "slurm",
-                    "job_id": f"1234_{t.index}",
-                    "wall_s": 321.5,
-                    "state": "done",
-                    "updated": "2026-01-01T00:10:00+00:00",
-                    "host": "node1",
-                    "pid": 4242,
-                    "step": 150,
-                    "evaluations_done": [0, 1],
-                },
-                indent=2,
-            )
-        )
-        (d / "launch.json").write_text(
-            json.dumps(
-                {
-                    "backend": "slurm",
-                    "job_id": f"1234_{t.index}",
-                    "log": str(d / "slurm.log"),
-                    "submitted": "2026-01-01T00:00:00+00:00",
-                }
-            )
-        )
-        for mode in ("elbo", "fid"):
-            rec = fake_record(mode, d, spec, config_json, t.index)
-            (d / "records" / f"{mode}-{sweep.name}-{t.id}-ckpt0.json").write_text(json.dumps(rec, indent=2))
+    with mock.patch("os.fsync"):  # the files are what matters here, not their durability (4 ms a file)
+        for t in sweep.trials():
+            fake_trial(sweep, t, env)
     gen_s = time.perf_counter() - t0
-    sizes = [p.stat().st_size for p in next(iter(sweep.dir.glob("*/records"))).glob("*.json")]
+    files = [p for p in t.run_dir.rglob("*") if p.is_file()]
+    sizes = [p.stat().st_size for p in files if p.parent.name == "records"]
     print(
-        f"table: wrote {a.table_trials} fake trials (4 files + 2 records each, records {sizes} bytes) in {gen_s:.1f} s"
+        f"table: wrote {a.table_trials} fake trials ({len(files)} files each, records {sizes} bytes) in {gen_s:.1f} s"
     )
 
     walls, split = [], []
     for _ in range(a.repeats):
         t0 = time.perf_counter()
-        rows = table.rows(sweep.dir)
+        rows = table.rows(sweep, sweep.trials())
         t1 = time.perf_counter()
-        md = table.render(rows, "md")
+        md = render(rows, table.columns(rows), "md")
         t2 = time.perf_counter()
-        table.render(rows, "csv")
+        render(rows, table.columns(rows), "csv")
         t3 = time.perf_counter()
         walls.append(t2 - t0)
         split.append({"rows_s": t1 - t0, "render_md_s": t2 - t1, "render_csv_s": t3 - t2})
     res = {
         "trials": len(rows),
-        "files_per_trial": 6,
+        "files_per_trial": len(files),
         "record_bytes": sizes,
         "generate_s": gen_s,
         "rows_plus_render_md_s": statistics.median(walls),
@@ -442,12 +366,17 @@ def part_table(a, tmp: Path) -> dict:
         "split": split,
         "md_lines": md.count("\n"),
     }
-    cmd = [PY, "-m", "launchers", "--runs-dir", str(tmp / "runs"), "table", str(sweep_file)]
+    cmd = [*LAUNCHER, *cli_args(runs, "table", str(sweep_file))]
     res["cli_wall_s"], _ = timed(cmd)
     res["cli_command"] = " ".join(cmd[1:])
     if not a.no_profile:
+
+        def table_md() -> str:
+            table_rows = table.rows(sweep, sweep.trials())
+            return render(table_rows, table.columns(table_rows), "md")
+
         prof = cProfile.Profile()
-        prof.runcall(lambda: table.render(table.rows(sweep.dir), "md"))
+        prof.runcall(table_md)
         res["profile"] = profile_top(prof)
     print(
         f"table over {len(rows)} trials: rows + md {res['rows_plus_render_md_s']:.2f} s in-process "
@@ -479,6 +408,9 @@ def get_config():
 
 
 def trivial_runs(a, tmp: Path, backend: str) -> dict:
+    from launchers import state
+    from launchers.sweep import load
+
     config = tmp / "bench_trivial.py"
     config.write_text(TRIVIAL_CONFIG)
     points = []
@@ -493,31 +425,28 @@ def trivial_runs(a, tmp: Path, backend: str) -> dict:
             {"training.n_iters": 0},
             extra,
         )
-        cmd = [PY, "-m", "launchers", "--runs-dir", str(tmp / "runs"), "run", str(sweep), "--backend", backend]
+        runs = tmp / backend
         env = dict(os.environ, RAY_DEDUP_LOGS="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
-        wall, out = timed(cmd, env)
-        own = []
-        for st in (tmp / "runs" / "sweeps" / name).glob("*/status.json"):
-            s = json.loads(st.read_text())
-            if s.get("state") != "done":
-                raise RuntimeError(
-                    f"{backend} trial {st.parent.name} ended {s.get('state')}: {s.get('reason')}\n{out[-2000:]}"
-                )
-            own.append(s["wall_s"])
-        if len(own) != n:
-            raise RuntimeError(f"{backend}: {len(own)} of {n} trials wrote a status\n{out[-2000:]}")
+        wall, out = timed([*LAUNCHER, *cli_args(runs, "run", str(sweep), "--backend", backend)], env)
+        statuses = [state.status(t.run_dir) for t in load(sweep, runs).trials()]
+        unfinished = [
+            f"{st.get('state', 'no status')}: {st.get('reason')}" for st in statuses if st.get("state") != "done"
+        ]
+        if unfinished:
+            raise RuntimeError(f"{backend}: {len(unfinished)} of {n} trials not done ({unfinished[0]})\n{out[-2000:]}")
+        own = sum(st["wall_s"] for st in statuses)
         points.append(
             {
                 "n": n,
                 "wall_s": wall,
-                "own_work_s": sum(own),
-                "own_work_per_trial_s": sum(own) / n,
-                "overhead_per_trial_s": (wall - sum(own)) / n,
+                "own_work_s": own,
+                "own_work_per_trial_s": own / n,
+                "overhead_per_trial_s": (wall - own) / n,
             }
         )
         print(
-            f"{backend}: {n} trivial trials in {wall:.2f} s, own work {sum(own):.2f} s, "
-            f"overhead {(wall - sum(own)) / n:.2f} s per trial (all-in)"
+            f"{backend}: {n} trivial trials in {wall:.2f} s, own work {own:.2f} s, "
+            f"overhead {(wall - own) / n:.2f} s per trial (all-in)"
         )
     res = {
         "points": points,
@@ -568,6 +497,7 @@ def fmt(x, unit: str = "s", digits: int = 2) -> str:
 
 def main() -> None:
     a = parse()
+    os.chdir(C.ROOT)  # sweep files name their config relative to the repository
     info = C.machine("cpu")
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     out = {}
@@ -576,10 +506,10 @@ def main() -> None:
             try:
                 out[part] = PARTS[part](a, tmp)
             except Exception as exc:  # noqa: BLE001 - record the failure, carry on with the other parts
-                out[part] = {"error": f"{type(exc).__name__}: {exc}"}
+                message = f"{type(exc).__name__}: {exc}"  # one line for the tables, the rest in "output"
+                out[part] = {"error": message.splitlines()[0], "output": message}
                 print(f"{part}: FAILED: {exc}", file=sys.stderr)
     finally:
-        os.chdir(C.ROOT)
         if a.keep:
             print(f"kept {tmp}")
         else:
@@ -592,53 +522,43 @@ def main() -> None:
     }
     md = C.header_md("Sweep and launcher overheads", info)
     rows = []
-    d, s, t, lo, ra = (out.get(k, {}) for k in ("dryrun", "slurm", "table", "local", "ray"))
+    d, s, t = (out.get(k, {}) for k in ("dryrun", "slurm", "table"))
     if "wall_s" in d:
-        rows.append(
-            [
-                f"expand + dry-run, {d['trials']} trials (`run --dry-run`, end to end)",
-                fmt(d["wall_s"]),
-                "< 2 s",
-                f"imports alone {fmt(d['import_floor_s'])}; in-process: load+validate "
-                f"{fmt(d['in_process']['load_validate_s'])}, expand {fmt(d['in_process']['expand_s'], digits=3)}, "
-                f"whole dry run {fmt(d['in_process']['cmd_run_dry_s'])}",
-            ]
+        ip = d["in_process"]
+        label = f"expand + dry-run, {d['trials']} trials (`run --dry-run`, end to end)"
+        details = (
+            f"imports alone {fmt(d['import_floor_s'])}; in-process: load+validate {fmt(ip['load_validate_s'])}, "
+            f"expand {fmt(ip['expand_s'], digits=3)}, whole dry run {fmt(ip['cmd_run_dry_s'])}"
         )
+        rows.append([label, fmt(d["wall_s"]), "< 2 s", details])
     if "submit_s" in s:
-        rows.append(
-            [
-                f"submit {s['trials']} trials to the test SLURM cluster (end to end)",
-                fmt(s["submit_s"]),
-                "< 10 s",
-                f"dry run {fmt(s['dry_run_s'])}; squeue {fmt(s['squeue_s'])}; "
-                f"cluster start {fmt(s['cluster_start_s'])}",
-            ]
+        label = f"submit {s['trials']} trials to the test SLURM cluster (end to end)"
+        details = (
+            f"dry run {fmt(s['dry_run_s'])}; squeue {fmt(s['squeue_s'])}; cluster start {fmt(s['cluster_start_s'])}"
         )
+        rows.append([label, fmt(s["submit_s"]), "< 10 s", details])
     if "rows_plus_render_md_s" in t:
+        label = f"table over {t['trials']} trials (`table.rows` + md render, in-process)"
         rows.append(
-            [
-                f"table over {t['trials']} trials (`table.rows` + md render, in-process)",
-                fmt(t["rows_plus_render_md_s"]),
-                "< 2 s",
-                f"`python -m launchers table` end to end {fmt(t['cli_wall_s'])}",
-            ]
+            [label, fmt(t["rows_plus_render_md_s"]), "< 2 s", f"`lintrans table` end to end {fmt(t['cli_wall_s'])}"]
         )
-    for name, r in (("local", lo), ("ray", ra)):
+    for name in ("local", "ray"):
+        r = out.get(name, {})
         if "points" in r:
             last = r["points"][-1]
-            rows.append(
-                [
-                    f"{name}: overhead per trivial trial (N={last['n']}, serial)",
-                    fmt(last["overhead_per_trial_s"]),
-                    "< 0.5 s" if name == "local" else "",
-                    f"marginal {fmt(r.get('marginal_overhead_per_trial_s'))}, fixed {fmt(r.get('fixed_overhead_s'))}; "
-                    f"own work {fmt(last['own_work_per_trial_s'])}/trial"
-                    + (f"; fresh trial process floor {fmt(r['trial_process_floor_s'])}" if name == "local" else ""),
-                ]
+            label = f"{name}: overhead per trivial trial (N={last['n']}, serial)"
+            details = (
+                f"marginal {fmt(r.get('marginal_overhead_per_trial_s'))}, fixed {fmt(r.get('fixed_overhead_s'))}; "
+                f"own work {fmt(last['own_work_per_trial_s'])}/trial"
             )
-    for name, r in out.items():
-        if "error" in r or "skipped" in r:
-            rows.append([name, "n/a", "", r.get("error") or r.get("skipped")])
+            if name == "local":
+                details += f"; fresh trial process floor {fmt(r['trial_process_floor_s'])}"
+            rows.append([label, fmt(last["overhead_per_trial_s"]), "< 0.5 s" if name == "local" else "", details])
+    rows += [
+        [name, "n/a", "", r.get("error") or r.get("skipped")]
+        for name, r in out.items()
+        if "error" in r or "skipped" in r
+    ]
     md += C.md_table(["measurement", "figure", "target", "details"], rows)
     for name, r in out.items():
         prof = r.get("profile")

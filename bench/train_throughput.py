@@ -7,14 +7,15 @@
 
 What it measures, in one process:
 
-* img/s of the real training step (``bench/_step.py``: the components ``_train`` builds, its loop
-  body statement for statement, DDP with world size 1) for fp32 and for
+* img/s of the real training step (:class:`lintrans.step.TrainStep`, built from the components
+  ``training_loop`` builds it from, DDP with world size 1) for fp32 and for
   ``config.training.mixed_precision = "bf16"`` (``torch.autocast``), median over timed steps;
 * the device's dense matmul peak (best ``n x n`` ``torch.mm`` FLOP/s, fp32 and bf16), the model's
   FLOPs per training step (forward + backward, ``torch.utils.flop_counter.FlopCounterMode``) and
   the achieved fraction of the peak;
 * the share of step time in the forward process (``process.pair``), the optimizer (lr, clipping,
-  ``opt.step``) and the EMA update (a separate, device-synchronised pass);
+  ``opt.step``) and the EMA update (a separate pass, with ``TrainStep``'s timer synchronising the
+  device around each phase);
 * the top operators of each step (``torch.profiler``), to name the hot spots.
 
 ``--threads 2,1`` repeats everything per intra-op thread count (``torch.set_num_threads``). The
@@ -27,50 +28,36 @@ import argparse
 
 import _common as C
 import torch
-from _step import TrainStep, train_images
 
 
 def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/mnist/small_mnist.py")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument(
-        "--data", default="auto", help="auto (mnist5k for 1x28x28, else synthetic), synthetic, or a data set name"
-    )
-    p.add_argument("--precisions", default="no,bf16", help="comma list of 'no' (fp32) and 'bf16'")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per precision")
+    p = C.step_options(__doc__, "train_throughput", warmup=2)
     p.add_argument("--breakdown-steps", type=int, default=3)
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--threads", default="default", help="comma list of intra-op thread counts, or 'default'")
-    p.add_argument("--seed", type=int, default=None, help="config seed (default: the config's)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 warm-up + 3 timed steps")
-    p.add_argument("--name", default="train_throughput", help="result file stem under bench/results/")
     a = p.parse_args()
     if a.quick:
         a.warmup, a.steps, a.breakdown_steps, a.profile_steps = 2, 3, 2, 1
     return a
 
 
-def flops_per_step(ts: TrainStep) -> int:
+def flops_per_step(step: C.Step) -> int:
+    """FLOPs of one whole step; only the model's matmuls and convolutions (and a matrix process's) count."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        ts.forward_backward()
-    ts.opt.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        step()
     return int(counter.get_total_flops())
 
 
-def profile_top(ts: TrainStep, steps: int, rows: int = 12) -> list[dict]:
+def profile_top(step: C.Step, device, steps: int, rows: int = 12) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ts.device.type == "cuda" else [])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(steps):
-            ts.step()
-    key = "self_cuda_time_total" if ts.device.type == "cuda" else "self_cpu_time_total"
+            step()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1
     return [
@@ -85,17 +72,14 @@ def profile_top(ts: TrainStep, steps: int, rows: int = 12) -> list[dict]:
 
 
 def measure(config, device, train_set, precision: str, a) -> dict:
-    ts = TrainStep(config, device, train_set, precision)
-    flops = flops_per_step(ts)
-    times = C.time_calls(ts.step, device, a.warmup, a.steps)
-    ts.instrument = True
-    ts.timers = dict.fromkeys(ts.timers, 0.0)
-    inst = C.time_calls(ts.step, device, 0, a.breakdown_steps)
-    ts.instrument = False
+    step = C.train_step(config, device, train_set, bf16=precision == "bf16")
+    flops = flops_per_step(step)
+    times = C.time_calls(step, device, a.warmup, a.steps)
+    phases, inst = step.breakdown(a.breakdown_steps)
     step_inst = sum(inst)
-    shares = {k: v / step_inst for k, v in ts.timers.items()}
-    ms = {k: 1e3 * v / len(inst) for k, v in ts.timers.items()}
-    top = profile_top(ts, a.profile_steps) if a.profile_steps > 0 else []
+    shares = {k: v / step_inst for k, v in phases.items()}
+    ms = {k: 1e3 * v / len(inst) for k, v in phases.items()}
+    top = profile_top(step, device, a.profile_steps) if a.profile_steps > 0 else []
     s = C.summarise(times)
     ips = config.training.batch_size / s["median_s"]
     return {
@@ -113,20 +97,14 @@ def measure(config, device, train_set, precision: str, a) -> dict:
 
 def main() -> None:
     a = parse()
-    device = C.pick_device(a.device)
-    info = C.machine(device.type)
-    overrides = {"training.batch_size": a.batch_size}
-    if a.seed is not None:
-        overrides["seed"] = a.seed
-    config = C.load_config(a.config, overrides)
-    train_set, data_name = train_images(config, a.data)
+    device, config, train_set, facts = C.step_setup(a)
     default_threads = torch.get_num_threads()
     thread_counts = [default_threads] if a.threads == "default" else [int(t) for t in a.threads.split(",")]
 
     peaks, results = {}, []
     for threads in thread_counts:
         torch.set_num_threads(threads)
-        print(f"{a.config}: batch {a.batch_size}, data {data_name}, device {device}, threads {threads}")
+        print(f"{a.config}: batch {a.batch_size}, data {facts['data']}, device {device}, threads {threads}")
         for dtype in (torch.float32, torch.bfloat16):
             name = f"{str(dtype).replace('torch.', '')}@{threads}"
             peaks[name] = C.matmul_peak(device, dtype, n=1024 if a.quick else 2048, seconds=0.5 if a.quick else 2.0)
@@ -141,25 +119,20 @@ def main() -> None:
             print(
                 f"{r['precision']} x{threads}: {r['img_per_s']:.1f} img/s (step {1e3 * r['step']['median_s']:.0f} ms, "
                 f"best {a.batch_size / r['step']['min_s']:.1f} img/s), {C.fmt_rate(r['achieved_flop_s'])} = "
-                f"{100 * r['fraction_of_peak']:.1f}% of peak; "
-                + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["breakdown_share"].items()),
+                f"{100 * r['fraction_of_peak']:.1f}% of peak; {C.shares_text(r['breakdown_share'])}",
                 flush=True,
             )
     torch.set_num_threads(default_threads)
 
     data = {
-        "machine": info,
-        "config": a.config,
-        "batch_size": a.batch_size,
-        "data": data_name,
-        "quick": a.quick,
+        **facts,
         "matmul_peak": peaks,
         "results": results,
         "targets": {"fp32_img_per_s": 42, "bf16_img_per_s": 73},
     }
-    md = C.header_md("Training throughput", info)
+    md = C.header_md("Training throughput", facts["machine"])
     md += (
-        f"Config `{a.config}`, global batch {a.batch_size}, data {data_name}, DDP world size 1; img/s from the "
+        f"Config `{a.config}`, global batch {a.batch_size}, data {facts['data']}, DDP world size 1; img/s from the "
         "median step (best step in brackets); FLOPs per step from `FlopCounterMode` (forward + backward).\n\n"
     )
     md += C.md_table(
