@@ -64,7 +64,8 @@ def main() -> None:
         with torch.no_grad():
             for s in range(0, n, a.batch_size):
                 x = train_all[s : s + a.batch_size].to(device)
-                process(x, process.levels(K, len(x), device))
+                theta = process.sample_theta(len(x), torch.Generator().manual_seed(s))
+                process(x, process.levels(K, len(x), device), None if theta is None else theta.to(device))
         C.sync(device)
         return time.perf_counter() - t0
 

@@ -68,10 +68,12 @@ def parse() -> argparse.Namespace:
 def time_pair(process, x: torch.Tensor, device, a) -> dict:
     gen = torch.Generator().manual_seed(0)
     ks = [torch.randint(1, process.K + 1, (len(x),), generator=gen).to(device) for _ in range(8)]
+    theta = process.sample_theta(len(x), gen)  # None for a deterministic process
+    theta = theta.to(device) if theta is not None else None
     it = iter(range(10**9))
 
     def call():
-        return process.pair(x, ks[next(it) % len(ks)])
+        return process.pair(x, ks[next(it) % len(ks)], theta)
 
     with torch.no_grad():
         times = C.time_calls(call, device, 2, a.repeats, a.min_time)

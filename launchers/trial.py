@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -117,7 +118,14 @@ def job_id() -> str | None:
 
 @contextmanager
 def signals_preempt() -> Iterator[None]:
-    """Outside the training loop, a stop signal ends the trial as preempted instead of killing it mid-write."""
+    """Outside the training loop, a stop signal ends the trial as preempted instead of killing it mid-write.
+
+    Only the main thread can install handlers; a trial that runs in a thread (a Ray Tune function
+    trainable) is stopped by its scheduler instead, so there it is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def handler(signum, frame):
         raise Preempted(f"signal {signal.Signals(signum).name}")
