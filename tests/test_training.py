@@ -142,6 +142,11 @@ def test_config_file_registers_its_own_forward_process(tmp_path):
     assert result.returncode == 0, result.stderr
     state = torch.load(tmp_path / "checkpoints-meta" / "checkpoint.pth", weights_only=True)
     assert state["step"] == 5 and '"half_fade"' in state["config"]
+    # the run directory alone is enough: resume, sample (the config file registers the process again)
+    again = run(["train.py", f"--workdir={tmp_path}"])
+    assert again.returncode == 0 and "at step 5" in again.stdout, again.stdout + again.stderr
+    sampled = run(["sample.py", f"--workdir={tmp_path}", "--batch_size=2", f"--outdir={tmp_path / 'out'}"])
+    assert sampled.returncode == 0, sampled.stderr
 
 
 def test_mnist5k_heat_learns_and_samples_in_every_mode(tmp_path):
