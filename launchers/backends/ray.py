@@ -1,83 +1,313 @@
 """Ray Tune backend: the same trials as Tune trials of one ``Tuner``.
 
-Each Tune trial calls the trial entry point in-process, with its output in the run directory's
-``train.log``. Training reports at every log step, evaluation and checkpoint, and every report
-carries the objective (``search.objective.metric``, default the held-out ``eval_loss``) and
-``step``, so a scheduler measures in training steps: ASHA gets ``time_attr="step"`` and
-``max_t = training.n_iters``. A trial ASHA stops is recorded as **stopped** (step and reason)
-and left alone by the next ``run``. Checkpoints stay in the run directory, the only copy: Tune
-gets no checkpoint at all (run directories must be on a file system the workers share, as they
-are for SLURM), so a trial whose worker dies is retried (``FailureConfig``) and resumes from
-its own ``checkpoints-meta``. ``ray.address`` (or ``--ray-address``) connects to an existing
-cluster; ``ray.runtime_env`` (``env_vars``, ``working_dir``) is passed to it.
+Each Tune trial calls the trial entry point in-process, with its output (file descriptors 1 and
+2 of its actor) in the run directory's ``train.log``; Tune's own progress stays on the driver's
+console. Training reports at every log step, evaluation and checkpoint, and every report carries
+the objective (``search.objective.metric``, default the held-out ``eval_loss``) and ``step``, so a
+scheduler measures in training steps: ASHA gets ``time_attr="step"`` and ``max_t =
+training.n_iters``. The report of the last step is held back until the trial's evaluations are
+done, so a scheduler never ends a trial that has finished training before its evaluations ran.
+
+A trial ASHA stops is recorded as **stopped** (step and reason) by a Tune callback in the driver
+the moment the scheduler decides, before the trial's actor is told; the trial then ends cleanly
+and the next ``run`` leaves it alone (``--resume-stopped`` resumes it from its checkpoint).
+Checkpoints stay in the run directory, the only copy: Tune gets no checkpoint at all (run
+directories must be on a file system the workers share, as they are for SLURM), so a trial whose
+worker dies is retried (``FailureConfig``) and resumes from its own ``checkpoints-meta``. A trial
+whose failure a retry cannot fix (bad input, non-finite loss) is not retried.
+
+A trial with several DDP workers (``resources.gpus > 1``, or ``nodes x tasks_per_node > 1``) gets
+a placement group of one bundle per rank (:func:`bundles`): rank 0 is the Tune trial itself,
+ranks 1..N-1 are :class:`_Rank` actors pinned to the other bundles, each running
+``python -m launchers.trial DIR`` with torchrun's variables (:func:`torchrun_env`), which
+:func:`lintrans.distributed.detect` reads. ``ray.address`` (or ``--ray-address``) connects to an
+existing cluster; ``ray.runtime_env`` (``env_vars``, ``working_dir``) is passed to it.
 """
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
+import math
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from launchers import state
+from launchers.schema import Resources
 from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
-from launchers.trial import EXIT_BUSY, EXIT_FAILED, run_trial
+from launchers.trial import EXIT_BUSY, EXIT_FAILED, Stopped, run_trial
+from lintrans import records
 from lintrans.errors import EXIT_PREEMPTED, UsageError
+
+# Metrics every training report carries: the only ones ASHA can compare trials on.
+TRAINING_METRICS = ("eval_loss", "train_loss")
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+# --------------------------------------------------------------------------- what a Tune trial runs
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _reporter(trial_dir: Path, metric: str) -> Callable[[int, dict], None]:
+    """``report(step, metrics)`` for :func:`run_trial`: forwards to Tune, and turns Tune's stop into :class:`Stopped`.
+
+    Tune stops a function trainable by raising ``SystemExit`` inside ``tune.report``. The driver's
+    callback has already recorded *stopped* when a scheduler decided it; any other stop (the
+    driver shutting down) leaves the trial preempted, to be resumed by the next ``run``.
+    """
+    from ray import tune
+
+    def report(step: int, metrics: dict) -> None:
+        n_iters = metrics.get("n_iters")
+        if n_iters is not None and step >= n_iters:
+            return  # reported once the evaluations are done (see _trainable)
+        values = {**_numbers(metrics), "step": step}
+        values.setdefault(metric, float("nan"))
+        try:
+            tune.report(values)
+        except SystemExit:
+            st = state.status(trial_dir)
+            if st.get("state") == "stopped":
+                raise Stopped(st.get("reason") or "stopped early by the trial scheduler") from None
+            state.write_status(
+                trial_dir, "preempted", step=step, reason="Ray stopped the trial (driver shut down)", resumable=True
+            )
+            raise
+
+    return report
+
+
+def _final_report(trial_dir: Path, metric: str) -> None:
+    """The last step's report, with the evaluations' metrics, once the trial is done (whatever Tune decides)."""
+    from ray import tune
+
+    st = state.status(trial_dir)
+    values = {**_numbers({k: st.get(k) for k in TRAINING_METRICS}), **_numbers(records.metrics(trial_dir))}
+    values.update(step=st.get("step") or 0, n_iters=st.get("n_iters") or 0)
+    values.setdefault(metric, float("nan"))
+    tune.report(values)
 
 
 def _trainable(config: dict) -> None:
-    from ray import tune
-
     trial_dir = Path(config["trial_dir"])
     metric = config["metric"]
     log = os.open(trial_dir / "train.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)  # this actor runs this trial only (reuse_actors=False): its output is the trial's log
     os.dup2(log, 2)
-
-    def report(step: int, metrics: dict) -> None:
-        values = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        values["step"] = step
-        values.setdefault(metric, float("nan"))
-        tune.report(values)
-
-    code = run_trial(trial_dir, backend="ray", report=report)
+    os.close(log)
+    os.environ["LINTRANS_BACKEND"] = "ray"
+    workers = _Workers(trial_dir, config["world"], config["cpus"], config["gpus_per_rank"])
+    code = None
+    try:
+        workers.start()
+        code = run_trial(trial_dir, backend="ray", report=_reporter(trial_dir, metric))
+    finally:  # the other ranks end with rank 0's training; wait for them only if it went to the end
+        workers.stop(grace_s=60 if code == 0 and state.status(trial_dir).get("state") == "done" else 0)
+    st = state.status(trial_dir)
     if code in (EXIT_PREEMPTED, EXIT_BUSY):
         raise RuntimeError(f"trial {trial_dir.name} did not finish (exit {code}); Tune will retry it")
-    if code == EXIT_FAILED:
-        st = state.status(trial_dir)
-        raise RuntimeError(st.get("reason") or f"trial {trial_dir.name} failed")
+    if code == EXIT_FAILED and st.get("resumable", True):
+        raise RuntimeError(st.get("reason") or f"trial {trial_dir.name} failed")  # Tune retries it
+    if st.get("state") == "done":
+        _final_report(trial_dir, metric)
+    # failed for good (bad input, non-finite loss) or stopped: recorded; a retry would change nothing
 
 
-def experiment_name(sweep: Sweep, trials: list[Trial]) -> str:
-    """Stable per set of trials, so ``Tuner.restore`` only ever resumes the same experiment."""
-    return f"{sweep.name}-{hashlib.sha1(' '.join(t.id for t in trials).encode()).hexdigest()[:8]}"
+# --------------------------------------------------------------------------- multi-worker trials
+
+
+def bundles(resources: Resources) -> list[dict[str, float]]:
+    """One placement-group bundle per DDP rank: its CPUs and (with GPUs) one GPU."""
+    bundle = {"CPU": float(resources.cpus)}
+    if resources.gpus:
+        bundle["GPU"] = 1.0  # with GPUs there is one rank per GPU (Resources checks tasks_per_node)
+    return [dict(bundle) for _ in range(resources.world_size)]
+
+
+def torchrun_env(places: list[tuple[str, str, list[str]]], port: int) -> list[dict[str, str]]:
+    """torchrun's variables for each rank from where the ranks landed: ``(node id, node IP, GPU ids)`` per rank.
+
+    Ranks on one node are numbered locally in rank order; they all see the node's GPUs of the
+    trial (``CUDA_VISIBLE_DEVICES``, in local-rank order), so ``LOCAL_RANK`` picks each one's own.
+    """
+    world = len(places)
+    on_node: dict[str, list[int]] = {}
+    for rank, (node, _, _) in enumerate(places):
+        on_node.setdefault(node, []).append(rank)
+    out = []
+    for rank, (node, _, _) in enumerate(places):
+        local = on_node[node]
+        env = {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(local.index(rank)),
+            "LOCAL_WORLD_SIZE": str(len(local)),
+            "MASTER_ADDR": places[0][1],
+            "MASTER_PORT": str(port),
+        }
+        gpus = [g for r in local for g in places[r][2]]
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        out.append(env)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _where() -> tuple[str, str, list[str]]:
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()]
+
+
+def _die_with_parent() -> None:
+    """Runs in a rank's child before exec: it dies with the actor that started it (it holds no state)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class _Rank:
+    """A Ray actor on one bundle of the trial's placement group, running one DDP rank other than 0."""
+
+    def where(self) -> tuple[str, str, list[str]]:
+        return _where()
+
+    def run(self, trial_dir: str, env: dict[str, str], threads: int) -> int:
+        path = os.pathsep.join([PACKAGE_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
+        child_env = {
+            **os.environ,
+            **env,
+            "PYTHONPATH": path,
+            "PYTHONUNBUFFERED": "1",
+            "LINTRANS_BACKEND": "ray",
+            "OMP_NUM_THREADS": str(threads),
+        }
+        with open(Path(trial_dir) / "train.log", "a") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "launchers.trial", trial_dir],
+                env=child_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=PACKAGE_ROOT,
+                preexec_fn=_die_with_parent,
+            )
+        return proc.wait()
+
+
+class _Workers:
+    """Ranks 1..N-1 of a multi-worker trial, and the torchrun variables of rank 0 (this process)."""
+
+    def __init__(self, trial_dir: Path, world: int, cpus: int, gpus_per_rank: float) -> None:
+        self.trial_dir, self.world, self.cpus, self.gpus = trial_dir, world, cpus, gpus_per_rank
+        self.actors: list = []
+        self.runs: list = []
+
+    def start(self) -> None:
+        if self.world == 1:
+            return
+        import ray
+        from ray.util.placement_group import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = get_current_placement_group()
+        rank = ray.remote(_Rank)
+        self.actors = [
+            rank.options(
+                num_cpus=self.cpus,
+                num_gpus=self.gpus,
+                max_restarts=0,
+                scheduling_strategy=(PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)),
+            ).remote()
+            for i in range(1, self.world)
+        ]
+        places = [_where(), *ray.get([a.where.remote() for a in self.actors])]
+        envs = torchrun_env(places, _free_port())
+        os.environ.update(envs[0])
+        os.environ["OMP_NUM_THREADS"] = str(self.cpus)
+        print(
+            f"ray: {self.world} DDP ranks on nodes {[p[1] for p in places]}, master "
+            f"{envs[0]['MASTER_ADDR']}:{envs[0]['MASTER_PORT']}",
+            flush=True,
+        )
+        self.runs = [
+            a.run.remote(str(self.trial_dir), env, self.cpus) for a, env in zip(self.actors, envs[1:], strict=True)
+        ]
+
+    def stop(self, grace_s: float) -> None:
+        """Wait up to ``grace_s`` for the other ranks (they end with rank 0's training), then end them."""
+        if not self.actors:
+            return
+        import ray
+
+        done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=grace_s)
+        for i, ref in enumerate(self.runs, 1):
+            code = ray.get(ref) if ref in done else None
+            if code not in (0, None):
+                print(f"ray: rank {i} exited with {code}", flush=True)
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors, self.runs = [], []
+
+
+# --------------------------------------------------------------------------- the driver side
 
 
 def _recorder(metric: str):
-    """A Tune callback that records trials the scheduler stopped: their own process cannot say so."""
+    """A Tune callback that records what only the driver knows: a scheduler's stop, a trial Ray gave up on."""
     from ray.tune import Callback
 
-    class RecordStopped(Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+    class Recorder(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            # ``done`` on a result the trial did not mark done: the scheduler (ASHA) decided to stop it.
+            # Recorded now, before the trial's actor is told, so the trial ends as stopped, never failed.
             trial_dir = Path(trial.config["trial_dir"])
-            st = state.status(trial_dir)
-            if st.get("state") == "running":
-                result = trial.last_result or {}
-                value = result.get(metric)
-                state.write_status(trial_dir, "stopped", step=result.get("step", st.get("step")), resumable=False,
-                                   reason=f"stopped early by the trial scheduler at step {result.get('step')} "
-                                          f"({metric}={value:.4g})" if isinstance(value, float) else
-                                          "stopped early by the trial scheduler")  # fmt: skip
+            if not result.get("done") or state.status(trial_dir).get("state") != "running":
+                return
+            step, value = result.get("step"), result.get(metric)
+            shown = f" ({metric}={value:.4g})" if isinstance(value, float) and math.isfinite(value) else ""
+            state.write_status(
+                trial_dir,
+                "stopped",
+                step=step,
+                resumable=False,
+                reason=f"stopped early by the trial scheduler at step {step}{shown}",
+            )
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            # Ray gave up on the trial (its worker died, retries spent) without the trial saying why.
             trial_dir = Path(trial.config["trial_dir"])
-            if state.status(trial_dir).get("state") == "running":
-                text = str(getattr(trial, "error_msg", "") or "").strip().splitlines()
-                state.write_status(trial_dir, "failed", resumable=True,
-                                   reason=f"ray: {text[-1] if text else 'the trial errored'}")  # fmt: skip
+            if state.status(trial_dir).get("state") in ("running", "preempted", None):
+                text = [line for line in str(trial.get_error() or "").strip().splitlines() if line.strip()]
+                state.write_status(
+                    trial_dir,
+                    "failed",
+                    resumable=True,
+                    reason=f"ray: {text[-1].strip() if text else 'the trial errored'}",
+                )
 
-    return RecordStopped()
+    return Recorder()
+
+
+def experiment_name(sweep: Sweep) -> str:
+    """A new Tune experiment per ``run``: trials resume from their run directories, never from Tune's state."""
+    return f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def trial_steps(sweep: Sweep, trial: Trial) -> int:
+    return trial.overrides.get("training.n_iters", sweep.base.training.n_iters)
 
 
 class RayBackend:
@@ -88,9 +318,8 @@ class RayBackend:
 
     def dry_run(self, sweep: Sweep, trials: list[Trial]) -> str:
         r = sweep.resources
-        return (
-            f"ray: {len(trials)} trials, {r.cpus} CPU / {r.gpus} GPU each, experiment {experiment_name(sweep, trials)}"
-        )
+        workers = f", {r.world_size} DDP workers each" if r.world_size > 1 else ""
+        return f"ray: {len(trials)} trials, {r.cpus} CPU / {r.gpus} GPU per rank{workers}, under {sweep.dir / 'ray'}"
 
     def observe(self, trials: list[Trial]) -> dict[str, Observation]:
         return {}  # Tune's own states are recorded into the trials by the callback while `run` waits
@@ -105,64 +334,82 @@ class RayBackend:
         from ray import tune
 
         r, sec = sweep.resources, sweep.ray
-        if r.world_size > 1:
-            raise UsageError(
-                f"{sweep.path}: multi-process trials ({r.world_size} workers) are not supported on Ray yet"
-            )
         metric, mode = sweep.search.objective.metric, sweep.search.objective.mode
+        scheduler = self._scheduler(sweep, trials, metric, mode)
         address = self.address or sec.address
         runtime_env = {k: v for k, v in sec.runtime_env.model_dump().items() if v}
         ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env or None)
         try:
             storage = str((sweep.dir / "ray").resolve())
-            name = experiment_name(sweep, trials)
-            trainable = tune.with_resources(_trainable, {"cpu": r.cpus, "gpu": r.gpus})
-            path = str(Path(storage) / name)
-            callbacks = [_recorder(metric)]
-            if tune.Tuner.can_restore(path):
-                self.say(f"ray: restoring interrupted experiment {path}")
-                tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-            else:
-                tuner = tune.Tuner(
-                    trainable,
-                    param_space={
-                        "trial_dir": tune.grid_search([str(t.run_dir.resolve()) for t in trials]),
-                        "metric": metric,
-                    },
-                    tune_config=tune.TuneConfig(
-                        scheduler=self._scheduler(sweep, metric, mode),
-                        max_concurrent_trials=sec.max_concurrent,
-                        reuse_actors=False,
-                    ),
-                    run_config=tune.RunConfig(
-                        name=name,
-                        storage_path=storage,
-                        callbacks=callbacks,
-                        verbose=1,
-                        failure_config=tune.FailureConfig(max_failures=sec.max_failures),
-                    ),
-                )
+            name = experiment_name(sweep)
+            strategy = "STRICT_PACK" if r.nodes == 1 else "PACK"
+            trainable = tune.with_resources(_trainable, tune.PlacementGroupFactory(bundles(r), strategy=strategy))
+            tuner = tune.Tuner(
+                trainable,
+                param_space={
+                    "trial_dir": tune.grid_search([str(t.run_dir.resolve()) for t in trials]),
+                    "metric": metric,
+                    "world": r.world_size,
+                    "cpus": r.cpus,
+                    "gpus_per_rank": bundles(r)[0].get("GPU", 0.0),
+                },
+                tune_config=tune.TuneConfig(
+                    scheduler=scheduler, max_concurrent_trials=sec.max_concurrent, reuse_actors=False
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=storage,
+                    callbacks=[_recorder(metric)],
+                    verbose=1,
+                    failure_config=tune.FailureConfig(max_failures=sec.max_failures),
+                ),
+            )
             for t in trials:
                 state.write_launch(t.run_dir, "ray", name, str(t.run_dir / "train.log"))
-            self.say(f"ray: {len(trials)} trials, {r.cpus} CPU / {r.gpus} GPU each, experiment {path}")
+            workers = f", {r.world_size} DDP workers each" if r.world_size > 1 else ""
+            self.say(
+                f"ray: {len(trials)} trials, {r.cpus} CPU / {r.gpus} GPU per rank{workers}, "
+                f"experiment {Path(storage) / name}"
+            )
             results = tuner.fit()
-            errors = sum(1 for res in results if res.error is not None)
-            self.say(f"ray: finished, {len(results) - errors} ok, {errors} errored")
-            return EXIT_FAILED if errors else 0
         finally:
-            ray.shutdown()
+            ray.shutdown()  # after it, no trial actor holds its lock: the states below are final
+        counts: dict[str, int] = {}
+        for t in trials:
+            st = state.view(t.run_dir)["state"]
+            counts[st] = counts.get(st, 0) + 1
+        errors = sum(1 for res in results if res.error is not None)
+        self.say(
+            f"ray: finished: {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}"
+            + (f" ({errors} errored in Tune)" if errors else "")
+        )
+        return EXIT_FAILED if counts.get("failed") else 0
 
     @staticmethod
-    def _scheduler(sweep: Sweep, metric: str, mode: str):
+    def _scheduler(sweep: Sweep, trials: list[Trial], metric: str, mode: str):
+        """ASHA in steps: rungs at ``grace_period * reduction_factor**k`` steps, up to the longest trial's n_iters."""
         asha = sweep.ray.asha
         if asha is None:
             return None
         from ray.tune.schedulers import ASHAScheduler
 
-        n_iters = min(t.overrides.get("training.n_iters", sweep.base.training.n_iters) for t in sweep.trials())
-        if asha.grace_period > n_iters:
+        if metric not in TRAINING_METRICS:
             raise UsageError(
-                f"{sweep.path}: ray.asha.grace_period ({asha.grace_period} steps) exceeds training.n_iters ({n_iters})"
+                f"{sweep.path}: ray.asha compares trials during training, on "
+                f"{' or '.join(TRAINING_METRICS)}; search.objective.metric is {metric!r}"
             )
-        return ASHAScheduler(time_attr="step", metric=metric, mode=mode, max_t=n_iters, grace_period=asha.grace_period,
-                             reduction_factor=asha.reduction_factor, brackets=asha.brackets)  # fmt: skip
+        steps = [trial_steps(sweep, t) for t in trials] or [sweep.base.training.n_iters]
+        if asha.grace_period >= min(steps):
+            raise UsageError(
+                f"{sweep.path}: ray.asha.grace_period ({asha.grace_period} steps) must be below "
+                f"training.n_iters ({min(steps)})"
+            )
+        return ASHAScheduler(
+            time_attr="step",
+            metric=metric,
+            mode=mode,
+            max_t=max(steps),
+            grace_period=asha.grace_period,
+            reduction_factor=asha.reduction_factor,
+            brackets=asha.brackets,
+        )
