@@ -219,7 +219,12 @@ def open_study(sweep: Sweep, create: bool = True):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = JournalStorage(JournalFileBackend(str(path)))
         direction = "minimize" if sweep.search.objective.mode == "min" else "maximize"
-        study = optuna.create_study(storage=storage, study_name=sweep.name, direction=direction, load_if_exists=True)
+        try:  # loading first: create_study(load_if_exists=True) would append a create record at every open
+            study = optuna.load_study(study_name=sweep.name, storage=storage)
+        except KeyError:
+            if not create:
+                return None
+            study = optuna.create_study(storage=storage, study_name=sweep.name, direction=direction)
     if study.direction.name.lower() != direction:
         raise UsageError(
             f"{sweep.path}: search.objective.mode is {sweep.search.objective.mode!r} but the study in "
