@@ -70,8 +70,8 @@ def drive(
     from optuna.trial import TrialState
 
     wave_no = 0
+    unfinished = _tell_finished(study, outcome)
     while True:
-        unfinished = _tell_finished(study, outcome)
         room = n_trials - len(study.trials)
         fresh = max(0, min(batch - len(unfinished), room))
         if fresh:
@@ -87,12 +87,13 @@ def drive(
         wave_no += 1
         again = f", {len(unfinished)} unfinished from before" if unfinished else ""
         say(f"optuna: wave {wave_no}: trials {', '.join(str(t.number) for t in wave)}{again}")
-        if not run_wave(wave):
+        carry_on = run_wave(wave)
+        unfinished = _tell_finished(study, outcome)
+        if not carry_on:
             return False
-        left = [t.number for t in wave if outcome(t) is None]
-        if left:
-            say(f"optuna: trials {', '.join(map(str, left))} did not finish; run again to continue the study")
-            _tell_finished(study, outcome)
+        if unfinished:
+            numbers = ", ".join(str(t.number) for t in unfinished)
+            say(f"optuna: trials {numbers} did not finish; run again to continue the study")
             return False
 
 
@@ -177,10 +178,10 @@ def trials_of(sweep: Sweep, study_trial) -> list[Trial]:
 
 
 def objective_value(trial_dir: Path, metric: str) -> float | None:
-    """``metric`` from the trial's evaluation records, else (``eval_loss``) the last held-out loss of its status."""
+    """``metric`` from the trial's evaluation records, else (``eval_loss``, ``train_loss``) its status's last value."""
     value = records.metrics(trial_dir).get(metric)
-    if value is None and metric == "eval_loss":
-        value = state.status(trial_dir).get("eval_loss")
+    if value is None and metric in ("eval_loss", "train_loss"):
+        value = state.status(trial_dir).get(metric)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
@@ -344,7 +345,15 @@ class _Waves:
 
         trials = trials_of(self.sweep, study_trial)
         observations = cli.observe(trials)
-        return judge(self.sweep, trials, {t.id: state.view(t.run_dir, observations.get(t.id)) for t in trials})
+        views = {t.id: state.view(t.run_dir, observations.get(t.id)) for t in trials}
+        result = judge(self.sweep, trials, views)
+        if result == Outcome("fail") and all(v["state"] == "done" for v in views.values()):
+            print(
+                f"optuna: trial {study_trial.number} is done but has no {self.sweep.search.objective.metric!r} "
+                f"(no evaluation records it?); told FAIL",
+                flush=True,
+            )
+        return result
 
 
 def _say_best(sweep: Sweep, study) -> None:

@@ -34,7 +34,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -290,15 +291,39 @@ def _recorder(metric: str):
             # Ray gave up on the trial (its worker died, retries spent) without the trial saying why.
             trial_dir = Path(trial.config["trial_dir"])
             if state.status(trial_dir).get("state") in ("running", "preempted", None):
-                text = [line for line in str(trial.get_error() or "").strip().splitlines() if line.strip()]
+                text = [line.strip() for line in _error_text(trial).splitlines() if line.strip()]
+                last = text[-1] if text else "the trial errored"
+                last = last if len(last) <= 300 else last[:297] + "..."  # Ray's own last lines run long
                 state.write_status(
                     trial_dir,
                     "failed",
                     resumable=True,
-                    reason=f"ray: {text[-1].strip() if text else 'the trial errored'}",
+                    reason=f"ray: {last}",
                 )
 
     return Recorder()
+
+
+def _error_text(trial) -> str:
+    """Tune's account of a trial's last error: the driver's local copy (the one in storage is synced later)."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        return Path(path).read_text(errors="replace")
+    return str(trial.get_error() or "")
+
+
+@contextmanager
+def _json_logs_only() -> Iterator[None]:
+    """Tune's per-trial logs without its CSV and TensorBoard copies: the run directory has the trial's own."""
+    key, previous = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
 
 
 def experiment_name(sweep: Sweep) -> str:
@@ -332,6 +357,7 @@ class RayBackend:
     def submit(self, sweep: Sweep, trials: list[Trial]) -> int:
         import ray
         from ray import tune
+        from ray.tune.logger import JsonLoggerCallback
 
         r, sec = sweep.resources, sweep.ray
         metric, mode = sweep.search.objective.metric, sweep.search.objective.mode
@@ -359,7 +385,7 @@ class RayBackend:
                 run_config=tune.RunConfig(
                     name=name,
                     storage_path=storage,
-                    callbacks=[_recorder(metric)],
+                    callbacks=[_recorder(metric), JsonLoggerCallback()],
                     verbose=1,
                     failure_config=tune.FailureConfig(max_failures=sec.max_failures),
                 ),
@@ -371,7 +397,8 @@ class RayBackend:
                 f"ray: {len(trials)} trials, {r.cpus} CPU / {r.gpus} GPU per rank{workers}, "
                 f"experiment {Path(storage) / name}"
             )
-            results = tuner.fit()
+            with _json_logs_only():
+                results = tuner.fit()
         finally:
             ray.shutdown()  # after it, no trial actor holds its lock: the states below are final
         counts: dict[str, int] = {}

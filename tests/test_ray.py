@@ -1,0 +1,228 @@
+"""The Ray Tune backend on a local Ray cluster: ASHA in steps, one copy of each checkpoint, per-trial
+logs, honest failures, multi-worker DDP trials. Every `run` starts and shuts down its own Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launchers.backends.ray import bundles, torchrun_env
+from launchers.schema import Resources
+from launchers.sweep import load
+from tests.conftest import ROOT, env, run, train_args, weights
+from tests.test_launchers import launchers, require_ray, status, table_rows, trial_dirs, wait_until
+from tests.test_training import DDP_OVERRIDES, assert_same_weights
+
+RANDOM = "tests/sweeps/random.yaml"
+ASHA = "tests/sweeps/asha.yaml"
+FAILING = "tests/sweeps/failing.yaml"
+DDP = "tests/sweeps/ddp_ray.yaml"
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left():
+    """Each `run` shuts its Ray down: no raylet may outlive a test."""
+    yield
+    wait_until(lambda: subprocess.run(["pgrep", "-x", "raylet"], capture_output=True).returncode == 1, 60,
+               "the test's raylet to exit")  # fmt: skip
+
+
+def assert_clean(result: subprocess.CompletedProcess) -> None:
+    text = result.stdout + result.stderr
+    assert "TuneError" not in text and "Traceback" not in text, text[-3000:]
+
+
+# ----------------------------------------------------------------------------------------- pure parts
+
+
+def test_one_bundle_per_rank():
+    assert bundles(Resources(cpus=2)) == [{"CPU": 2.0}]
+    assert bundles(Resources(cpus=1, tasks_per_node=2)) == [{"CPU": 1.0}] * 2
+    assert bundles(Resources(cpus=4, gpus=2, nodes=2)) == [{"CPU": 4.0, "GPU": 1.0}] * 4
+
+
+def test_torchrun_env_numbers_ranks_per_node():
+    places = [("a", "10.0.0.1", ["3"]), ("b", "10.0.0.2", ["0"]), ("a", "10.0.0.1", ["5"]), ("b", "10.0.0.2", ["1"])]
+    envs = torchrun_env(places, 29411)
+    assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"]
+    assert {e["WORLD_SIZE"] for e in envs} == {"4"} and {e["LOCAL_WORLD_SIZE"] for e in envs} == {"2"}
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "0", "1", "1"]
+    assert {e["MASTER_ADDR"] for e in envs} == {"10.0.0.1"} and {e["MASTER_PORT"] for e in envs} == {"29411"}
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["3,5", "0,1", "3,5", "0,1"]  # LOCAL_RANK picks its own
+    cpu = torchrun_env([("a", "10.0.0.1", []), ("a", "10.0.0.1", [])], 1234)
+    assert "CUDA_VISIBLE_DEVICES" not in cpu[0] and [e["LOCAL_RANK"] for e in cpu] == ["0", "1"]
+    from lintrans.distributed import detect
+
+    info = detect(envs[2])
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (2, 4, 1, 2)
+    assert (info.master_addr, info.master_port) == ("10.0.0.1", 29411)
+
+
+def test_asha_needs_a_metric_reported_during_training(tmp_path):
+    sweep = tmp_path / "asha.yaml"
+    text = (ROOT / ASHA).read_text().replace("metric: eval_loss", "metric: nll_bpd")
+    sweep.write_text(text)
+    result = launchers(tmp_path / "runs", "run", str(sweep), "--backend", "ray")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {sweep}: ray.asha compares trials during training, on eval_loss or train_loss; "
+        "search.objective.metric is 'nll_bpd'"
+    ]
+
+
+# ----------------------------------------------------------------------------------------- ASHA
+
+
+def test_asha_stops_the_slow_learners_for_good(tmp_path):
+    require_ray()
+    result = launchers(tmp_path, "run", ASHA, "--backend", "ray")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_clean(result)
+    rows = table_rows(tmp_path, ASHA)
+    for r in rows:
+        print(f"asha: lr={r['optim.lr']:g} {r['status']} at step {r['steps']} of 40 (eval_loss {r['eval_loss']:.3f})")
+    slow = [r for r in rows if r["optim.lr"] < 1e-4]
+    fast = [r for r in rows if r["optim.lr"] > 1e-4]
+    assert len(slow) == 2 and len(fast) == 2
+    assert all(r["status"] == "done" and r["steps"] == 40 for r in fast), fast
+    assert all(r["status"] == "stopped" and r["steps"] < 40 for r in slow), slow
+    assert all(r["reason"].startswith("stopped early by the trial scheduler at step 20 (eval_loss=") for r in slow)
+    shown = launchers(tmp_path, "status", ASHA)
+    assert shown.returncode == 0 and "sweep asha: 4 trials (done 2, stopped 2)" in shown.stdout, shown.stdout
+    states = {line.split()[0]: line.split()[3] for line in shown.stdout.splitlines()[1:5]}  # id, lr=, seed=, state
+    assert states == {r["trial"]: r["status"] for r in rows}
+    stopped = {t: status(t) for t in trial_dirs(tmp_path, "asha") if status(t)["state"] == "stopped"}
+    assert len(stopped) == 2 and all(s["resumable"] is False for s in stopped.values())
+
+    again = launchers(tmp_path, "run", ASHA, "--backend", "ray")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to submit" in again.stdout and "ray:" not in again.stdout
+    assert {t: status(t) for t in stopped} == stopped  # left alone: not restarted, not rewritten
+
+    resumed = launchers(tmp_path, "run", ASHA, "--backend", "ray", "--resume-stopped")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert_clean(resumed)
+    for trial in stopped:  # from its own checkpoint at step 20 (ASHA, fresh in this run, may stop it again)
+        st = status(trial)
+        assert st["attempt"] == 2 and st["resumed_from"] == 20 and st["step"] > 20, st
+        assert st["state"] in ("done", "stopped"), st
+        print(f"asha --resume-stopped: {trial.name} {st['state']} at step {st['step']}")
+
+
+# ----------------------------------------------------------------------------------------- one sweep, three checks
+
+
+@pytest.fixture(scope="module")
+def random_on_ray(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    require_ray()
+    runs = tmp_path_factory.mktemp("random-ray")
+    result = launchers(runs, "run", RANDOM, "--backend", "ray")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_clean(result)
+    return runs, result
+
+
+def test_random_search_on_ray_runs_the_sweeps_own_trials(random_on_ray):
+    runs, _ = random_on_ray
+    rows = table_rows(runs, RANDOM)
+    expected = load(RANDOM, runs).trials()
+    assert [r["trial"] for r in rows] == [t.id for t in expected]  # the ids any backend runs
+    assert [r["optim.lr"] for r in rows] == [t.overrides["optim.lr"] for t in expected]
+    assert all(r["status"] == "done" and r["steps"] == 30 and r["backend"] == "ray" for r in rows), rows
+
+
+def file_bytes(folder: Path, pattern: str = "**/*") -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
+
+
+def test_ray_keeps_one_copy_of_each_checkpoint(random_on_ray):
+    runs, _ = random_on_ray
+    sweep_dir = runs / "sweeps" / "random"
+    checkpoints = sum(file_bytes(d) for d in sweep_dir.glob("*/checkpoints*") if d.is_dir())
+    tune = file_bytes(sweep_dir / "ray")
+    print(f"bytes under ray/: {tune:,}; bytes in the trials' checkpoints*: {checkpoints:,} "
+          f"({100 * tune / checkpoints:.2f} %)")  # fmt: skip
+    assert checkpoints > 0 and tune > 0
+    assert tune < 0.05 * checkpoints
+    assert not [p for p in (sweep_dir / "ray").rglob("*") if "checkpoint" in p.name]
+
+
+def test_each_ray_trial_writes_its_own_log(random_on_ray):
+    runs, result = random_on_ray
+    for trial in trial_dirs(runs, "random"):
+        log = (trial / "train.log").read_text()
+        assert "step 0: eval loss" in log and "step 30: eval loss" in log and f"trial {trial.name} done" in log
+    assert "Trial status" in result.stdout  # Tune's own progress still reaches the driver's console
+    assert "eval loss" not in result.stdout + result.stderr  # the trials' output does not
+
+
+# ----------------------------------------------------------------------------------------- failures
+
+
+def test_a_trial_that_fails_is_failed_and_run_says_so(tmp_path):
+    require_ray()
+    result = launchers(tmp_path, "run", FAILING, "--backend", "ray")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {r["optim.lr"]: r for r in table_rows(tmp_path, FAILING)}
+    assert rows[0.05]["status"] == "done"
+    bad = rows[1e6]
+    assert bad["status"] == "failed" and bad["reason"].startswith("non-finite loss"), bad
+    trial = next(t for t in trial_dirs(tmp_path, "failing") if t.name == bad["trial"])
+    assert bad["reason"] in (trial / "train.log").read_text()  # the error's own line
+    assert f"failed  {bad['trial']} lr=1e+06 seed=0: non-finite loss" in result.stderr
+    assert status(trial)["attempt"] == 1  # a retry cannot fix a diverging run: not retried
+    allowed = launchers(tmp_path, "run", FAILING, "--backend", "ray", "--allow-failures")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "nothing to submit" in allowed.stdout
+
+
+def test_a_trial_ray_gives_up_on_is_failed_with_rays_reason(tmp_path):
+    require_ray()
+    sweep = tmp_path / "killed.yaml"
+    sweep.write_text((ROOT / "tests/sweeps/long.yaml").read_text().replace("name: long", "name: killed")
+                     .replace("ray: {max_failures: 2}", "ray: {max_failures: 0}"))  # fmt: skip
+    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", str(sweep), "--backend", "ray"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        trial = wait_until(lambda: next(iter(trial_dirs(tmp_path, "killed")), None), 300, "the trial directory")
+        wait_until(lambda: (status(trial).get("step") or 0) >= 10, 600, "training progress")
+        os.kill(status(trial)["pid"], signal.SIGKILL)  # the trial's actor
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+    assert proc.returncode == 1, out[-3000:] + err[-3000:]
+    st = status(trial)
+    assert st["state"] == "failed" and st["reason"].startswith("ray: "), st
+    print(f"reason: {st['reason']}")
+    assert f"failed  {trial.name}" in err and st["reason"] in err
+
+
+# ----------------------------------------------------------------------------------------- multi-worker trials
+
+
+def test_two_cpu_workers_on_ray_match_one_process(tmp_path):
+    require_ray()
+    single = tmp_path / "single"
+    reference = run(train_args(single, *DDP_OVERRIDES))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    result = launchers(tmp_path / "runs", "run", DDP, "--backend", "ray")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_clean(result)
+    (trial,) = trial_dirs(tmp_path / "runs", "ddp-ray")
+    assert status(trial)["state"] == "done" and status(trial)["step"] == 5
+    meta = json.loads((trial / "trial.json").read_text())
+    assert meta["world_size"] == 2
+    import torch
+
+    saved = torch.load(trial / "checkpoints-meta" / "checkpoint.pth", weights_only=True)
+    assert saved["world_size"] == 2 and len(saved["rng"]) == 2  # two ranks trained
+    assert "ray: 2 DDP ranks on nodes" in (trial / "train.log").read_text()
+    assert_same_weights(weights(trial), weights(single), atol=1e-5)
