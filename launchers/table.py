@@ -254,13 +254,19 @@ def plot_axes(sweep: Sweep, table: list[dict[str, Any]], metric: str, path: Path
     points = [r for r in table if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     if not numeric or not points:
         return None
+    from matplotlib import ticker
+
     plt, fig, axes = _figure(1, len(numeric), 4.0, 3.2)
+    colours = {"done": "tab:blue", "stopped": "tab:orange"}  # stopped: the metric at the step it stopped
     for ax, key in zip(axes[0], numeric, strict=True):
         xs = [r[axis_name(key)] for r in points]
-        ax.scatter(xs, [r[metric] for r in points], c=[r["status"] == "done" for r in points], cmap="coolwarm_r")
+        ax.scatter(xs, [r[metric] for r in points], c=[colours.get(r["status"], "tab:gray") for r in points])
         axis = sweep.axes[key]
         if isinstance(axis, Distribution) and axis.log:
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))  # labels at 1, 2, 5 x 10^n only
+            ax.xaxis.set_major_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(9, 9)))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
