@@ -326,9 +326,14 @@ def _json_logs_only() -> Iterator[None]:
             os.environ[key] = previous
 
 
-def experiment_name(sweep: Sweep) -> str:
-    """A new Tune experiment per ``run``: trials resume from their run directories, never from Tune's state."""
-    return f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def experiment_name(sweep: Sweep, storage: Path) -> str:
+    """A new Tune experiment per ``run`` (or wave): trials resume from their run directories, not Tune's state."""
+    stem = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, n = stem, 1
+    while (storage / name).exists():
+        n += 1
+        name = f"{stem}-{n}"
+    return name
 
 
 def trial_steps(sweep: Sweep, trial: Trial) -> int:
@@ -367,7 +372,7 @@ class RayBackend:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env or None)
         try:
             storage = str((sweep.dir / "ray").resolve())
-            name = experiment_name(sweep)
+            name = experiment_name(sweep, Path(storage))
             strategy = "STRICT_PACK" if r.nodes == 1 else "PACK"
             trainable = tune.with_resources(_trainable, tune.PlacementGroupFactory(bundles(r), strategy=strategy))
             tuner = tune.Tuner(
