@@ -310,7 +310,7 @@ class _Waves:
         from launchers.trial import write_spec
 
         trials = list({t.id: t for st in study_trials_ for t in trials_of(self.sweep, st)}.values())
-        observations = cli.observe(trials)
+        observations = cli.observe(trials, strict=True)  # acted on: no guessing when the scheduler cannot answer
         views = {t.id: state.view(t.run_dir, observations.get(t.id)) for t in trials}
         plan = cli.plan_for(trials, views, self.args)
         todo = [t for t in trials if plan[t.id] in ("submit", "resume")]

@@ -15,9 +15,18 @@ import pytest
 from launchers.backends.ray import bundles, torchrun_env
 from launchers.schema import Resources
 from launchers.sweep import load
-from tests.conftest import ROOT, env, run, train_args, weights
-from tests.test_launchers import launchers, require_ray, status, table_rows, trial_dirs, wait_until
-from tests.test_training import DDP_OVERRIDES, assert_same_weights
+from tests.conftest import (
+    IN_CI,
+    ROOT,
+    assert_same_weights,
+    env,
+    lintrans,
+    status_of,
+    table_rows,
+    trial_dirs,
+    wait_until,
+    weights,
+)
 
 RANDOM = "tests/sweeps/random.yaml"
 ASHA = "tests/sweeps/asha.yaml"
@@ -25,12 +34,24 @@ FAILING = "tests/sweeps/failing.yaml"
 DDP = "tests/sweeps/ddp_ray.yaml"
 
 
+def require_ray() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        if IN_CI:
+            pytest.fail("ray is not installed (CI=true)")
+        pytest.skip("ray not installed")
+
+
 @pytest.fixture(autouse=True)
 def no_ray_left():
     """Each `run` shuts its Ray down: no raylet may outlive a test."""
     yield
-    wait_until(lambda: subprocess.run(["pgrep", "-x", "raylet"], capture_output=True).returncode == 1, 60,
-               "the test's raylet to exit")  # fmt: skip
+    wait_until(
+        "the test's raylet to exit",
+        lambda: subprocess.run(["pgrep", "-x", "raylet"], stdout=subprocess.DEVNULL).returncode == 1,
+        60,
+    )
 
 
 def assert_clean(result: subprocess.CompletedProcess) -> None:
@@ -68,7 +89,7 @@ def test_asha_needs_a_metric_reported_during_training(tmp_path):
     sweep = tmp_path / "asha.yaml"
     text = (ROOT / ASHA).read_text().replace("metric: eval_loss", "metric: nll_bpd")
     sweep.write_text(text)
-    result = launchers(tmp_path / "runs", "run", str(sweep), "--backend", "ray")
+    result = lintrans(tmp_path / "runs", "run", str(sweep), "--backend", "ray")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {sweep}: ray.asha compares trials during training, on eval_loss or train_loss; "
@@ -81,7 +102,7 @@ def test_asha_needs_a_metric_reported_during_training(tmp_path):
 
 def test_asha_stops_the_slow_learners_for_good(tmp_path):
     require_ray()
-    result = launchers(tmp_path, "run", ASHA, "--backend", "ray")
+    result = lintrans(tmp_path, "run", ASHA, "--backend", "ray")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_clean(result)
     rows = table_rows(tmp_path, ASHA)
@@ -93,23 +114,23 @@ def test_asha_stops_the_slow_learners_for_good(tmp_path):
     assert all(r["status"] == "done" and r["steps"] == 40 for r in fast), fast
     assert all(r["status"] == "stopped" and r["steps"] < 40 for r in slow), slow
     assert all(r["reason"].startswith("stopped early by the trial scheduler at step 20 (eval_loss=") for r in slow)
-    shown = launchers(tmp_path, "status", ASHA)
+    shown = lintrans(tmp_path, "status", ASHA)
     assert shown.returncode == 0 and "sweep asha: 4 trials (done 2, stopped 2)" in shown.stdout, shown.stdout
     states = {line.split()[0]: line.split()[3] for line in shown.stdout.splitlines()[1:5]}  # id, lr=, seed=, state
     assert states == {r["trial"]: r["status"] for r in rows}
-    stopped = {t: status(t) for t in trial_dirs(tmp_path, "asha") if status(t)["state"] == "stopped"}
+    stopped = {t: status_of(t) for t in trial_dirs(tmp_path, "asha") if status_of(t)["state"] == "stopped"}
     assert len(stopped) == 2 and all(s["resumable"] is False for s in stopped.values())
 
-    again = launchers(tmp_path, "run", ASHA, "--backend", "ray")
+    again = lintrans(tmp_path, "run", ASHA, "--backend", "ray")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to submit" in again.stdout and "ray:" not in again.stdout
-    assert {t: status(t) for t in stopped} == stopped  # left alone: not restarted, not rewritten
+    assert {t: status_of(t) for t in stopped} == stopped  # left alone: not restarted, not rewritten
 
-    resumed = launchers(tmp_path, "run", ASHA, "--backend", "ray", "--resume-stopped")
+    resumed = lintrans(tmp_path, "run", ASHA, "--backend", "ray", "--resume-stopped")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert_clean(resumed)
     for trial in stopped:  # from its own checkpoint at step 20 (ASHA, fresh in this run, may stop it again)
-        st = status(trial)
+        st = status_of(trial)
         assert st["attempt"] == 2 and st["resumed_from"] == 20 and st["step"] > 20, st
         assert st["state"] in ("done", "stopped"), st
         print(f"asha --resume-stopped: {trial.name} {st['state']} at step {st['step']}")
@@ -122,7 +143,7 @@ def test_asha_stops_the_slow_learners_for_good(tmp_path):
 def random_on_ray(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     require_ray()
     runs = tmp_path_factory.mktemp("random-ray")
-    result = launchers(runs, "run", RANDOM, "--backend", "ray")
+    result = lintrans(runs, "run", RANDOM, "--backend", "ray")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_clean(result)
     return runs, result
@@ -167,7 +188,7 @@ def test_each_ray_trial_writes_its_own_log(random_on_ray):
 
 def test_a_trial_that_fails_is_failed_and_run_says_so(tmp_path):
     require_ray()
-    result = launchers(tmp_path, "run", FAILING, "--backend", "ray")
+    result = lintrans(tmp_path, "run", FAILING, "--backend", "ray")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {r["optim.lr"]: r for r in table_rows(tmp_path, FAILING)}
     assert rows[0.05]["status"] == "done"
@@ -176,10 +197,30 @@ def test_a_trial_that_fails_is_failed_and_run_says_so(tmp_path):
     trial = next(t for t in trial_dirs(tmp_path, "failing") if t.name == bad["trial"])
     assert bad["reason"] in (trial / "train.log").read_text()  # the error's own line
     assert f"failed  {bad['trial']} lr=1e+06 seed=0: non-finite loss" in result.stderr
-    assert status(trial)["attempt"] == 1  # a retry cannot fix a diverging run: not retried
-    allowed = launchers(tmp_path, "run", FAILING, "--backend", "ray", "--allow-failures")
+    assert status_of(trial)["attempt"] == 1  # a retry cannot fix a diverging run: not retried
+    allowed = lintrans(tmp_path, "run", FAILING, "--backend", "ray", "--allow-failures")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert "nothing to submit" in allowed.stdout
+
+
+def kill_trial_actor_midway(runs: Path, sweep_file: str, sweep: str) -> tuple[subprocess.Popen, Path]:
+    """Start ``run`` on Ray, wait for 10 steps, SIGKILL the trial's actor (the pid its status records)."""
+    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(runs), "run", sweep_file, "--backend", "ray"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trial = wait_until("the trial directory", lambda: next(iter(trial_dirs(runs, sweep)), None), 300)
+    wait_until("training progress", lambda: (status_of(trial).get("step") or 0) >= 10, 600)
+    os.kill(status_of(trial)["pid"], signal.SIGKILL)
+    return proc, trial
+
+
+def test_ray_retries_a_killed_worker_from_its_checkpoint(tmp_path):
+    require_ray()
+    proc, trial = kill_trial_actor_midway(tmp_path, "tests/sweeps/long.yaml", "long")  # ray.max_failures: 2
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    st = status_of(trial)
+    assert st["state"] == "done" and st["attempt"] == 2 and st["step"] == 200, st
+    assert st["resumed_from"] >= 10, st  # the retry continued from the checkpoint, not from scratch
 
 
 def test_a_trial_ray_gives_up_on_is_failed_with_rays_reason(tmp_path):
@@ -187,19 +228,10 @@ def test_a_trial_ray_gives_up_on_is_failed_with_rays_reason(tmp_path):
     sweep = tmp_path / "killed.yaml"
     sweep.write_text((ROOT / "tests/sweeps/long.yaml").read_text().replace("name: long", "name: killed")
                      .replace("ray: {max_failures: 2}", "ray: {max_failures: 0}"))  # fmt: skip
-    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", str(sweep), "--backend", "ray"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        trial = wait_until(lambda: next(iter(trial_dirs(tmp_path, "killed")), None), 300, "the trial directory")
-        wait_until(lambda: (status(trial).get("step") or 0) >= 10, 600, "training progress")
-        os.kill(status(trial)["pid"], signal.SIGKILL)  # the trial's actor
-        out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
+    proc, trial = kill_trial_actor_midway(tmp_path, str(sweep), "killed")
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, out[-3000:] + err[-3000:]
-    st = status(trial)
+    st = status_of(trial)
     assert st["state"] == "failed" and st["reason"].startswith("ray: "), st
     print(f"reason: {st['reason']}")
     assert f"failed  {trial.name}" in err and st["reason"] in err
@@ -208,21 +240,17 @@ def test_a_trial_ray_gives_up_on_is_failed_with_rays_reason(tmp_path):
 # ----------------------------------------------------------------------------------------- multi-worker trials
 
 
-def test_two_cpu_workers_on_ray_match_one_process(tmp_path):
+def test_two_cpu_workers_on_ray_match_one_process(tmp_path, single_run):
     require_ray()
-    single = tmp_path / "single"
-    reference = run(train_args(single, *DDP_OVERRIDES))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    result = launchers(tmp_path / "runs", "run", DDP, "--backend", "ray")
+    result = lintrans(tmp_path, "run", DDP, "--backend", "ray")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_clean(result)
-    (trial,) = trial_dirs(tmp_path / "runs", "ddp-ray")
-    assert status(trial)["state"] == "done" and status(trial)["step"] == 5
-    meta = json.loads((trial / "trial.json").read_text())
-    assert meta["world_size"] == 2
+    (trial,) = trial_dirs(tmp_path, "ddp-ray")
+    assert status_of(trial)["state"] == "done" and status_of(trial)["step"] == 5
+    assert json.loads((trial / "trial.json").read_text())["world_size"] == 2
     import torch
 
     saved = torch.load(trial / "checkpoints-meta" / "checkpoint.pth", weights_only=True)
     assert saved["world_size"] == 2 and len(saved["rng"]) == 2  # two ranks trained
     assert "ray: 2 DDP ranks on nodes" in (trial / "train.log").read_text()
-    assert_same_weights(weights(trial), weights(single), atol=1e-5)
+    assert_same_weights(weights(trial), single_run, atol=1e-5)

@@ -15,8 +15,7 @@ from optuna.distributions import FloatDistribution
 
 from launchers import cli, search
 from launchers.sweep import load
-from tests.conftest import ROOT, assert_one_line
-from tests.test_launchers import launchers
+from tests.conftest import ROOT, assert_one_line, lintrans
 
 RANDOM = "tests/sweeps/random.yaml"
 OPTUNA = "tests/sweeps/optuna.yaml"
@@ -133,7 +132,7 @@ def test_bad_distribution_is_refused_at_its_line(tmp_path, capsys, case, method)
 
 
 def test_optuna_waves_on_the_local_backend(tmp_path):
-    result = launchers(tmp_path, "run", OPTUNA, "--backend", "local")
+    result = lintrans(tmp_path, "run", OPTUNA, "--backend", "local")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "optuna: wave 3: trials 4, 5" in out and "wave 4" not in out, out
@@ -152,21 +151,21 @@ def test_optuna_waves_on_the_local_backend(tmp_path):
     assert "optuna: best eval_loss" in out
 
     before = journal.read_bytes()
-    again = launchers(tmp_path, "run", OPTUNA, "--backend", "local")
+    again = lintrans(tmp_path, "run", OPTUNA, "--backend", "local")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "started" not in again.stdout and "wave" not in again.stdout
     assert "study complete, 6 of 6 trials told" in again.stdout
     assert len(search.open_study(sweep, create=False).trials) == 6
     assert journal.read_bytes() == before  # the re-run told nothing, asked nothing
 
-    status = launchers(tmp_path, "status", OPTUNA)
+    status = lintrans(tmp_path, "status", OPTUNA)
     assert status.returncode == 0 and "sweep optuna: 6 trials (done 6)" in status.stdout
-    dry = launchers(tmp_path, "run", OPTUNA, "--dry-run")
+    dry = lintrans(tmp_path, "run", OPTUNA, "--dry-run")
     assert dry.returncode == 0 and "holds 6 of 6 trials (0 untold)" in dry.stdout
 
 
 def test_optuna_dry_run_writes_nothing(tmp_path):
-    result = launchers(tmp_path, "run", OPTUNA, "--dry-run")
+    result = lintrans(tmp_path, "run", OPTUNA, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "holds 0 of 6 trials" in result.stdout and "ask 2 new" in result.stdout
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
@@ -178,13 +177,13 @@ def test_optuna_dry_run_writes_nothing(tmp_path):
 @pytest.fixture(scope="module")
 def random_sweep(tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("random")
-    result = launchers(runs, "run", RANDOM, "--backend", "local")
+    result = lintrans(runs, "run", RANDOM, "--backend", "local")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return runs
 
 
 def table_json(runs: Path, *args: str) -> list[dict]:
-    result = launchers(runs, "table", RANDOM, "--format", "json", *args)
+    result = lintrans(runs, "table", RANDOM, "--format", "json", *args)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -206,7 +205,7 @@ def test_table_sorts_and_keeps_the_best(random_sweep):
 def test_table_plots_the_metric_against_each_axis(random_sweep):
     plots = random_sweep / "sweeps" / "random" / "plots"
     shutil.rmtree(plots, ignore_errors=True)
-    result = launchers(random_sweep, "table", RANDOM, "--plot", "axes")
+    result = lintrans(random_sweep, "table", RANDOM, "--plot", "axes")
     assert result.returncode == 0, result.stderr
     png = plots / "axes.png"
     assert f"plot: {png}" in result.stderr
