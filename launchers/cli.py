@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from launchers import backends, state, table
@@ -196,8 +197,8 @@ def submit(sweep: Sweep, trials: list[Trial], backend, args) -> int:
             state.write_status(t.run_dir, "preempted", reason=f"re-run after {views[t.id]['state']}", resumable=True)
     code = 0
     if not todo:
-        skipped = sum(v.startswith("skip (") for v in plan.values())
-        print(f"nothing to submit: {sum(v == 'skip (done)' for v in plan.values())} done, {skipped} skipped in all")
+        kinds = Counter(v.removeprefix("skip (").split(";")[0].rstrip(")") for v in plan.values())
+        print("nothing to submit: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()))
     elif args.sbatch_only:
         for path in backend.sbatch_scripts(sweep, todo):
             print(f"wrote {path} (submit with: sbatch {path})")

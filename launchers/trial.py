@@ -270,21 +270,21 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
         distributed.cleanup()
 
 
-def record_crash(trial_dir: Path, returncode: int) -> bool:
+def record_crash(trial_dir: Path, returncode: int) -> str | None:
     """After the trial process ended: if it never recorded an ending, record it failed with how it ended.
 
     Called by the parent that watched it (the local launcher, or the SLURM task's submitit
-    process), which knows the exit status. Returns whether the trial had crashed.
+    process), which knows the exit status. Returns how it crashed (``"killed by SIGKILL"``), or None.
     """
     st, ln = state.status(trial_dir), state.launch(trial_dir)
     answered = st.get("updated", "") >= ln.get("submitted", "")  # the trial wrote since it was started
     if (answered and st.get("state") != "running") or state.is_running(trial_dir):
-        return False
+        return None
     how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit {returncode}"
     hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if returncode == -signal.SIGKILL else ""
     state.write_status(trial_dir, "failed", reason=f"trial process {how}{hint} without recording a state",
                        resumable=True)  # fmt: skip
-    return True
+    return how
 
 
 def write_hparams(trial_dir: Path, spec: dict) -> None:

@@ -68,12 +68,12 @@ def test_record_crash_names_the_signal(tmp_path):
     state.write_launch(tmp_path, "local", "123", "log")
     time.sleep(0.01)
     state.write_status(tmp_path, "running", step=5)
-    assert record_crash(tmp_path, -signal.SIGKILL)
+    assert record_crash(tmp_path, -signal.SIGKILL) == "killed by SIGKILL"
     st = state.status(tmp_path)
     assert st["state"] == "failed" and st["resumable"] is True
     assert st["reason"].startswith("trial process killed by SIGKILL (out of memory?")
     state.write_status(tmp_path, "preempted")
-    assert not record_crash(tmp_path, 75)  # the trial recorded its ending itself
+    assert record_crash(tmp_path, 75) is None  # the trial recorded its ending itself
 
 
 def test_damaged_status_with_every_record_is_done(tmp_path):

@@ -180,10 +180,11 @@ class LocalBackend:
             queue.append(trial)  # another process holds it (e.g. an exiting orphan): retry
             time.sleep(1)
             return
-        if record_crash(trial.run_dir, code) and not stopping:
+        crash = record_crash(trial.run_dir, code)
+        if crash and not stopping:
             restarts[trial.id] = restarts.get(trial.id, 0) + 1
             if restarts[trial.id] <= sweep.local.max_restarts:
-                self.say(f"  restart  {trial.id} {trial.label} (exit {code}; restart {restarts[trial.id]} "
+                self.say(f"  restart  {trial.id} {trial.label} ({crash}; restart {restarts[trial.id]} "
                          f"of {sweep.local.max_restarts})")  # fmt: skip
                 queue.insert(0, trial)
                 return
