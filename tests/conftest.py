@@ -145,6 +145,15 @@ def single_run(tmp_path_factory) -> dict:
     return weights(workdir)
 
 
+def require_ray() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        if IN_CI:
+            pytest.fail("ray is not installed (CI=true)")
+        pytest.skip("ray not installed")
+
+
 def require(tool: str) -> str:
     """Path of an external tool; missing is a failure under CI=true, a skip elsewhere."""
     path = shutil.which(tool)

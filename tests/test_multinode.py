@@ -1,13 +1,16 @@
 """Trials across two nodes: DDP under srun (submitit and plain sbatch scripts), a node failure survived,
-and torchrun with two agents. Run alone with ``pytest -m multinode``.
+torchrun with two agents, and Ray over two raylets (placement, a trial spanning both, a node lost).
+Run alone with ``pytest -m multinode``.
 
 The 2-node SLURM cluster comes from slurm/cluster.sh (nodes n1, n2 in their own UTS and mount
-namespaces on this machine, private ports and folder).
+namespaces on this machine, private ports and folder). The 2-node Ray cluster is Ray's own
+``ray.cluster_utils.Cluster``: a GCS and one raylet per node, real processes on this machine.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -23,6 +26,7 @@ from tests.conftest import (
     assert_same_weights,
     env,
     lintrans,
+    require_ray,
     status_of,
     table_rows,
     train_args,
@@ -143,3 +147,77 @@ def test_torchrun_with_two_agents_equals_one_process(tmp_path, single_run):
     outs = [a.communicate(timeout=600)[0] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert_same_weights(weights(tmp_path), single_run, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- Ray, two nodes
+
+
+@pytest.fixture
+def ray_nodes(request):
+    """A real Ray cluster of a head and one worker node (``request.param``: the head's CPUs, default 1)."""
+    require_ray()
+    from ray.cluster_utils import Cluster as RayCluster
+
+    cluster = RayCluster(initialize_head=True, head_node_args={"num_cpus": getattr(request, "param", 1),
+                                                                "include_dashboard": False})  # fmt: skip
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster, worker
+    cluster.shutdown()
+
+
+def ray_nodes_of(trial: Path) -> list[str]:
+    """The Ray node ids a trial's log says it ran on, in order (one line per attempt, one id per rank)."""
+    text = (trial / "train.log").read_text()
+    ranks = re.findall(r"ray: \d+ DDP ranks on nodes \[(.*?)\]", text)
+    ranks_ids = [n.strip(" '") for line in ranks for n in line.split(",")]
+    return ranks_ids or re.findall(r"ray: trial \S+ on node (\w+)", text)
+
+
+def on_ray(tmp_path: Path, cluster, sweep: str) -> subprocess.CompletedProcess:
+    result = lintrans(tmp_path, "run", sweep, "--backend", "ray", "--ray-address", cluster.address)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_ray_places_trials_on_both_nodes_and_a_two_worker_trial_spans_them(tmp_path, ray_nodes, single_run):
+    cluster, worker = ray_nodes
+    nodes = {cluster.head_node.node_id, worker.node_id}
+    pair = tmp_path / "pair.yaml"
+    pair.write_text("name: pair\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [3, 5]\nseeds: [0]\n"
+                    "overrides:\n  training.n_iters: 20\nresources: {cpus: 1}\nray: {max_concurrent: 2}\n")  # fmt: skip
+    on_ray(tmp_path, cluster, str(pair))
+    trials = trial_dirs(tmp_path, "pair")
+    assert all(status_of(t)["state"] == "done" for t in trials)
+    assert {ray_nodes_of(t)[0] for t in trials} == nodes  # 1 CPU per node: one trial on each
+
+    on_ray(tmp_path, cluster, ddp_sweep(tmp_path, "ddp-ray2", "ray: {max_failures: 0}\n"))
+    (trial,) = trial_dirs(tmp_path, "ddp-ray2")
+    assert status_of(trial)["state"] == "done"
+    assert set(ray_nodes_of(trial)) == nodes  # rank 0 on one node, rank 1 on the other
+    assert_same_weights(weights(trial), single_run, atol=1e-5)
+
+
+@pytest.mark.parametrize("ray_nodes", [0], indirect=True)  # the head runs nothing: the trial is on the worker
+def test_a_lost_ray_node_is_survived(tmp_path, ray_nodes):
+    """Kill the worker node's raylet mid-trial: Tune retries the trial on the node that replaces it,
+    which resumes from the run directory's checkpoint and leaves one record."""
+    cluster, worker = ray_nodes
+    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", "tests/sweeps/long.yaml",
+           "--backend", "ray", "--ray-address", cluster.address]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trial = wait_until("the trial directory", lambda: next(iter(trial_dirs(tmp_path, "long")), None), 300)
+    wait_until("training progress", lambda: (status_of(trial).get("step") or 0) >= 10, 600)
+    killed = time.monotonic()
+    cluster.remove_node(worker, allow_graceful=False)  # SIGKILL to the raylet, as a crashed machine
+    replacement = cluster.add_node(num_cpus=1)
+    wait_until("the retry", lambda: status_of(trial).get("attempt") == 2, 300, every=0.25)
+    retried = time.monotonic()
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    st = status_of(trial)
+    assert st["state"] == "done" and st["attempt"] == 2 and st["step"] == 200, st
+    assert st["resumed_from"] >= 10, st
+    assert len(list((trial / "records").glob("*.json"))) == 1
+    assert ray_nodes_of(trial) == [worker.node_id, replacement.node_id]
+    print(f"ray node lost: attempt 2 started {retried - killed:.1f} s after the raylet was killed")

@@ -16,11 +16,11 @@ from launchers.backends.ray import bundles, torchrun_env
 from launchers.schema import Resources
 from launchers.sweep import load
 from tests.conftest import (
-    IN_CI,
     ROOT,
     assert_same_weights,
     env,
     lintrans,
+    require_ray,
     status_of,
     table_rows,
     trial_dirs,
@@ -32,15 +32,6 @@ RANDOM = "tests/sweeps/random.yaml"
 ASHA = "tests/sweeps/asha.yaml"
 FAILING = "tests/sweeps/failing.yaml"
 DDP = "tests/sweeps/ddp_ray.yaml"
-
-
-def require_ray() -> None:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        if IN_CI:
-            pytest.fail("ray is not installed (CI=true)")
-        pytest.skip("ray not installed")
 
 
 @pytest.fixture(autouse=True)

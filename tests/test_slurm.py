@@ -114,7 +114,7 @@ def test_failures_are_recorded_with_the_schedulers_reason(tmp_path, cluster):
     """scancel --signal=KILL, kill -9 of the trial (OOM-like), a failing setup line, a GPU trial without CUDA:
     each is failed with a reason on the next `status`; a re-run re-submits only what can resume."""
     long_ = sweep_file(tmp_path, "victims", "axes:\n  model.K: [3, 4]\nseeds: [0]\noverrides:\n"
-                       "  training.n_iters: 300\n  training.snapshot_freq_for_preemption: 10\n"
+                       "  training.n_iters: 120\n  training.snapshot_freq_for_preemption: 10\n"
                        "resources: {time_min: 30}\nslurm: {array_parallelism: 2}\n")  # fmt: skip
     setup = sweep_file(tmp_path, "setup_fails", "axes:\n  model.K: [3]\noverrides: {training.n_iters: 3}\n"
                        "slurm: {setup: ['export LINTRANS_SETUP_MARK=seen', 'false']}\n")  # fmt: skip

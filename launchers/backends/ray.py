@@ -107,6 +107,8 @@ def _trainable(config: dict) -> None:
     os.dup2(log, 2)
     os.close(log)
     os.environ["LINTRANS_BACKEND"] = "ray"
+    node, ip, _ = _where()
+    print(f"ray: trial {trial_dir.name} on node {node} ({ip})", flush=True)
     workers = _Workers(trial_dir, config["world"], config["cpus"], config["gpus_per_rank"])
     code = None
     try:
@@ -133,6 +135,16 @@ def bundles(resources: Resources) -> list[dict[str, float]]:
     if resources.gpus:
         bundle["GPU"] = 1.0  # with GPUs there is one rank per GPU (Resources checks tasks_per_node)
     return [dict(bundle) for _ in range(resources.world_size)]
+
+
+def strategy(resources: Resources) -> str:
+    """How a trial's bundles spread: one node, one rank per node, or as evenly as Ray can over several.
+
+    Ray has no "k bundles per node" strategy; ``SPREAD`` is its best effort for ``tasks_per_node > 1``.
+    """
+    if resources.nodes == 1:
+        return "STRICT_PACK"
+    return "STRICT_SPREAD" if resources.tasks_per_node == 1 else "SPREAD"
 
 
 def torchrun_env(places: list[tuple[str, str, list[str]]], port: int) -> list[dict[str, str]]:
@@ -239,7 +251,7 @@ class _Workers:
         os.environ.update(envs[0])
         os.environ["OMP_NUM_THREADS"] = str(self.cpus)
         print(
-            f"ray: {self.world} DDP ranks on nodes {[p[1] for p in places]}, master "
+            f"ray: {self.world} DDP ranks on nodes {[p[0] for p in places]}, master "
             f"{envs[0]['MASTER_ADDR']}:{envs[0]['MASTER_PORT']}",
             flush=True,
         )
@@ -373,8 +385,7 @@ class RayBackend:
         try:
             storage = str((sweep.dir / "ray").resolve())
             name = experiment_name(sweep, Path(storage))
-            strategy = "STRICT_PACK" if r.nodes == 1 else "PACK"
-            trainable = tune.with_resources(_trainable, tune.PlacementGroupFactory(bundles(r), strategy=strategy))
+            trainable = tune.with_resources(_trainable, tune.PlacementGroupFactory(bundles(r), strategy=strategy(r)))
             tuner = tune.Tuner(
                 trainable,
                 param_space={
