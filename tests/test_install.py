@@ -184,6 +184,7 @@ def test_pip_install_as_user_then_one_local_trial():
 
         r = user.run(["lintrans", "--runs-dir", str(runs), "status", sweep], cwd=src, timeout=120)
         assert r.returncode == 0 and "done 1" in r.stdout, tail(r)
+        print(f"as {user.pw.pw_name}: pip install -e '.[slurm]' -c requirements.txt; lintrans run/status:\n{r.stdout}")
         r = user.run(["lintrans", "--runs-dir", str(runs), "table", sweep, "--format", "json"], cwd=src, timeout=120)
         assert r.returncode == 0, tail(r)
         rows = json.loads(r.stdout)

@@ -141,6 +141,8 @@ def test_failures_are_recorded_with_the_schedulers_reason(tmp_path, cluster):
     assert status_of(trial_dirs(tmp_path, "setup_ok")[0])["environment"]["LINTRANS_SETUP_MARK"] == "module loaded"
     status = run(cluster, tmp_path, "status", long_)
     assert status.stdout.count("failed") >= 2, status.stdout
+    for path in (long_, setup, gpu):
+        print(run(cluster, tmp_path, "status", path).stdout)  # each failure class as a user sees it
 
     again = run(cluster, tmp_path, "run", long_, "--backend", "slurm")  # crashes resume from their checkpoints
     assert again.returncode == 0 and "with 2 tasks" in again.stdout, again.stdout + again.stderr
