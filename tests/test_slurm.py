@@ -209,21 +209,28 @@ def test_sbatch_only_scripts_keep_sweep_values_out_of_the_shell(tmp_path, cluste
 
 
 def steps_per_second(tmp_path: Path) -> float:
-    """The tiny trial's training speed here and now, one thread as in a task (two runs: start-up cancels)."""
+    """The tiny trial's training speed here and now, one thread as in a task (two runs: start-up cancels).
+
+    The runs differ by 300 steps (about 20 s here), so that start-up noise of a few seconds cannot
+    swamp the difference, as it did with 40 steps."""
     seconds = {}
-    for n in (10, 50):
+    for n in (10, 310):
         start = time.perf_counter()
         args = train_args(tmp_path / f"calibrate{n}", f"--config.training.n_iters={n}")
         result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(OMP_NUM_THREADS="1"), capture_output=True,
                                 timeout=600)  # fmt: skip
         assert result.returncode == 0, result.stderr
         seconds[n] = time.perf_counter() - start
-    return 40 / max(seconds[50] - seconds[10], 1e-3)
+    assert seconds[310] - seconds[10] > 2, seconds  # else the calibration measured noise
+    return 300 / (seconds[310] - seconds[10])
 
 
 def test_a_real_time_limit_requeues_and_the_trial_finishes(tmp_path, cluster):
-    """time_min: 2, signal_delay_s: 30 and about 110 s of work: SLURM's own time limit, not a test signal."""
-    n_iters = max(200, int(110 * steps_per_second(tmp_path)))
+    """time_min: 2, signal_delay_s: 30 and about 150 s of work: SLURM's own time limit, not a test signal.
+
+    The work is 1.7x what fits before the signal (90 s), as the calibration can be off: a
+    trial that finished before the signal would test nothing."""
+    n_iters = max(400, int(150 * steps_per_second(tmp_path)))
     sweep = sweep_file(tmp_path, "limited", f"axes:\n  model.K: [3]\nseeds: [0]\noverrides:\n"
                        f"  training.n_iters: {n_iters}\n  training.snapshot_freq_for_preemption: 10\n"
                        "resources: {time_min: 2}\nslurm: {signal_delay_s: 30, max_requeues: 8}\n")  # fmt: skip
