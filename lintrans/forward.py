@@ -8,7 +8,7 @@ training loss needs both), and ``matrix(k)`` gives the dense ``d x d`` matrix (f
 ``d = C*H*W``) for small images, built independently of ``forward`` so that tests can
 check one against the other.
 
-Stochastic processes (the seed's idea 3, :class:`StochasticProcess`) draw a parameter ``theta``
+Stochastic processes (the research notes' idea 3, :class:`StochasticProcess`) draw a parameter ``theta``
 per sample, independent of ``u_0``, that picks the map ``T_theta(k)``: ``theta_dim > 0``,
 ``sample_theta(n, generator)`` draws ``(n, theta_dim)`` values from ``p(theta)``, and ``forward``,
 ``pair`` and ``matrix`` take that ``theta`` (one row per sample; ``matrix`` one row). For a
@@ -137,7 +137,7 @@ class ForwardProcess(nn.Module):
 
 
 class StochasticProcess(ForwardProcess):
-    """``T_theta(k)`` with ``theta ~ p(theta)`` per sample, independent of ``u_0`` (the seed's idea 3).
+    """``T_theta(k)`` with ``theta ~ p(theta)`` per sample, independent of ``u_0`` (the research notes' idea 3).
 
     A subclass sets ``theta_dim``, draws ``theta`` in :meth:`sample_theta` and reads it through
     :meth:`theta_of`, which refuses a missing or misshapen ``theta``: a stochastic process has no
@@ -447,7 +447,7 @@ def gaussian_levels(K: int, n: int, gen: torch.Generator) -> Tensor:
 def gaussian_products(K: int, n: int, gen: torch.Generator) -> Iterator[Tensor]:
     """``T(0) = I``, ``T(k) = R_k T(k-1)`` with independent ``R_k`` of ``N(0, 1/n)`` entries, in float64.
 
-    The seed's product of random matrices. With ``N(0, 1)`` entries every factor multiplies norms
+    The research notes' product of random matrices. With ``N(0, 1)`` entries every factor multiplies norms
     by about ``sqrt(n)`` and float32 overflows within dozens of factors; with ``N(0, 1/n)`` the
     squared singular values of a k-fold product follow the Fuss-Catalan law (large ``n``), whose
     largest value is about ``e (k + 1)``: ``sigma_max`` grows only like ``sqrt(e k)`` (about 10 at
@@ -570,7 +570,7 @@ class RandomRotationProductSeparable(RandomRotationProduct):
 
 @register_forward("random_product")
 class RandomProduct(MatrixProcess):
-    """The seed's ``T(k) = R_k ... R_1`` with Gaussian ``R_i`` (``N(0, 1/n)``, see :func:`gaussian_products`)."""
+    """The research notes' ``T(k) = R_k ... R_1``, Gaussian ``R_i`` (``N(0, 1/n)``, see :func:`gaussian_products`)."""
 
     salt = 3
 
