@@ -197,7 +197,7 @@ def submit(sweep: Sweep, trials: list[Trial], backend, args) -> int:
             state.write_status(t.run_dir, "preempted", reason=f"re-run after {views[t.id]['state']}", resumable=True)
     code = 0
     if not todo:
-        kinds = Counter(v.removeprefix("skip (").split(";")[0].rstrip(")") for v in plan.values())
+        kinds = Counter(views[t.id]["state"] for t in trials)  # every trial is skipped for its state
         print("nothing to submit: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()))
     elif args.sbatch_only:
         for path in backend.sbatch_scripts(sweep, todo):

@@ -70,6 +70,16 @@ def wait_until(what: str, check, timeout: float, every: float = 0.5):
         time.sleep(every)
 
 
+def start_run(runs: Path, sweep_file: str, sweep: str, *args: str, steps: int = 10) -> tuple[subprocess.Popen, Path]:
+    """Start ``lintrans run SWEEP_FILE ARGS`` in the background; return it and its (first) trial once that
+    trial has trained ``steps`` steps."""
+    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(runs), "run", sweep_file, *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trial = wait_until("the trial directory", lambda: next(iter(trial_dirs(runs, sweep)), None), 300)
+    wait_until("training progress", lambda: (status_of(trial).get("step") or 0) >= steps, 600)
+    return proc, trial
+
+
 def table_rows(runs: Path, sweep_file: str, **kw) -> list[dict]:
     result = lintrans(runs, "table", sweep_file, "--format", "json", **kw)
     assert result.returncode == 0, result.stderr

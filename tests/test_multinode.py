@@ -27,6 +27,7 @@ from tests.conftest import (
     env,
     lintrans,
     require_ray,
+    start_run,
     status_of,
     table_rows,
     train_args,
@@ -203,11 +204,8 @@ def test_a_lost_ray_node_is_survived(tmp_path, ray_nodes):
     """Kill the worker node's raylet mid-trial: Tune retries the trial on the node that replaces it,
     which resumes from the run directory's checkpoint and leaves one record."""
     cluster, worker = ray_nodes
-    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", "tests/sweeps/long.yaml",
-           "--backend", "ray", "--ray-address", cluster.address]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    trial = wait_until("the trial directory", lambda: next(iter(trial_dirs(tmp_path, "long")), None), 300)
-    wait_until("training progress", lambda: (status_of(trial).get("step") or 0) >= 10, 600)
+    proc, trial = start_run(tmp_path, "tests/sweeps/long.yaml", "long", "--backend", "ray", "--ray-address",
+                            cluster.address)  # fmt: skip
     killed = time.monotonic()
     cluster.remove_node(worker, allow_graceful=False)  # SIGKILL to the raylet, as a crashed machine
     replacement = cluster.add_node(num_cpus=1)

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,9 @@ from launchers.sweep import load
 from tests.conftest import (
     ROOT,
     assert_same_weights,
-    env,
     lintrans,
     require_ray,
+    start_run,
     status_of,
     table_rows,
     trial_dirs,
@@ -196,10 +195,7 @@ def test_a_trial_that_fails_is_failed_and_run_says_so(tmp_path):
 
 def kill_trial_actor_midway(runs: Path, sweep_file: str, sweep: str) -> tuple[subprocess.Popen, Path]:
     """Start ``run`` on Ray, wait for 10 steps, SIGKILL the trial's actor (the pid its status records)."""
-    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(runs), "run", sweep_file, "--backend", "ray"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    trial = wait_until("the trial directory", lambda: next(iter(trial_dirs(runs, sweep)), None), 300)
-    wait_until("training progress", lambda: (status_of(trial).get("step") or 0) >= 10, 600)
+    proc, trial = start_run(runs, sweep_file, sweep, "--backend", "ray")
     os.kill(status_of(trial)["pid"], signal.SIGKILL)
     return proc, trial
 

@@ -107,12 +107,12 @@ def _trainable(config: dict) -> None:
     os.dup2(log, 2)
     os.close(log)
     os.environ["LINTRANS_BACKEND"] = "ray"
-    node, ip, _ = _where()
-    print(f"ray: trial {trial_dir.name} on node {node} ({ip})", flush=True)
+    here = _where()
+    print(f"ray: trial {trial_dir.name} on node {here[0]} ({here[1]})", flush=True)
     workers = _Workers(trial_dir, config["world"], config["cpus"], config["gpus_per_rank"])
     code = None
     try:
-        workers.start()
+        workers.start(here)
         code = run_trial(trial_dir, backend="ray", report=_reporter(trial_dir, metric))
     finally:  # the other ranks end with rank 0's training; wait for them only if it went to the end
         workers.stop(grace_s=60 if code == 0 and state.status(trial_dir).get("state") == "done" else 0)
@@ -228,7 +228,8 @@ class _Workers:
         self.actors: list = []
         self.runs: list = []
 
-    def start(self) -> None:
+    def start(self, here: tuple[str, str, list[str]]) -> None:
+        """Start ranks 1..N-1 next to rank 0, which runs ``here`` (node id, IP, GPU ids)."""
         if self.world == 1:
             return
         import ray
@@ -246,7 +247,7 @@ class _Workers:
             ).remote()
             for i in range(1, self.world)
         ]
-        places = [_where(), *ray.get([a.where.remote() for a in self.actors])]
+        places = [here, *ray.get([a.where.remote() for a in self.actors])]
         envs = torchrun_env(places, _free_port())
         os.environ.update(envs[0])
         os.environ["OMP_NUM_THREADS"] = str(self.cpus)
