@@ -6,6 +6,7 @@ other, the benchmarks' cluster, or a cluster someone runs on the default ports.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -13,11 +14,14 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, require
+from tests.conftest import ROOT, require, table_rows, trial_dirs, wait_until
+
+FINAL = ("done", "failed", "stopped")
 
 SCRIPT = str(ROOT / "slurm" / "cluster.sh")
 BENCH_PORTS = {26817, 26818, 26819, 23306}  # bench/sweep_overhead.py's cluster
@@ -76,6 +80,10 @@ class Cluster:
     def node_state(self, node: str) -> str:
         return self.run("sinfo", "-h", "-N", "-n", node, "-o", "%T", check=False).stdout.strip()
 
+    def queued(self, job_name: str) -> bool:
+        """Whether a job called ``job_name`` is pending, running or completing."""
+        return bool(self.run("squeue", "-h", "-n", job_name, "-o", "%i", check=False).stdout.strip())
+
     def sacct_states(self, job: str) -> list[str]:
         """States of every run of the job, requeued ones included (``sacct -D``)."""
         out = self.run("sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "state", check=False).stdout
@@ -113,3 +121,25 @@ def cluster_fixture(nodes: int, prefix: str):
             stop_cluster(cluster)
 
     return fixture
+
+
+def wait_final(cluster: Cluster, runs: Path, sweep: str, n: int = 1, timeout: float = 900) -> list[dict]:
+    """Until ``lintrans table`` (which asks the scheduler) shows ``n`` final trials of ``sweep``; its rows.
+
+    ``table`` imports torch, seconds of CPU that a 2-core machine takes from the very trials it
+    waits for, so it is asked once the sweep's jobs have left ``squeue``, and every 30 s while one
+    stays queued (held, or waiting for a node that is down).
+    """
+    name = Path(sweep).stem  # the tests' sweep files are named after their sweeps
+    asked = [-math.inf]
+
+    def finished():
+        if cluster.queued(f"lintrans-{name}") and time.monotonic() - asked[0] < 30:
+            return None
+        asked[0] = time.monotonic()
+        if len(trial_dirs(runs, name)) < n:
+            return None
+        rows = table_rows(runs, sweep, extra_env={"SLURM_CONF": cluster.env["SLURM_CONF"]})
+        return rows if len(rows) == n and all(r["status"] in FINAL for r in rows) else None
+
+    return wait_until(f"{n} final trials of {sweep}", finished, timeout, every=2)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clusters import Cluster, cluster_fixture
+from tests.clusters import Cluster, cluster_fixture, wait_final
 from tests.conftest import (
     DDP_OVERRIDES,
     ROOT,
@@ -29,7 +29,6 @@ from tests.conftest import (
     require_ray,
     start_run,
     status_of,
-    table_rows,
     train_args,
     trial_dirs,
     wait_until,
@@ -37,7 +36,6 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.multinode
-FINAL = ("done", "failed", "stopped")
 
 
 cluster2 = cluster_fixture(2, "lintrans-mn-")
@@ -56,19 +54,11 @@ def slurm_env(cluster: Cluster) -> dict:
     return {"SLURM_CONF": cluster.env["SLURM_CONF"]}
 
 
-def wait_final(cluster: Cluster, runs: Path, sweep: str, timeout: float = 900) -> dict:
-    def finished():
-        rows = table_rows(runs, sweep, extra_env=slurm_env(cluster))
-        return rows[0] if rows and rows[0]["status"] in FINAL else None
-
-    return wait_until(f"the trial of {sweep}", finished, timeout, every=3)
-
-
 def test_two_node_trial_through_submitit_equals_one_process(tmp_path, cluster2, single_run):
     sweep = ddp_sweep(tmp_path, "ddp2")
     result = lintrans(tmp_path, "run", sweep, "--backend", "slurm", extra_env=slurm_env(cluster2))
     assert result.returncode == 0, result.stderr
-    row = wait_final(cluster2, tmp_path, sweep)
+    (row,) = wait_final(cluster2, tmp_path, sweep)
     (trial,) = trial_dirs(tmp_path, "ddp2")
     assert row["status"] == "done", (row, status_of(trial))
     assert status_of(trial)["environment"]["SLURM_JOB_NODELIST"] == "n[1-2]"
@@ -81,7 +71,7 @@ def test_two_node_trial_through_a_plain_sbatch_script_equals_one_process(tmp_pat
     assert result.returncode == 0, result.stderr
     (script,) = sorted((tmp_path / "sweeps" / "ddp2sb" / "sbatch").rglob("*.sbatch"))
     cluster2.run("sbatch", str(script))
-    row = wait_final(cluster2, tmp_path, sweep)
+    (row,) = wait_final(cluster2, tmp_path, sweep)
     (trial,) = trial_dirs(tmp_path, "ddp2sb")
     assert row["status"] == "done", (row, status_of(trial))
     assert_same_weights(weights(trial), single_run, atol=1e-5)
@@ -116,7 +106,7 @@ def test_a_node_failure_is_survived(tmp_path, cluster2):
     started = time.monotonic()
     wait_until("the second attempt", lambda: status_of(trial).get("attempt") == 2, 300, every=0.25)
     resumed = time.monotonic()
-    row = wait_final(cluster2, tmp_path, str(sweep))
+    (row,) = wait_final(cluster2, tmp_path, str(sweep))
     st = status_of(trial)
     assert row["status"] == "done" and st["attempt"] == 2 and st["step"] == 400, st
     assert 0 < st["resumed_from"] <= step_at_failure, st

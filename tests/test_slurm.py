@@ -13,12 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from tests.clusters import Cluster, cluster_fixture
-from tests.conftest import ROOT, env, lintrans, status_of, table_rows, train_args, trial_dirs, wait_until
+from tests.clusters import Cluster, cluster_fixture, wait_final
+from tests.conftest import ROOT, env, lintrans, status_of, train_args, trial_dirs, wait_until
 
 TINY = "tests/sweeps/tiny.yaml"
 LONG = "tests/sweeps/long.yaml"
-FINAL = ("done", "failed", "stopped")
 
 
 cluster = cluster_fixture(1, "lintrans-slurm-")
@@ -32,18 +31,6 @@ def sweep_file(tmp_path: Path, name: str, body: str) -> str:
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"name: {name}\nconfig: tests/configs/tiny.py\n{body}")
     return str(path)
-
-
-def wait_final(cluster: Cluster, runs: Path, sweep: str, n: int, timeout: float = 900) -> list[dict]:
-    """Until `status` (which asks the scheduler) shows every trial final; returns the table rows."""
-
-    def finished():
-        if len(trial_dirs(runs, Path(sweep).stem if sweep.endswith(".yaml") else sweep)) < n:
-            return None
-        rows = table_rows(runs, sweep, extra_env={"SLURM_CONF": cluster.env["SLURM_CONF"]})
-        return rows if len(rows) == n and all(r["status"] in FINAL for r in rows) else None
-
-    return wait_until(f"{n} final trials of {sweep}", finished, timeout, every=3)
 
 
 def test_array_runs_the_sweep_once_even_when_run_twice_at_once(tmp_path, cluster):
