@@ -232,8 +232,11 @@ def plot_curves(sweep: Sweep, trials: list[Trial], path: Path, tag: str = "eval/
             by_forward[str(t.overrides.get("model.forward", sweep.base.model.forward))].append((t, curve))
     if not by_forward:
         return None
-    plt, fig, axes = _figure(1, len(by_forward), 4.2, 3.4)
-    for ax, (forward, lines) in zip(axes[0], sorted(by_forward.items()), strict=True):
+    n_cols = min(4, len(by_forward))  # a study of every process wraps into rows of 4 panels
+    plt, fig, axes = _figure(-(-len(by_forward) // n_cols), n_cols, 4.2, 3.4)
+    for ax in axes.flat[len(by_forward) :]:
+        ax.axis("off")
+    for ax, (forward, lines) in zip(axes.flat, sorted(by_forward.items()), strict=False):
         for t, curve in lines:
             steps, values = zip(*curve, strict=True)
             label = " ".join(f"{axis_name(k).split('.')[-1]}={t.overrides[k]}" for k in t.axes if k != "model.forward")

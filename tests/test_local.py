@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from launchers.backends.local import gpu_pool, slots
 from launchers.sweep import load
+from launchers.table import learning_curve
 from lintrans.errors import UsageError
 from tests.conftest import ROOT, env, lintrans, status_of, table_rows, trial_dirs, wait_until
 
@@ -91,6 +93,16 @@ def test_local_sweep_survives_killed_launcher(tmp_path):
     once_more = lintrans(tmp_path, "run", TINY, "--backend", "local")  # idempotence
     assert "nothing to submit: 6 done" in once_more.stdout
     assert (tmp_path / "results.csv").read_text().count("\n") == 7
+    # the figures of a finished sweep: held-out loss curves read back from TensorBoard (evaluated at
+    # steps 0, 10, 20, 30 across the kill), NLL against K; no sample grids (sampling_freq 0)
+    assert all([s for s, _ in learning_curve(t)] == [0, 10, 20, 30] for t in trial_dirs(tmp_path, "tiny"))
+    plots = lintrans(tmp_path, "table", TINY, "--plot", "curves", "--plot", "k", "--plot", "samples")
+    folder = tmp_path / "sweeps" / "tiny" / "plots"
+    assert plots.returncode == 0 and "plot samples: nothing to plot yet" in plots.stderr, plots.stderr
+    for name, panels in (("curves", 3), ("k", 1)):
+        assert f"plot: {folder / name}.png" in plots.stderr, plots.stderr
+        with Image.open(folder / f"{name}.png") as png:
+            assert png.width >= 400 * panels, (name, png.size)  # one panel per forward process
 
 
 def test_a_crashed_trial_is_restarted_and_an_interrupted_one_is_not_counted(tmp_path):
