@@ -134,11 +134,14 @@ def grouped(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_grouped(table: list[dict[str, Any]], fmt: str) -> str:
+    """:func:`grouped` as ``fmt``: csv and json carry every metric and its ``_std``; markdown, read
+    by people, shows the top-level metrics as ``mean ± std`` (breakdowns such as ``elbo.L_1`` stay
+    in csv/json and the records)."""
     g = grouped(table)
     cols = list(dict.fromkeys(k for r in g for k in r))
     if fmt != "md":
         return render(g, cols, fmt)
-    shown = [c for c in cols if not c.endswith("_std")]
+    shown = [c for c in cols if not c.endswith("_std") and ("." not in c or c.split(".")[0] in CONFIG_SECTIONS)]
     merged = [{c: f"{r[c]:.4g} ± {r[c + '_std']:.2g}" if f"{c}_std" in r else r.get(c) for c in shown} for r in g]
     return render(merged, shown, "md")
 
