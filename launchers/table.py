@@ -200,6 +200,9 @@ def plot_k(table: list[dict[str, Any]], path: Path) -> Path | None:
                 points.sort()
                 ks, ys, es = zip(*points, strict=True)
                 ax.errorbar(ks, ys, yerr=es, marker="o", capsize=3, label=forward)
+            values = [y for points in by_forward.values() for _, y, _ in points]
+            if values and min(values) > 0 and max(values) > 20 * min(values):  # processes orders of magnitude apart
+                ax.set_yscale("log")
             ax.set_xlabel("K")
             ax.set_ylabel(metric)
             ax.set_title(f"σ = {sigma}" if sigma is not None else "")
