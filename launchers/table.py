@@ -102,13 +102,14 @@ def columns(table: list[dict[str, Any]]) -> list[str]:
     return FIXED[:2] + axes + FIXED[2:] + main_metrics + TAIL + (["stale"] if "stale" in seen else [])
 
 
+def top_level(column: str) -> bool:
+    """An axis or a top-level metric, not a breakdown such as ``elbo.L_1`` (config keys are dotted too)."""
+    return "." not in column or column.split(".")[0] in CONFIG_SECTIONS
+
+
 def brief(table: list[dict[str, Any]]) -> list[str]:
     """The columns ``run`` prints: axes, status, steps, top-level metrics (no breakdowns, no reasons)."""
-    return [
-        c
-        for c in columns(table)
-        if ("." not in c or c.split(".")[0] in CONFIG_SECTIONS) and c not in ("sweep", "reason")
-    ]
+    return [c for c in columns(table) if top_level(c) and c not in ("sweep", "reason")]
 
 
 def grouped(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -141,7 +142,7 @@ def render_grouped(table: list[dict[str, Any]], fmt: str) -> str:
     cols = list(dict.fromkeys(k for r in g for k in r))
     if fmt != "md":
         return render(g, cols, fmt)
-    shown = [c for c in cols if not c.endswith("_std") and ("." not in c or c.split(".")[0] in CONFIG_SECTIONS)]
+    shown = [c for c in cols if not c.endswith("_std") and top_level(c)]
     merged = [{c: f"{r[c]:.4g} ± {r[c + '_std']:.2g}" if f"{c}_std" in r else r.get(c) for c in shown} for r in g]
     return render(merged, shown, "md")
 
@@ -170,6 +171,15 @@ def _figure(n_rows: int, n_cols: int, width: float = 4.5, height: float = 3.4):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols, height * n_rows), squeeze=False)
+    return plt, fig, axes
+
+
+def _panels(n: int, width: float, height: float):
+    """A figure of ``n`` panels in rows of at most 4, the unused axes hidden."""
+    n_cols = min(4, n)
+    plt, fig, axes = _figure(-(-n // n_cols), n_cols, width, height)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
     return plt, fig, axes
 
 
@@ -238,10 +248,7 @@ def plot_curves(sweep: Sweep, trials: list[Trial], path: Path, tag: str = "eval/
             by_forward[str(t.overrides.get("model.forward", sweep.base.model.forward))].append((t, curve))
     if not by_forward:
         return None
-    n_cols = min(4, len(by_forward))  # a study of every process wraps into rows of 4 panels
-    plt, fig, axes = _figure(-(-len(by_forward) // n_cols), n_cols, 4.2, 3.4)
-    for ax in axes.flat[len(by_forward) :]:
-        ax.axis("off")
+    plt, fig, axes = _panels(len(by_forward), 4.2, 3.4)
     for ax, (forward, lines) in zip(axes.flat, sorted(by_forward.items()), strict=False):
         for t, curve in lines:
             steps, values = zip(*curve, strict=True)
@@ -296,9 +303,7 @@ def plot_samples(sweep: Sweep, trials: list[Trial], path: Path) -> Path | None:
     shown = [(t, g) for t in trials if t.overrides["seed"] == first_seed and (g := latest_samples(t.run_dir))]
     if not shown:
         return None
-    columns_ = min(4, len(shown))
-    rows_ = (len(shown) + columns_ - 1) // columns_
-    plt, fig, axes = _figure(rows_, columns_, 3.0, 3.3)
+    plt, fig, axes = _panels(len(shown), 3.0, 3.3)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (t, grid) in zip(axes.flat, shown, strict=False):
