@@ -30,7 +30,7 @@ from absl import flags
 
 from lintrans import cli
 from lintrans.errors import UsageError
-from lintrans.evaluation import EvalSpec, SpecError
+from lintrans.eval_spec import EvalSpec, SpecError
 
 DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
 CLI_DEFAULTS = {"mode": "fid"}  # IHDM's evaluate.py evaluates FID unless told otherwise

@@ -25,7 +25,7 @@ from launchers import backends, state, table
 from launchers.state import Observation
 from launchers.sweep import BACKENDS, MAX_TRIALS, Sweep, Trial, load
 from launchers.trial import write_spec
-from lintrans.errors import EXIT_USAGE, UsageError, choices
+from lintrans.errors import EXIT_USAGE, UsageError, choices, printable
 from lintrans.tables import FORMATS, render
 
 EXIT_FAILED = 1
@@ -219,7 +219,7 @@ def submit(sweep: Sweep, trials: list[Trial], backend, args) -> int:
 
 
 def cmd_status(args) -> int:
-    sweep = load(args.sweep, args.runs_dir, args.max_trials)
+    sweep = load(args.sweep, args.runs_dir, args.max_trials, check_forwards=False)
     trials = sweep.trials() if sweep.search.method != "optuna" else _study_trials(sweep)
     observations = observe(trials)
     print_trials(sweep, trials, {t.id: state.view(t.run_dir, observations.get(t.id)) for t in trials})
@@ -227,7 +227,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    sweep = load(args.sweep, args.runs_dir, args.max_trials)
+    sweep = load(args.sweep, args.runs_dir, args.max_trials, check_forwards=False)
     trials = sweep.trials() if sweep.search.method != "optuna" else _study_trials(sweep)
     by_backend: dict[str, list[Trial]] = {}
     for t in trials:
@@ -252,7 +252,7 @@ def cmd_table(args) -> int:
             raise UsageError(f"unknown --plot '{kind}'; valid: {choices(table.PLOTS)}, or a .png path")
     rows, sweeps = [], []
     for path in args.sweeps:
-        sweep = load(path, args.runs_dir, args.max_trials)
+        sweep = load(path, args.runs_dir, args.max_trials, check_forwards=False)
         trials = sweep.trials() if sweep.search.method != "optuna" else _study_trials(sweep)
         rows += table.rows(sweep, trials, observe(trials), stale=args.all)
         sweeps.append((sweep, trials))
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "status": cmd_status, "cancel": cmd_cancel, "table": cmd_table}[args.command](args)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -166,6 +166,10 @@ def view(trial_dir: Path, observation: Observation | None = None) -> dict[str, A
     job = f"{ln.get('backend', '')} job {ln.get('job_id')}"
     if is_running(trial_dir):
         state, reason = "running", None
+    elif scheduler_holds and ln.get("cancelled") and state != "running":
+        # A job we cancelled is on its way out (COMPLETING, say): the scheduler holds it, but it will
+        # not run the trial again, so `run` may resume the trial at once.
+        reason = "; ".join(x for x in (reason, f"cancelled; {job} still ending ({observation.detail})") if x)
     elif scheduler_holds and (unanswered or state not in FINAL or (state == "failed" and st.get("resumable", True))):
         # A job the scheduler holds again (requeued after NODE_FAIL, say) runs the trial again.
         state, reason = observation.phase, observation.detail if observation.phase == "queued" else None

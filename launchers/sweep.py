@@ -47,7 +47,7 @@ import yaml
 from launchers.schema import Distribution, LocalSection, RaySection, Resources, Search, SlurmSection, SweepFile
 from lintrans import config as cfg
 from lintrans.errors import UsageError
-from lintrans.evaluation import EvalSpec, SpecError
+from lintrans.eval_spec import EvalSpec, SpecError
 
 BACKENDS = ("local", "slurm", "ray")
 MAX_TRIALS = 10_000
@@ -219,8 +219,15 @@ def _section_model(at: tuple):
 # --------------------------------------------------------------------------- load and validate
 
 
-def load(path: str | Path, runs_dir: str | Path | None = None, max_trials: int = MAX_TRIALS) -> Sweep:
-    """Read and validate a sweep file; every error names the file, the line and the key."""
+def load(
+    path: str | Path, runs_dir: str | Path | None = None, max_trials: int = MAX_TRIALS, check_forwards: bool = True
+) -> Sweep:
+    """Read and validate a sweep file; every error names the file, the line and the key.
+
+    ``check_forwards=False`` skips the checks of the forward processes (a known name, a K and a
+    memory they allow): they import torch, seconds on a login node, and ``status``, ``table`` and
+    ``cancel`` only read a sweep that ``run`` has checked in full before submitting anything.
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"sweep file not found: {path}")
@@ -246,7 +253,7 @@ def load(path: str | Path, runs_dir: str | Path | None = None, max_trials: int =
     name = spec.name or path.stem
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise lines.error(("name",), f"the file name {path.stem!r} cannot name a sweep; give 'name:'")
-    _check_values(lines, spec, base, config_path)
+    _check_values(lines, spec, base, config_path, check_forwards)
     evaluations = _check_evaluations(lines, spec, base)
     sweep = Sweep(
         path=path, name=name, config=config_path, base=base, axes=dict(spec.axes), seeds=list(seeds),
@@ -257,18 +264,21 @@ def load(path: str | Path, runs_dir: str | Path | None = None, max_trials: int =
     if sweep.size > max_trials:
         raise lines.error(("axes",), f"{sweep.size:,} trials is more than --max-trials={max_trials:,}; "
                                      "narrow the axes or raise --max-trials")  # fmt: skip
-    _check_forward_memory(lines, sweep)
+    if check_forwards:
+        _check_forward_memory(lines, sweep)
     return sweep
 
 
-def _check_values(lines: _Lines, spec: SweepFile, base: ml_collections.ConfigDict, config_path: Path) -> None:
+def _check_values(
+    lines: _Lines, spec: SweepFile, base: ml_collections.ConfigDict, config_path: Path, forwards: bool
+) -> None:
     """Every axis value and override: a key of the config, the right type, a value :func:`cfg.validate` accepts."""
     if spec.search.method == "grid":
         for key, axis in spec.axes.items():
             if isinstance(axis, Distribution):
                 raise lines.error(("axes", key), "a distribution needs search: {method: random|optuna, n_trials: N}; "
                                                  "grid search takes a list of values")  # fmt: skip
-    fixed = _apply(lines, base, spec.overrides, lambda key: ("overrides", key), config_path)
+    fixed = _apply(lines, base, spec.overrides, lambda key: ("overrides", key), config_path, forwards)
     for key, axis in spec.axes.items():
         if isinstance(axis, Distribution):
             values = axis.choice or [axis.sample(random.Random(i)) for i in range(2)]
@@ -281,10 +291,10 @@ def _check_values(lines: _Lines, spec: SweepFile, base: ml_collections.ConfigDic
                 raise lines.error(("axes", key), f"duplicate values {', '.join(duplicates)}: each gives the same trial")
             values, where = axis, [("axes", key, i) for i in range(len(axis))]
         for value, at in zip(values, where, strict=True):
-            _apply(lines, fixed, {key: value}, lambda _k, at=at: at, config_path)
+            _apply(lines, fixed, {key: value}, lambda _k, at=at: at, config_path, forwards)
 
 
-def _apply(lines, config, overrides: dict, where, config_path: Path) -> ml_collections.ConfigDict:
+def _apply(lines, config, overrides: dict, where, config_path: Path, forwards: bool) -> ml_collections.ConfigDict:
     """``config`` with ``overrides`` applied and validated, or the error at the value's line."""
     for key, value in overrides.items():
         if not isinstance(key, str):
@@ -301,7 +311,7 @@ def _apply(lines, config, overrides: dict, where, config_path: Path) -> ml_colle
         value = overrides[key]
         raise lines.error(where(key), f"wrong type for '{key}': {type(value).__name__} {value!r} ({exc})") from None
     try:
-        cfg.validate(out)
+        cfg.validate(out, forward=forwards)
     except UsageError as exc:
         named = [k for k in overrides if f"config.{k}" in str(exc) or f"'{overrides[k]}'" in str(exc)]
         at = where(named[0]) if named else where(next(iter(overrides))) if overrides else ("config",)

@@ -33,10 +33,10 @@ from typing import Any
 from launchers import state
 from launchers.sweep import Sweep, Trial
 from lintrans import config as cfg
-from lintrans import distributed, records
+from lintrans import records
 from lintrans.atomic import write_json
 from lintrans.errors import EXIT_PREEMPTED, EXIT_USAGE, NonFiniteLossError, UsageError
-from lintrans.evaluation import EvalSpec
+from lintrans.eval_spec import EvalSpec
 
 EXIT_FAILED = 1
 EXIT_BUSY = 73
@@ -197,6 +197,7 @@ def _train_only(spec: dict, trial_dir: Path) -> int:
 
 
 def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | None) -> int:
+    from lintrans import distributed  # torch: imported by the trial only, never by a launcher that reads state
     from lintrans.run import Run
     from lintrans.training_loop import train
 

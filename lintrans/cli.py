@@ -19,7 +19,7 @@ import ml_collections
 from absl import flags
 
 from lintrans import config as cfg
-from lintrans.errors import EXIT_USAGE, UsageError
+from lintrans.errors import EXIT_USAGE, UsageError, printable
 
 Main = Callable[[list[str]], int | None]
 
@@ -43,7 +43,7 @@ def say(message: str) -> None:
     """One line on stderr, from one process per run (not one per torchrun/srun/mpirun rank)."""
     rank = next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if k in os.environ), "0")
     if rank == "0":
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"error: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def _split(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], list[str]]:

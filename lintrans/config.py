@@ -103,9 +103,12 @@ def _need(ok: bool, key: str, what: str, value: Any) -> None:
         raise UsageError(f"config.{key} must be {what}, got {value!r}")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise :class:`UsageError` naming the first impossible value; afterwards nothing re-checks."""
-    from lintrans import forward
+def validate(config: ml_collections.ConfigDict, forward: bool = True) -> None:
+    """Raise :class:`UsageError` naming the first impossible value; afterwards nothing re-checks.
+
+    ``forward=False`` leaves out the forward process (its name, K and memory), the one check that
+    imports torch.
+    """
 
     m, t, o, e = config.model, config.training, config.optim, config.eval
     _need(_is_int(config.seed), "seed", "an integer", config.seed)
@@ -146,7 +149,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _need(_is_int(d[key]) and d[key] >= 1, f"data.{key}", "an integer >= 1", d[key])
     theta = m.get("condition_on_theta", False)
     _need(isinstance(theta, bool), "model.condition_on_theta", "true or false", theta)
-    forward.check_forward(**forward_args(config))
+    if forward:
+        from lintrans.forward import check_forward
+
+        check_forward(**forward_args(config))
 
 
 # --------------------------------------------------------------------------- plain values

@@ -23,3 +23,8 @@ class NonFiniteLossError(RuntimeError):
 def choices(values) -> str:
     """Format valid choices the same way in every message."""
     return ", ".join(sorted(str(v) for v in values))
+
+
+def printable(message: str) -> str:
+    """``message`` with lone surrogates (malformed input read back from YAML) escaped: printing it cannot fail."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")

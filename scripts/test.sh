@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers: the SLURM/Ray cluster tests (one worker, in turn) beside the rest (tests/conftest.py).
+exec .venv/bin/python -m pytest -q -n 2 "$@"

@@ -16,6 +16,34 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tests/configs/tiny.py"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# Modules that start SLURM or Ray clusters. Under ``pytest -n 2`` (scripts/test.sh) they run one
+# after another in one worker, never beside each other (one Ray per machine: `ray.init` finds a
+# running one; SLURM job ids, and so srun's ports, repeat between clusters), while the other worker
+# trains beside them: their trials mostly take one core and wait on SLURM's clock.
+CLUSTER_MODULES = ("test_multinode", "test_ray", "test_slurm", "test_slurm_cluster")
+
+
+def _scope(nodeid: str) -> str:
+    """The unit one xdist worker runs whole: the cluster modules together, else the module."""
+    module = nodeid.split("::", 1)[0]
+    return "clusters" if Path(module).stem in CLUSTER_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling by :func:`_scope` (a module stays on one worker: module fixtures are built once)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterScopeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return ClusterScopeScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The cluster tests first, so that their worker starts on the longest unit (scopes go out in order)."""
+    items.sort(key=lambda item: _scope(item.nodeid) != "clusters")  # stable: the order within stays
 
 
 @pytest.fixture(autouse=True, scope="session")

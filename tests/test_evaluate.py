@@ -15,7 +15,8 @@ import time
 import pytest
 
 from lintrans import records
-from lintrans.evaluation import EvalSpec, evaluate
+from lintrans.eval_spec import EvalSpec
+from lintrans.evaluation import evaluate
 from tests.configs import tiny
 from tests.conftest import IN_CI, ROOT, TINY, assert_usage_error, env, run, train_args
 

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from lintrans import datasets, fid, memorisation
 from lintrans.errors import UsageError
-from lintrans.evaluation import EvalSpec, run_fid, run_memorisation
+from lintrans.eval_spec import EvalSpec
+from lintrans.evaluation import run_fid, run_memorisation
 from tests.conftest import make_process
 
 DEVICE = torch.device("cpu")

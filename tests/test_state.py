@@ -118,3 +118,16 @@ def test_a_crashed_trial_whose_job_was_requeued_is_queued(tmp_path):
     assert state.view(tmp_path, Observation("queued", "PENDING (ReqNodeNotAvail)"))["state"] == "queued"
     state.write_status(tmp_path, "failed", reason="config.model.K must be ...", resumable=False)
     assert state.view(tmp_path, Observation("running", "COMPLETING"))["state"] == "failed"
+
+
+def test_a_cancelled_job_that_is_still_ending_does_not_hold_its_trial(tmp_path):
+    """`cancel` then `run` at once: the cancelled job still COMPLETING must not make `run` skip the trial."""
+    state.write_launch(tmp_path, "slurm", "12_0", "log")
+    time.sleep(0.01)
+    state.write_status(tmp_path, "preempted", reason="signal SIGTERM during training", step=14)
+    ending = Observation("running", "COMPLETING")
+    assert state.view(tmp_path, ending)["state"] == "running"  # a requeue nobody asked to stop runs it again
+    state.mark_cancelled(tmp_path)
+    seen = state.view(tmp_path, ending)
+    assert seen["state"] == "preempted"
+    assert seen["reason"] == "signal SIGTERM during training; cancelled; slurm job 12_0 still ending (COMPLETING)"

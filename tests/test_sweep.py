@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from launchers import cli
 from launchers.sweep import load
-from tests.conftest import ROOT, assert_one_line
+from tests.conftest import ROOT, assert_one_line, run
 
 HEAD = "name: b\nconfig: tests/configs/tiny.py\n"
 BAD = {
@@ -156,6 +156,25 @@ def test_floats_in_scientific_notation_are_numbers(tmp_path):
     assert [t.overrides["optim.lr"] for t in load(sweep, tmp_path).trials()] == [1e-3, 2e-4]
 
 
+def test_reading_a_sweep_never_imports_torch(tmp_path):
+    """``status``, ``table`` and ``cancel`` on a login node, and the SLURM task's submitit process, stay torch-free.
+
+    torch costs seconds of import per process: every poll of ``status`` and every SLURM task paid
+    it. ``run`` checks the forward processes (torch) before it submits anything; the others only read.
+    """
+    code = (
+        "import sys\n"
+        "from launchers import cli\n"
+        "import launchers.backends.slurm, launchers.backends.local, launchers.backends.ray\n"
+        "sweep = 'sweeps/quickstart.yaml'\n"
+        "for argv in (['status', sweep], ['table', sweep, '--format', 'json'], ['cancel', sweep]):\n"
+        f"    assert cli.main(['--runs-dir', {str(tmp_path)!r}, *argv]) == 0, argv\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n"
+    )
+    done = run(["-c", code])
+    assert done.returncode == 0, done.stderr
+
+
 # --------------------------------------------------------------------------- property-based
 
 KEYS = ["model.K", "model.sigma", "training.n_iters", "optim.lr", "model.forward", "data.random_flip", "nope.x"]
@@ -188,6 +207,8 @@ def malformed_sweeps(draw) -> dict:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=malformed_sweeps())
+# JSON escapes U+10000 as a surrogate pair, which YAML reads back as two lone surrogates
+@example(data={"name": "fuzz", "config": "tests/configs/tiny.py", "axes": {"model.K": ["\U00010000"]}})
 def test_malformed_sweep_files_exit_2_with_one_line(tmp_path_factory, capsys, data):
     """Whatever a sweep file holds: a valid sweep (dry run, exit 0) or exit 2 with one line; runs/ untouched."""
     folder = tmp_path_factory.mktemp("fuzz")
