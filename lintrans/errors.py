@@ -26,5 +26,9 @@ def choices(values) -> str:
 
 
 def printable(message: str) -> str:
-    """``message`` with lone surrogates (malformed input read back from YAML) escaped: printing it cannot fail."""
+    """``message`` with lone surrogates (malformed input read back from YAML) escaped.
+
+    Python's own stderr escapes them already; a strict stream (an in-process caller's, pytest's
+    capture) raises ``UnicodeEncodeError`` instead of printing the one error line.
+    """
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
