@@ -25,10 +25,9 @@ from launchers import backends, state, table
 from launchers.state import Observation
 from launchers.sweep import BACKENDS, MAX_TRIALS, Sweep, Trial, load
 from launchers.trial import write_spec
-from lintrans.errors import EXIT_USAGE, UsageError, choices, printable
+from lintrans.errors import UsageError, choices, printable
+from lintrans.procenv import EXIT_FAILED, EXIT_USAGE
 from lintrans.tables import FORMATS, render
-
-EXIT_FAILED = 1
 
 
 def parser() -> argparse.ArgumentParser:

@@ -33,10 +33,10 @@ from launchers.schema import Distribution
 from launchers.sweep import Sweep, Trial
 from lintrans import records
 from lintrans.errors import UsageError
+from lintrans.procenv import EXIT_FAILED
 
 STORAGE = "optuna.journal"
 POLL_S = 15.0  # between looks at a queued (SLURM) wave
-EXIT_FAILED = 1
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,10 @@ from launchers.sweep import Sweep, Trial
 from lintrans import config as cfg
 from lintrans import records
 from lintrans.atomic import write_json
-from lintrans.errors import EXIT_PREEMPTED, EXIT_USAGE, NonFiniteLossError, UsageError
+from lintrans.errors import NonFiniteLossError, UsageError
 from lintrans.eval_spec import EvalSpec
+from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, rank
 
-EXIT_FAILED = 1
-EXIT_BUSY = 73
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -101,13 +100,6 @@ def evaluations_missing(trial_dir: Path, spec: dict[str, Any]) -> list[EvalSpec]
         if not record or (n_iters is not None and record.get("run", {}).get("steps") != n_iters):
             missing.append(ev)
     return missing
-
-
-def _rank() -> int:
-    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if key in os.environ and (key != "SLURM_PROCID" or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
-            return int(os.environ[key])
-    return 0
 
 
 def job_id() -> str | None:
@@ -173,7 +165,7 @@ def run_trial(trial_dir: str | Path, backend: str = "local", report: Callable | 
         raise UsageError(f"no trial spec: {trial_dir / state.SPEC} is missing or unreadable")
     os.chdir(spec["cwd"])  # config files import configs.* relative to the launch directory
     os.environ[records.RUNS_ENV] = spec["runs_dir"]  # IHDM-style evaluation summaries beside the sweep
-    if _rank() != 0:  # other ranks only train; rank 0 owns state, records and evaluations
+    if rank() != 0:  # other ranks only train; rank 0 owns state, records and evaluations
         return _train_only(spec, trial_dir)
     lock = state.trial_lock(trial_dir)
     if not lock.acquire():

@@ -9,7 +9,6 @@ exiting, so tests can call an entry point in-process.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ import ml_collections
 from absl import flags
 
 from lintrans import config as cfg
-from lintrans.errors import EXIT_USAGE, UsageError, printable
+from lintrans.errors import UsageError, printable
+from lintrans.procenv import EXIT_USAGE, is_rank0
 
 Main = Callable[[list[str]], int | None]
 
@@ -41,8 +41,7 @@ class Parsed:
 
 def say(message: str) -> None:
     """One line on stderr, from one process per run (not one per torchrun/srun/mpirun rank)."""
-    rank = next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if k in os.environ), "0")
-    if rank == "0":
+    if is_rank0():
         print(f"error: {printable(message)}", file=sys.stderr, flush=True)
 
 

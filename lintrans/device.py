@@ -5,6 +5,10 @@ where CUDA is unavailable, or with fewer visible devices than processes on the n
 once with one line instead of training on the CPU. ``training.mixed_precision: auto`` picks bf16
 where the hardware has it (CUDA devices with bf16; CPUs with AVX512-BF16 or AMX) and fp32
 otherwise: on a CPU without those instructions bf16 autocast is about 2x slower than fp32.
+
+``LINTRANS_CPU_BF16=0`` hides the CPU's bf16 instructions from ``auto`` and ``=1`` shows them, so
+that one machine can run both paths (the test suite does; so can a user who wants fp32 numbers
+from a bf16 machine without editing configs).
 """
 
 from __future__ import annotations
@@ -46,9 +50,26 @@ def cuda_problem() -> str:
     return f"the driver is older than this torch build's CUDA {torch.version.cuda}, or no device is visible"
 
 
-@cache
+CPU_BF16_VARIABLE = "LINTRANS_CPU_BF16"
+CPU_BF16_CHOICES = {"0": False, "1": True}
+
+
 def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: the instructions that make bf16 autocast faster than fp32 on a CPU."""
+    """AVX512-BF16 or AMX: the instructions that make bf16 autocast faster than fp32 on a CPU.
+
+    ``LINTRANS_CPU_BF16`` (``0`` or ``1``), when set, answers instead of the hardware.
+    """
+    forced = os.environ.get(CPU_BF16_VARIABLE)
+    if forced is None:
+        return cpu_flags_have_bf16()
+    if forced not in CPU_BF16_CHOICES:
+        raise UsageError(f"unknown {CPU_BF16_VARIABLE}={forced!r}; valid: {', '.join(CPU_BF16_CHOICES)} (or unset)")
+    return CPU_BF16_CHOICES[forced]
+
+
+@cache
+def cpu_flags_have_bf16() -> bool:
+    """What the hardware says: ``avx512_bf16`` or ``amx_bf16`` among the CPU flags."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

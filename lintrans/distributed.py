@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lintrans.procenv import free_port
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -28,12 +30,6 @@ class DistInfo:
     master_port: int
     launcher: str
     local_world_size: int = 1
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def first_host(nodelist: str) -> str:

@@ -1,15 +1,9 @@
-"""User-facing errors and the exit codes the entry points translate them into.
+"""User-facing errors, and how their one line is printed.
 
-Launchers (SLURM requeue logic, Ray Tune, the local backend) read these codes, so
-they are part of the public interface and documented in the README.
+The exit codes the entry points translate them into are in :mod:`lintrans.procenv`.
 """
 
 from __future__ import annotations
-
-EXIT_OK = 0
-EXIT_USAGE = 2  # bad input: unknown forward process, impossible K or sigma, missing files
-EXIT_NONFINITE = 3  # training stopped on a non-finite loss; the last checkpoint is intact
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written after SIGUSR1/SIGUSR2/SIGTERM, requeue me
 
 
 class UsageError(Exception):

@@ -22,10 +22,11 @@ from lintrans import config as cfg
 from lintrans import datasets, distributed, images, monitor, sampling
 from lintrans.device import use_bf16
 from lintrans.ema import EMA
-from lintrans.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError
+from lintrans.errors import NonFiniteLossError
 from lintrans.forward import ForwardProcess, create_forward
 from lintrans.loss import per_sample_loss, sample_levels
 from lintrans.model import build_model, load_weights, make_optimizer
+from lintrans.procenv import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
 from lintrans.run import Run
 from lintrans.step import TrainStep
 

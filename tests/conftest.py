@@ -157,13 +157,18 @@ def make_process(name: str, shape: tuple[int, int, int] = (1, 6, 6), K: int = 7,
 # Same data, levels and noise per sample; dropout off; SGD so the update is linear in the
 # gradient. Averaging two half-batch gradients instead of one full-batch gradient only changes
 # float32 summation order (~1e-7 relative); 5 SGD steps at lr 0.05 keep that below 1e-5.
-DDP_OVERRIDES = [
-    "--config.optim.optimizer=SGD",
-    "--config.optim.lr=0.05",
-    "--config.optim.warmup=0",
-    "--config.training.n_iters=5",
-    "--config.training.batch_size=16",
-]
+# fp32 is pinned: these tests test DDP, and ``auto`` picks bf16 on CPUs with AVX512-BF16 or AMX,
+# whose rounding is 2^-8 relative (tests/test_training.py has the one bf16 DDP test, with its bound).
+DDP_CONFIG = {
+    "optim.optimizer": "SGD",
+    "optim.lr": 0.05,
+    "optim.warmup": 0,
+    "training.n_iters": 5,
+    "training.batch_size": 16,
+    "training.mixed_precision": "no",
+}
+DDP_OVERRIDES = [f"--config.{key}={value}" for key, value in DDP_CONFIG.items()]
+DDP_ATOL = 1e-5
 
 
 def assert_same_weights(a: dict, b: dict, atol: float) -> None:
@@ -181,6 +186,16 @@ def single_run(tmp_path_factory) -> dict:
     result = run(train_args(workdir, *DDP_OVERRIDES))
     assert result.returncode == 0, result.stderr
     return weights(workdir)
+
+
+def initial_weights() -> dict[str, torch.Tensor]:
+    """The tiny config's weights before any step (what the DDP tests' 5 steps move from)."""
+    from lintrans.config import model_args
+    from lintrans.model import build_model
+    from tests.configs import tiny
+
+    config = tiny.get_config()
+    return build_model(model_args(config), config.seed).state_dict()
 
 
 def require_ray() -> None:

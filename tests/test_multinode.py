@@ -21,6 +21,8 @@ import pytest
 
 from tests.clusters import Cluster, cluster_fixture, wait_final
 from tests.conftest import (
+    DDP_ATOL,
+    DDP_CONFIG,
     DDP_OVERRIDES,
     ROOT,
     assert_same_weights,
@@ -43,7 +45,7 @@ cluster2 = cluster_fixture(2, "lintrans-mn-")
 
 def ddp_sweep(tmp_path: Path, name: str, extra: str = "") -> str:
     """A 2-node trial (one task per node) with the DDP-equivalence overrides of tests/test_training.py."""
-    overrides = "".join(f"  {o.split('=')[0].removeprefix('--config.')}: {o.split('=')[1]}\n" for o in DDP_OVERRIDES)
+    overrides = "".join(f"  {key}: {json.dumps(value)}\n" for key, value in DDP_CONFIG.items())  # JSON is YAML
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"name: {name}\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [5]\nseeds: [42]\n"
                     f"overrides:\n{overrides}resources: {{nodes: 2, tasks_per_node: 1, cpus: 1}}\n{extra}")  # fmt: skip
@@ -62,7 +64,7 @@ def test_two_node_trial_through_submitit_equals_one_process(tmp_path, cluster2, 
     (trial,) = trial_dirs(tmp_path, "ddp2")
     assert row["status"] == "done", (row, status_of(trial))
     assert status_of(trial)["environment"]["SLURM_JOB_NODELIST"] == "n[1-2]"
-    assert_same_weights(weights(trial), single_run, atol=1e-5)
+    assert_same_weights(weights(trial), single_run, atol=DDP_ATOL)
 
 
 def test_two_node_trial_through_a_plain_sbatch_script_equals_one_process(tmp_path, cluster2, single_run):
@@ -74,7 +76,7 @@ def test_two_node_trial_through_a_plain_sbatch_script_equals_one_process(tmp_pat
     (row,) = wait_final(cluster2, tmp_path, sweep)
     (trial,) = trial_dirs(tmp_path, "ddp2sb")
     assert row["status"] == "done", (row, status_of(trial))
-    assert_same_weights(weights(trial), single_run, atol=1e-5)
+    assert_same_weights(weights(trial), single_run, atol=DDP_ATOL)
 
 
 def test_a_node_failure_is_survived(tmp_path, cluster2):
@@ -137,7 +139,7 @@ def test_torchrun_with_two_agents_equals_one_process(tmp_path, single_run):
     ]  # fmt: skip
     outs = [a.communicate(timeout=600)[0] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    assert_same_weights(weights(tmp_path), single_run, atol=1e-5)
+    assert_same_weights(weights(tmp_path), single_run, atol=DDP_ATOL)
 
 
 # ----------------------------------------------------------------------------------------- Ray, two nodes
@@ -186,7 +188,7 @@ def test_ray_places_trials_on_both_nodes_and_a_two_worker_trial_spans_them(tmp_p
     (trial,) = trial_dirs(tmp_path, "ddp-ray2")
     assert status_of(trial)["state"] == "done"
     assert set(ray_nodes_of(trial)) == nodes  # rank 0 on one node, rank 1 on the other
-    assert_same_weights(weights(trial), single_run, atol=1e-5)
+    assert_same_weights(weights(trial), single_run, atol=DDP_ATOL)
 
 
 @pytest.mark.parametrize("ray_nodes", [0], indirect=True)  # the head runs nothing: the trial is on the worker

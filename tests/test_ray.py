@@ -15,6 +15,8 @@ from launchers.backends.ray import bundles, torchrun_env
 from launchers.schema import Resources
 from launchers.sweep import load
 from tests.conftest import (
+    DDP_ATOL,
+    DDP_CONFIG,
     ROOT,
     assert_same_weights,
     lintrans,
@@ -240,4 +242,9 @@ def test_two_cpu_workers_on_ray_match_one_process(tmp_path, single_run):
     saved = torch.load(trial / "checkpoints-meta" / "checkpoint.pth", weights_only=True)
     assert saved["world_size"] == 2 and len(saved["rng"]) == 2  # two ranks trained
     assert "ray: 2 DDP ranks on nodes" in (trial / "train.log").read_text()
-    assert_same_weights(weights(trial), single_run, atol=1e-5)
+    assert_same_weights(weights(trial), single_run, atol=DDP_ATOL)
+
+
+def test_the_ray_ddp_sweep_trains_what_the_reference_trains():
+    (trial,) = load(DDP).trials()
+    assert {k: v for k, v in trial.overrides.items() if k != "seed"} == DDP_CONFIG

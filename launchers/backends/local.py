@@ -12,7 +12,6 @@ not count.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import signal
@@ -26,16 +25,11 @@ from pathlib import Path
 from launchers import state
 from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
-from launchers.trial import EXIT_BUSY, EXIT_FAILED, record_crash
-from lintrans.errors import EXIT_PREEMPTED, UsageError
+from launchers.trial import record_crash
+from lintrans.errors import UsageError
+from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, die_with_parent
 
-PR_SET_PDEATHSIG = 1
 GPU_ID = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-zA-Z/-]+)$")
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the launcher dies, however it dies."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def gpu_pool(flag: str | None, env: dict[str, str], device_count: Callable[[], int]) -> list[str]:
@@ -169,7 +163,7 @@ class LocalBackend:
         log = trial.run_dir / "train.log"
         with open(log, "a") as out:
             proc = subprocess.Popen(command(trial, tasks), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=_die_with_parent)  # fmt: skip
+                                    preexec_fn=die_with_parent)  # fmt: skip
         state.write_launch(trial.run_dir, "local", str(proc.pid), str(log))
         self.say(f"  started  {trial.id} {trial.label} (pid {proc.pid}, log {log})")
         return Running(trial, proc, gpus)

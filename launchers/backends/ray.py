@@ -26,16 +26,15 @@ existing cluster; ``ray.runtime_env`` (``env_vars``, ``working_dir``) is passed 
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +42,10 @@ from launchers import state
 from launchers.schema import Resources
 from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
-from launchers.trial import EXIT_BUSY, EXIT_FAILED, Stopped, run_trial
+from launchers.trial import Stopped, run_trial
 from lintrans import records
-from lintrans.errors import EXIT_PREEMPTED, UsageError
+from lintrans.errors import UsageError
+from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, die_with_parent, free_port
 
 # Metrics every training report carries: the only ones ASHA can compare trials on.
 TRAINING_METRICS = ("eval_loss", "train_loss")
@@ -175,21 +175,10 @@ def torchrun_env(places: list[tuple[str, str, list[str]]], port: int) -> list[di
     return out
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def _where() -> tuple[str, str, list[str]]:
     import ray
 
     return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()]
-
-
-def _die_with_parent() -> None:
-    """Runs in a rank's child before exec: it dies with the actor that started it (it holds no state)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class _Rank:
@@ -215,7 +204,7 @@ class _Rank:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=PACKAGE_ROOT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=partial(die_with_parent, signal.SIGKILL),  # a rank holds no state: it dies with its actor
             )
         return proc.wait()
 
@@ -248,7 +237,7 @@ class _Workers:
             for i in range(1, self.world)
         ]
         places = [here, *ray.get([a.where.remote() for a in self.actors])]
-        envs = torchrun_env(places, _free_port())
+        envs = torchrun_env(places, free_port(""))
         os.environ.update(envs[0])
         os.environ["OMP_NUM_THREADS"] = str(self.cpus)
         print(

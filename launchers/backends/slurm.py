@@ -38,7 +38,8 @@ from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
 from launchers.trial import record_crash
 from lintrans.atomic import write_text
-from lintrans.errors import EXIT_PREEMPTED, UsageError
+from lintrans.errors import UsageError
+from lintrans.procenv import EXIT_PREEMPTED, is_rank0
 
 SAFE_PATH = re.compile(r"[A-Za-z0-9_.,:=/+@%-]+")
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "RESIZING", "SUSPENDED"}
@@ -128,8 +129,7 @@ class SlurmTrial:
         env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))  # no oversubscription
         self.proc = subprocess.Popen([sys.executable, "-m", "launchers.trial", trial_dir], env=env)
         code = self.proc.wait()
-        rank0 = os.environ.get("SLURM_PROCID", "0") == "0"
-        if rank0:
+        if is_rank0():
             record_crash(Path(trial_dir), code)
         if code == EXIT_PREEMPTED:  # SIGTERM from scontrol requeue / scancel: SLURM decides what follows
             print(f"trial checkpointed (exit {code})", flush=True)
