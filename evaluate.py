@@ -28,7 +28,7 @@ import typing
 
 from absl import flags
 
-from lintrans import cli
+from lintrans import cmdline
 from lintrans.errors import UsageError
 from lintrans.eval_spec import EvalSpec, SpecError
 
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
     flags.DEFINE_bool("prefetch", False, "Fetch clean-fid's Inception weights (and statistics).", flag_values=fv)
     flags.DEFINE_string("prefetch_from", None, "--prefetch: a local copy or URL of the weights.", flag_values=fv)
     flags.DEFINE_integer("resolution", None, "--prefetch: image size of the named statistics.", flag_values=fv)
-    args = cli.parse(argv, fv, config_required=False, doc=__doc__)
+    args = cmdline.parse(argv, fv, config_required=False, doc=__doc__)
     if fv.prefetch:
         return prefetch(fv)
     if fv.save_stats:
@@ -110,4 +110,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.entry(main))
+    sys.exit(cmdline.entry(main))

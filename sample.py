@@ -13,7 +13,7 @@ from pathlib import Path
 
 from absl import flags
 
-from lintrans import cli
+from lintrans import cmdline
 from lintrans.errors import UsageError
 
 
@@ -38,7 +38,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 def main(argv: list[str]) -> int:
     fv = flags.FlagValues()
     define_flags(fv)
-    args = cli.parse(argv, fv, config_required=False, required=("workdir",), doc=__doc__)
+    args = cmdline.parse(argv, fv, config_required=False, required=("workdir",), doc=__doc__)
     if sum([fv.same_init, fv.share_noise, fv.interpolate]) > 1:
         raise UsageError("--same_init, --share_noise and --interpolate exclude each other; pick one")
     n = fv.num_points if fv.interpolate else fv.batch_size
@@ -90,4 +90,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.entry(main))
+    sys.exit(cmdline.entry(main))

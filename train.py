@@ -15,13 +15,13 @@ import sys
 
 from absl import flags
 
-from lintrans import cli
+from lintrans import cmdline
 
 
-def parse(argv: list[str]) -> cli.Parsed:
+def parse(argv: list[str]) -> cmdline.Parsed:
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, samples, tensorboard).", flag_values=fv)
-    args = cli.parse(argv, fv, config_required=False, required=("workdir",), doc=__doc__)
+    args = cmdline.parse(argv, fv, config_required=False, required=("workdir",), doc=__doc__)
     if args.config is None:  # resume: the run directory says what it is
         from lintrans.errors import UsageError
         from lintrans.run import CONFIG, Run
@@ -43,4 +43,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.entry(main))
+    sys.exit(cmdline.entry(main))

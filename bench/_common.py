@@ -164,8 +164,8 @@ def command_line() -> str:
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
-    """A Markdown table of positional rows, through the project's one renderer (:func:`lintrans.tables.render`)."""
-    from lintrans.tables import render
+    """A Markdown table of positional rows, through the project's renderer (:func:`lintrans.table_format.render`)."""
+    from lintrans.table_format import render
 
     return render([dict(zip(header, r, strict=True)) for r in rows], header)
 

@@ -326,7 +326,7 @@ def part_table(a, tmp: Path) -> dict:
     from launchers import table
     from launchers.sweep import load
     from lintrans.records import environment
-    from lintrans.tables import render
+    from lintrans.table_format import render
 
     runs = tmp / "table"
     evaluations = [{"mode": "elbo"}, {"mode": "fid", "num_gen": 500}]

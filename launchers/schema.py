@@ -185,16 +185,6 @@ class Distribution(Strict):
             return lo + (hi - lo) * rng.random()
         return math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * rng.random())
 
-    def suggest(self, trial, name: str) -> Any:
-        """The same distribution asked of an Optuna trial."""
-        kind = self.kind
-        if kind == "choice":
-            return trial.suggest_categorical(name, self.choice)
-        lo, hi = getattr(self, kind)
-        if kind == "randint":
-            return trial.suggest_int(name, lo, hi - 1)
-        return trial.suggest_float(name, lo, hi, log=kind == "loguniform")
-
 
 class SweepFile(Strict):
     """The whole file; ``axes``, ``overrides`` and ``evaluations`` are checked further against the config."""
@@ -206,7 +196,7 @@ class SweepFile(Strict):
     overrides: dict[str, Any] = {}
     evaluations: list[dict[str, Any]] = []
     resources: Resources = Resources()
-    backend: Literal["local", "slurm", "ray"] | None = None
+    backend: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")] | None = None  # a registered backend (run checks)
     runs_dir: str | None = None
     slurm: SlurmSection = SlurmSection()
     ray: RaySection = RaySection()

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launchers import state
+from launchers import state, status, table
+from launchers.backends import Backend
 from launchers.schema import Distribution
 from launchers.sweep import Sweep, Trial
 from lintrans import records
@@ -187,13 +188,13 @@ def objective_value(trial_dir: Path, metric: str) -> float | None:
     return None
 
 
-def judge(sweep: Sweep, trials: list[Trial], views: dict[str, dict]) -> Outcome | None:
+def judge(sweep: Sweep, trials: list[Trial], seen: dict[str, status.TrialView]) -> Outcome | None:
     """The outcome of one study trial from its lintrans trials' states; None while any is unfinished."""
-    if any(views[t.id]["state"] not in state.FINAL for t in trials):
+    if any(seen[t.id].state not in status.FINAL for t in trials):
         return None
-    if any(views[t.id]["state"] == "failed" for t in trials):
+    if any(seen[t.id].state == "failed" for t in trials):
         return Outcome("fail")
-    if any(views[t.id]["state"] == "stopped" for t in trials):
+    if any(seen[t.id].state == "stopped" for t in trials):
         return Outcome("pruned")
     values = [objective_value(t.run_dir, sweep.search.objective.metric) for t in trials]
     if any(v is None for v in values):
@@ -262,21 +263,25 @@ def study_trials(sweep: Sweep) -> list[Trial]:
     return list(seen.values())
 
 
+def listed_trials(sweep: Sweep) -> list[Trial]:
+    """The trials of any sweep: the file's (grid, random), or the study's (optuna)."""
+    return study_trials(sweep) if sweep.search.method == "optuna" else sweep.trials()
+
+
 # --------------------------------------------------------------------------- the `run` command for optuna
 
 
-def run_optuna(sweep: Sweep, backend, args) -> int:
+def run_optuna(sweep: Sweep, backend: Backend, args) -> int:
     """``lintrans run`` for ``search.method: optuna``: waves until the study is complete; 1 if a trial failed."""
-    from launchers import cli
+    from launchers.submission import submission_lock
 
-    if args.sbatch_only:
-        raise UsageError(f"{sweep.path}: --sbatch-only cannot run an adaptive search (each wave needs the last)")
+    if not backend.adaptive:
+        raise UsageError(
+            f"{sweep.path}: the {backend.name} backend cannot run an adaptive search (each wave needs the last)"
+        )
     if args.dry_run:
         return _dry_run(sweep, backend)
-    lock = state.Lock(sweep.dir / ".submit.lock")
-    if not lock.acquire():
-        print(f"another `run` of sweep {sweep.name} holds its submission lock; waiting for it", flush=True)
-        lock.acquire(block=True)
+    lock = submission_lock(sweep)
     try:
         study = open_study(sweep)
         wave = _Waves(sweep, backend, args)
@@ -284,11 +289,10 @@ def run_optuna(sweep: Sweep, backend, args) -> int:
             study, space(sweep), sweep.search.n_trials, sweep.search.batch, wave.run, wave.outcome, sampler_for(sweep)
         )
         trials = study_trials(sweep)
-        observations = cli.observe(trials)
-        views = {t.id: state.view(t.run_dir, observations.get(t.id)) for t in trials}
-        cli.print_table(sweep, trials, observations)
+        observations = status.observe(trials)
+        table.print_brief(sweep, trials, observations)
         _say_best(sweep, study)
-        failed = cli.report_failures(trials, views)
+        failed = status.report_failures(trials, status.views(trials, observations))
     finally:
         lock.release()
     if wave.code not in (0, EXIT_FAILED):
@@ -301,19 +305,18 @@ def run_optuna(sweep: Sweep, backend, args) -> int:
 class _Waves:
     """The backend side of :func:`drive`: submit a wave's lintrans trials, wait for them, judge them."""
 
-    def __init__(self, sweep: Sweep, backend, args) -> None:
+    def __init__(self, sweep: Sweep, backend: Backend, args) -> None:
         self.sweep, self.backend, self.args = sweep, backend, args
         self.code = 0
 
     def run(self, study_trials_: list) -> bool:
-        from launchers import cli
         from launchers.trial import write_spec
 
         trials = list({t.id: t for st in study_trials_ for t in trials_of(self.sweep, st)}.values())
-        observations = cli.observe(trials, strict=True)  # acted on: no guessing when the scheduler cannot answer
-        views = {t.id: state.view(t.run_dir, observations.get(t.id)) for t in trials}
-        plan = cli.plan_for(trials, views, self.args)
-        todo = [t for t in trials if plan[t.id] in ("submit", "resume")]
+        # acted on: no guessing when the scheduler cannot answer
+        seen = status.views(trials, status.observe(trials, strict=True))
+        planned = status.plan(trials, seen, self.args.retry_failed, self.args.resume_stopped)
+        todo = [t for t in trials if planned[t.id] in status.SUBMITTED]
         for t in todo:
             write_spec(self.sweep, t)
         if todo:
@@ -325,29 +328,23 @@ class _Waves:
 
     def _wait(self, trials: list[Trial]) -> None:
         """Until none of ``trials`` is queued or running (at once for backends that block, polled for SLURM)."""
-        from launchers import cli
-
         shown = None
         while True:
-            observations = cli.observe(trials)
-            views = [state.view(t.run_dir, observations.get(t.id))["state"] for t in trials]
-            waiting = sum(v in ("queued", "running") for v in views)
+            states = [v.state for v in status.views(trials, status.observe(trials)).values()]
+            waiting = sum(s in ("queued", "running") for s in states)
             if not waiting:
                 return
-            line = ", ".join(f"{views.count(s)} {s}" for s in state.STATES if views.count(s))
+            line = ", ".join(f"{states.count(s)} {s}" for s in status.STATES if states.count(s))
             if line != shown:
                 print(f"optuna: waiting for the wave: {line}", flush=True)
                 shown = line
             time.sleep(POLL_S)
 
     def outcome(self, study_trial) -> Outcome | None:
-        from launchers import cli
-
         trials = trials_of(self.sweep, study_trial)
-        observations = cli.observe(trials)
-        views = {t.id: state.view(t.run_dir, observations.get(t.id)) for t in trials}
-        result = judge(self.sweep, trials, views)
-        if result == Outcome("fail") and all(v["state"] == "done" for v in views.values()):
+        seen = status.views(trials, status.observe(trials))
+        result = judge(self.sweep, trials, seen)
+        if result == Outcome("fail") and all(v.state == "done" for v in seen.values()):
             print(
                 f"optuna: trial {study_trial.number} is done but has no {self.sweep.search.objective.metric!r} "
                 f"(no evaluation records it?); told FAIL",
@@ -371,14 +368,12 @@ def _say_best(sweep: Sweep, study) -> None:
     )
 
 
-def _dry_run(sweep: Sweep, backend) -> int:
+def _dry_run(sweep: Sweep, backend: Backend) -> int:
     """What the study holds and what the next wave would be; asks nothing, writes nothing."""
-    from launchers import cli
-
     study = open_study(sweep, create=False)
     trials = study_trials(sweep) if study is not None else []
     if trials:
-        cli.print_trials(sweep, trials, {t.id: state.view(t.run_dir) for t in trials})
+        status.print_trials(sweep, trials, status.views(trials))
     asked = len(study.trials) if study is not None else 0
     running = len([t for t in study.trials if t.state.name == "RUNNING"]) if study is not None else 0
     fresh = max(0, min(sweep.search.batch - running, sweep.search.n_trials - asked))

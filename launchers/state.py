@@ -1,4 +1,4 @@
-"""Per-trial state: the spec, the trial's own status, the launcher's note, locks, and what a user sees.
+"""Per-trial files: the spec, the trial's own status, the launcher's note, and locks.
 
 Files in a trial's run directory, each written atomically by one owner:
 
@@ -8,9 +8,8 @@ Files in a trial's run directory, each written atomically by one owner:
 * ``launch.json``: the backend, job id and log of the latest submission, written by the backend;
 * ``.lock``: held (``flock``) by the process running the trial.
 
-:func:`view` merges them with what the scheduler says (:class:`Observation`) into one of
-``pending, queued, running, preempted, stopped, failed, done``: a trial whose process or job
-ended without saying so is *failed*, with the scheduler's account as its reason.
+:func:`launchers.status.view` merges them with what the scheduler says (:class:`Observation`)
+into what a user sees.
 """
 
 from __future__ import annotations
@@ -26,12 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from lintrans.atomic import write_json
+from lintrans.errors import UsageError
 
 SPEC, STATUS, LAUNCH, LOCK = "trial.json", "status.json", "launch.json", ".lock"
-STATES = ("pending", "queued", "running", "preempted", "stopped", "failed", "done")
-FINAL = ("done", "failed", "stopped")
-# How a job ends when something went wrong (a job that ends COMPLETED did what its trial said).
-ABNORMAL_ENDS = ("CANCELLED", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +47,20 @@ def read(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        log.warning("unreadable %s: %s", path, exc)
-        return Unreadable()
+        return _unreadable(path, str(exc))
     if not isinstance(data, dict):
-        log.warning("unreadable %s: not a JSON object", path)
-        return Unreadable()
+        return _unreadable(path, "not a JSON object")
     return data
+
+
+_warned: set[Path] = set()  # a command reads a file several times; it says once that it is damaged
+
+
+def _unreadable(path: Path, why: str) -> Unreadable:
+    if path not in _warned:
+        _warned.add(path)
+        log.warning("unreadable %s: %s", path, why)
+    return Unreadable()
 
 
 def spec(trial_dir: Path) -> dict[str, Any]:
@@ -83,6 +87,23 @@ def write_status(trial_dir: Path, state: str, **fields: Any) -> dict[str, Any]:
 
 def write_launch(trial_dir: Path, backend: str, job_id: str | None, log_path: str | None, **extra: Any) -> None:
     write_json(trial_dir / LAUNCH, {"backend": backend, "job_id": job_id, "log": log_path, "submitted": now(), **extra})
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Refuse, in one line, a folder that ``run`` could not write into (a file, or no write permission).
+
+    It may not exist yet: then its nearest existing parent must be a writable folder.
+    """
+    at = folder
+    try:
+        while not at.exists() and at != at.parent:
+            at = at.parent
+    except PermissionError:
+        raise UsageError(f"{what} {folder} is not reachable by this user ({at}: permission denied)") from None
+    if not at.is_dir():
+        raise UsageError(f"{what} {folder} cannot be created: {at} is a file, not a folder")
+    if not os.access(at, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {folder} is not writable by this user ({at}: permission denied)")
 
 
 def mark_cancelled(trial_dir: Path) -> None:
@@ -136,7 +157,7 @@ def is_running(trial_dir: Path) -> bool:
     return trial_lock(trial_dir).held_elsewhere()
 
 
-# --------------------------------------------------------------------------- what a user sees
+# --------------------------------------------------------------------------- what a scheduler says
 
 
 @dataclass(frozen=True)
@@ -145,59 +166,3 @@ class Observation:
 
     phase: str  # "queued", "running" or "ended"
     detail: str  # e.g. "PENDING (ReqNodeNotAvail)", "NODE_FAIL", "OUT_OF_MEMORY (exit 0:137)"
-
-
-def records_complete(trial_dir: Path, spec_: dict[str, Any]) -> bool:
-    """Every evaluation of the spec has its record at the final step: the trial is done, whatever status.json says."""
-    from launchers.trial import evaluations_missing
-
-    return bool(spec_) and not evaluations_missing(trial_dir, spec_)
-
-
-def view(trial_dir: Path, observation: Observation | None = None) -> dict[str, Any]:
-    """The state a user sees, reconciling the trial's files, its lock and the scheduler's account."""
-    st, ln = status(trial_dir), launch(trial_dir)
-    state, reason = st.get("state", "pending"), st.get("reason")
-    if isinstance(st, Unreadable) and records_complete(trial_dir, spec(trial_dir)):
-        state, reason = "done", None  # status.json damaged, but every record is there
-    unanswered = bool(ln) and ln.get("submitted", "") > st.get("updated", "")  # a launch the trial has not seen
-    scheduler_holds = observation is not None and observation.phase in ("queued", "running")
-    ended = observation.detail if observation is not None and observation.phase == "ended" else None
-    job = f"{ln.get('backend', '')} job {ln.get('job_id')}"
-    if is_running(trial_dir):
-        state, reason = "running", None
-    elif scheduler_holds and ln.get("cancelled") and state != "running":
-        # A job we cancelled is on its way out (COMPLETING, say): the scheduler holds it, but it will
-        # not run the trial again, so `run` may resume the trial at once.
-        reason = "; ".join(x for x in (reason, f"cancelled; {job} still ending ({observation.detail})") if x)
-    elif scheduler_holds and (unanswered or state not in FINAL or (state == "failed" and st.get("resumable", True))):
-        # A job the scheduler holds again (requeued after NODE_FAIL, say) runs the trial again.
-        state, reason = observation.phase, observation.detail if observation.phase == "queued" else None
-    elif unanswered and ln.get("script"):
-        state, reason = "queued", f"sbatch script written, not submitted: {ln['script']}"
-    elif unanswered and ended:
-        state, reason = "failed", f"{job} ended {ended} before the trial started"
-    elif unanswered and observation is None:
-        state, reason = "queued", None  # submitted; nobody asked the scheduler
-    elif state == "preempted" and ended and ended.split()[0] in ABNORMAL_ENDS and not ln.get("cancelled"):
-        # It checkpointed on a signal, but nobody asked for it and its job is over: it will not resume by itself.
-        state, reason = "failed", f"{job} ended {ended} after the trial stopped ({reason}); run again to resume"
-    elif state == "running":
-        # The trial said it was running, yet nothing holds its lock: its process died without a word.
-        state = "failed"
-        reason = (f"{job} ended {ended} without the trial recording a state" if ended
-                  else f"process {st.get('pid')} on {st.get('host')} died without recording a state")  # fmt: skip
-    return {
-        "state": state,
-        "reason": reason,
-        "step": st.get("step"),
-        "n_iters": st.get("n_iters"),
-        "eta_s": st.get("eta_s") if state == "running" else None,
-        "attempt": st.get("attempt", 0),
-        "resumable": st.get("resumable", True),
-        "backend": ln.get("backend") or st.get("backend"),
-        "job_id": st.get("job_id") or ln.get("job_id"),
-        "log": ln.get("log"),
-        "updated": st.get("updated"),
-        "wall_s": st.get("wall_s"),
-    }

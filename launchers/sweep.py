@@ -49,7 +49,6 @@ from lintrans import config as cfg
 from lintrans.errors import UsageError
 from lintrans.eval_spec import EvalSpec, SpecError
 
-BACKENDS = ("local", "slurm", "ray")
 MAX_TRIALS = 10_000
 
 
@@ -69,8 +68,14 @@ class Trial:
         return " ".join(f"{k.split('.')[-1]}={_short(self.overrides[k])}" for k in (*self.axes, "seed"))
 
 
+SHOWN_CHARS = 40  # an axis value longer than this is cut, with an ellipsis, in a trial's label
+
+
 def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """A value as one short line of a table: control characters escaped, long ones cut with an ellipsis."""
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -220,13 +225,18 @@ def _section_model(at: tuple):
 
 
 def load(
-    path: str | Path, runs_dir: str | Path | None = None, max_trials: int = MAX_TRIALS, check_forwards: bool = True
+    path: str | Path,
+    runs_dir: str | Path | None = None,
+    max_trials: int = MAX_TRIALS,
+    check_forwards: bool = True,
+    backends: tuple[str, ...] = (),
 ) -> Sweep:
     """Read and validate a sweep file; every error names the file, the line and the key.
 
     ``check_forwards=False`` skips the checks of the forward processes (a known name, a K and a
     memory they allow): they import torch, seconds on a login node, and ``status``, ``table`` and
     ``cancel`` only read a sweep that ``run`` has checked in full before submitting anything.
+    ``backends``: the names a ``backend:`` key may give (``run`` passes the registry's).
     """
     path = Path(path)
     if not path.is_file():
@@ -240,6 +250,8 @@ def load(
         spec = SweepFile.model_validate(data)
     except pydantic.ValidationError as exc:
         raise _schema_error(lines, exc) from None
+    if backends and spec.backend is not None and spec.backend not in backends:
+        raise lines.error(("backend",), f"unknown backend {spec.backend!r}; valid: {', '.join(backends)}")
     if "seed" in spec.axes:
         raise lines.error(("axes", "seed"), "'seed' is reserved: list the seeds under the top-level 'seeds' key")
     config_path = Path(spec.config)
@@ -254,6 +266,7 @@ def load(
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise lines.error(("name",), f"the file name {path.stem!r} cannot name a sweep; give 'name:'")
     _check_values(lines, spec, base, config_path, check_forwards)
+    _check_asha(lines, spec, base)
     evaluations = _check_evaluations(lines, spec, base)
     sweep = Sweep(
         path=path, name=name, config=config_path, base=base, axes=dict(spec.axes), seeds=list(seeds),
@@ -317,6 +330,25 @@ def _apply(lines, config, overrides: dict, where, config_path: Path, forwards: b
         at = where(named[0]) if named else where(next(iter(overrides))) if overrides else ("config",)
         raise lines.error(at, str(exc)) from None
     return out
+
+
+def _check_asha(lines: _Lines, spec: SweepFile, base: ml_collections.ConfigDict) -> None:
+    """ASHA stops trials at rungs from ``grace_period`` steps on: the shortest trial must train longer than that."""
+    asha = spec.ray.asha if spec.ray else None
+    if asha is None:
+        return
+    axis = spec.axes.get("training.n_iters")
+    if isinstance(axis, list):
+        shortest = min(axis)
+    elif isinstance(axis, Distribution) and axis.choice is not None:
+        shortest = min(axis.choice)
+    elif isinstance(axis, Distribution):
+        shortest = (axis.randint or axis.uniform or axis.loguniform)[0]
+    else:
+        shortest = spec.overrides.get("training.n_iters", base.training.n_iters)
+    if asha.grace_period >= shortest:
+        raise lines.error(("ray", "asha", "grace_period"), f"{asha.grace_period} steps must be below the shortest "
+                          f"trial's training.n_iters ({shortest}): ASHA would never compare trials")  # fmt: skip
 
 
 def _check_evaluations(lines: _Lines, spec: SweepFile, base: ml_collections.ConfigDict) -> list[EvalSpec]:

@@ -19,12 +19,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from launchers import state
+from launchers import state, status
 from launchers.schema import Distribution
 from launchers.sweep import Sweep, Trial
 from lintrans import records
 from lintrans.atomic import write_atomic, write_text
-from lintrans.tables import render
+from lintrans.table_format import render
 
 FIXED = ["sweep", "trial", "status", "reason", "steps"]
 TAIL = ["wall_s", "backend", "job_id"]
@@ -43,17 +43,17 @@ def axis_name(key: str) -> str:
 
 def row(trial_dir: Path, spec: dict[str, Any], observation: state.Observation | None = None) -> dict[str, Any]:
     """One trial's row: identity, state, every metric of its records, where it ran."""
-    st = state.view(trial_dir, observation)
+    st = status.view(trial_dir, observation)
     out: dict[str, Any] = {"sweep": spec.get("sweep"), "trial": spec.get("id", trial_dir.name),
                            "index": spec.get("index", 1 << 30)}  # fmt: skip
     for key in [*spec.get("axes", []), "seed"]:
         out[axis_name(key)] = spec.get("overrides", {}).get(key)
-    out.update(status=st["state"], reason=st["reason"] or "", steps=st["step"])
+    out.update(status=st.state, reason=st.reason or "", steps=st.step)
     out.update(records.metrics(trial_dir))
     final_eval = state.status(trial_dir).get("eval_loss")
     if isinstance(final_eval, float) and "eval_loss" not in out:
         out["eval_loss"] = final_eval
-    out.update(wall_s=st["wall_s"], backend=st["backend"], job_id=st["job_id"])
+    out.update(wall_s=st.wall_s, backend=st.backend, job_id=st.job_id)
     return out
 
 
@@ -153,6 +153,25 @@ def sort(table: list[dict[str, Any]], metric: str, mode: str = "min", best: int 
     have = [r for r in table if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     ordered = sorted(have, key=lambda r: sign * r[metric]) + [r for r in table if r not in have]
     return ordered[:best] if best else ordered
+
+
+def print_brief(sweep: Sweep, trials: list[Trial], observations: dict) -> None:
+    """The table ``run`` prints when its trials have ended (the columns people see), and the shared table."""
+    table = rows(sweep, trials, observations)
+    print(render(table, brief(table)), end="")
+    rebuild_shared(sweep.runs_dir)
+
+
+def plot(kind: str, sweep: Sweep, trials: list[Trial], table: list[dict[str, Any]], metric: str) -> Path | None:
+    """``table --plot KIND`` (one of :data:`PLOTS`, or a .png path for ``k``) into ``<sweep>/plots/``."""
+    folder = sweep.dir / "plots"
+    if kind == "curves":
+        return plot_curves(sweep, trials, folder / "curves.png")
+    if kind == "axes":
+        return plot_axes(sweep, table, metric, folder / "axes.png")
+    if kind == "samples":
+        return plot_samples(sweep, trials, folder / "samples.png")
+    return plot_k(table, Path(kind) if kind.endswith(".png") else folder / "k.png")
 
 
 def rebuild_shared(runs_dir: Path) -> Path:

@@ -32,11 +32,11 @@ from typing import Any
 
 from launchers import state
 from launchers.sweep import Sweep, Trial
+from launchers.trial_records import evaluations_missing, job_id
 from lintrans import config as cfg
 from lintrans import records
 from lintrans.atomic import write_json
 from lintrans.errors import NonFiniteLossError, UsageError
-from lintrans.eval_spec import EvalSpec
 from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, rank
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -87,25 +87,6 @@ def write_spec(sweep: Sweep, trial: Trial) -> None:
     path = trial.run_dir / state.SPEC
     if state.read(path) != json.loads(json.dumps(spec, default=str)):
         write_json(path, spec)
-
-
-def evaluations_missing(trial_dir: Path, spec: dict[str, Any]) -> list[EvalSpec]:
-    """The spec's evaluations without a record of the final step (identity by mode, names, checkpoint)."""
-    n_iters = spec.get("n_iters")
-    missing = []
-    for values in spec.get("evaluations", []):
-        ev = EvalSpec.parse(values)
-        path = records.record_path(trial_dir, ev.mode, ev.experiment_name, ev.param_name, ev.checkpoint)
-        record = state.read(path)
-        if not record or (n_iters is not None and record.get("run", {}).get("steps") != n_iters):
-            missing.append(ev)
-    return missing
-
-
-def job_id() -> str | None:
-    if "SLURM_ARRAY_JOB_ID" in os.environ:
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 @contextmanager

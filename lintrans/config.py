@@ -1,8 +1,9 @@
 """Configs: load an ml_collections file, apply overrides, validate once, hand out plain values.
 
-Configs stay ml_collections files with ``--config.x.y=value`` overrides, as in IHDM. Every entry
-point (``train.py``, ``sample.py``, ``evaluate.py``, a sweep's trial) goes through :func:`load`,
-so a file plus a dict of overrides means the same config wherever it is read. :func:`validate`
+Configs stay ml_collections files with ``--config.x.y=value`` overrides, as in IHDM. A file plus
+a dict of overrides means the same config wherever it is read: a sweep's trial calls :func:`load`;
+the entry points (:mod:`lintrans.cmdline`) load the file with :func:`load_file` and let
+ml_collections' config flags set the command line's overrides. :func:`validate`
 is the one place that checks values; past it, the code takes the plain values it needs from
 :func:`forward_args`, :func:`model_args` and :func:`optim_args` instead of the whole ConfigDict.
 """
@@ -48,23 +49,21 @@ def load_file(path: str | Path) -> ml_collections.ConfigDict:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with dotted keys set through ml_collections' own type checks.
+    """A copy of ``config`` with dotted keys set by ml_collections (``update_from_flattened_dict``).
 
-    YAML and JSON lists become tuples where the config holds a tuple. Raises ``KeyError`` for a
-    key the config does not have and ``TypeError``/``ValueError`` for a value of the wrong type
-    (callers turn those into messages that say where the value came from).
+    ml_collections checks each value's type (and makes YAML and JSON lists tuples where the config
+    holds a tuple). Raises ``KeyError(key)`` for a key the config does not have and
+    ``TypeError``/``ValueError`` for a value of the wrong type (callers turn those into messages
+    that say where the value came from).
     """
     config = copy.deepcopy(config)
+    config.lock()  # a key the config lacks is an error, not a new field
     for key, value in overrides.items():
-        parent, _, leaf = key.rpartition(".")
-        node = config
-        for part in parent.split(".") if parent else []:
-            node = node[part]
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise KeyError(key)
-        if isinstance(node[leaf], tuple) and isinstance(value, list):
-            value = tuple(value)
-        node[leaf] = value
+        try:
+            config.update_from_flattened_dict({key: value})
+        except (KeyError, AttributeError):
+            raise KeyError(key) from None
+    config.unlock()
     return config
 
 

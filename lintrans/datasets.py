@@ -144,19 +144,19 @@ def load(config) -> tuple[Dataset, Dataset]:
 
 
 class GlobalBatchSampler:
-    """Yields this rank's share of each global batch, from ``start_step`` on, forever.
+    """Yields this rank's share of each global batch, from batch ``step`` on (0; set it to resume), forever.
 
     Epoch ``e`` is a permutation drawn from ``(seed, e)``; the last incomplete global batch of an
     epoch is dropped. Rank ``r`` of ``w`` takes rows ``r*b .. (r+1)*b`` of the global batch.
     """
 
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start_step: int = 0):
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int):
         if global_batch % world:
             raise UsageError(f"config.training.batch_size={global_batch} is not divisible by the world size {world}")
         if global_batch > n:
             raise UsageError(f"config.training.batch_size={global_batch} exceeds the {n} training images")
         self.n, self.gb, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
-        self.step = start_step
+        self.step = 0
         self.steps_per_epoch = n // global_batch
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lintrans.procenv import free_port
+from lintrans.procenv import free_port, rank_and_world
 
 
 @dataclass(frozen=True)
@@ -42,25 +42,32 @@ def first_host(nodelist: str) -> str:
 
 
 def detect(env: dict[str, str] | None = None) -> DistInfo:
-    """Work out rank, world size and rendezvous from the launcher's environment."""
+    """Work out rank, world size and rendezvous from the launcher's environment.
+
+    Rank and world size are read by :func:`lintrans.procenv.rank_and_world`, except under MPI,
+    where mpi4py gives them along with rank 0's address.
+    """
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or a user who set env:// by hand
+        rank, world = rank_and_world(env)
         return DistInfo(
-            int(env["RANK"]),
-            int(env["WORLD_SIZE"]),
+            rank,
+            world,
             int(env.get("LOCAL_RANK", 0)),
             env.get("MASTER_ADDR", "127.0.0.1"),
             int(env.get("MASTER_PORT", 29500)),
             "torchrun",
-            int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+            int(env.get("LOCAL_WORLD_SIZE", world)),
         )
     if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "MPI_LOCALNRANKS" in env:
         return _from_mpi(env)
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+    # srun with several tasks (SLURM's own variables: srun --mpi=pmix may also set PMIX_RANK)
+    rank, world = rank_and_world({k: env[k] for k in ("SLURM_PROCID", "SLURM_NTASKS") if k in env})
+    if world > 1:
         job = int(env.get("SLURM_JOB_ID", "0"))
         return DistInfo(
-            int(env["SLURM_PROCID"]),
-            int(env["SLURM_NTASKS"]),
+            rank,
+            world,
             int(env.get("SLURM_LOCALID", 0)),
             env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             int(env.get("MASTER_PORT") or 20000 + job % 20000),

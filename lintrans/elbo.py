@@ -46,7 +46,8 @@ share ``theta``; the draws are returned (``theta``) so a result can be reproduce
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -126,12 +127,122 @@ def _default_device(model: Callable, x: Tensor) -> torch.device:
     return tensors[0].device if tensors else x.device
 
 
-def _check(process: ForwardProcess, name: str, x: Tensor) -> None:
-    if not x.is_floating_point() or tuple(x.shape[1:]) != tuple(process.shape) or len(x) == 0:
-        raise UsageError(
-            f"{name} must be a non-empty float tensor of shape (N, {', '.join(map(str, process.shape))}), "
-            f"got {x.dtype} {tuple(x.shape)}"
-        )
+def _check_inputs(process: ForwardProcess, train_x0: Tensor, test_x0: Tensor, sigma: float, delta: float) -> None:
+    if sigma <= 0 or delta <= 0:
+        raise UsageError(f"sigma and delta must be positive, got sigma={sigma!r}, delta={delta!r}")
+    for name, x in (("train_x0", train_x0), ("test_x0", test_x0)):
+        if not x.is_floating_point() or tuple(x.shape[1:]) != tuple(process.shape) or len(x) == 0:
+            raise UsageError(
+                f"{name} must be a non-empty float tensor of shape (N, {', '.join(map(str, process.shape))}), "
+                f"got {x.dtype} {tuple(x.shape)}"
+            )
+
+
+@contextmanager
+def _eval_mode(model: Callable) -> Iterator[None]:
+    """``model`` in eval mode (if it is a module) for the block, then back as it was."""
+    is_module = isinstance(model, nn.Module)
+    was_training = is_module and model.training
+    if is_module:
+        model.eval()
+    try:
+        yield
+    finally:
+        if is_module:
+            model.train(was_training)
+
+
+class _BoundSums:
+    """The running sums of one :func:`negative_elbo` call, and the two computations it repeats.
+
+    All randomness (dequantisation, noise) comes from ``gen``, in the order the batches are visited.
+    """
+
+    def __init__(
+        self, model: Model, process: ForwardProcess, *, sigma: float, delta: float, dtype: torch.dtype,
+        device: torch.device, gen: torch.Generator, bar: tqdm,
+    ) -> None:  # fmt: skip
+        self.model, self.process, self.sigma, self.delta = model, process, sigma, delta
+        self.dtype, self.device, self.gen, self.bar = dtype, device, gen, bar
+        self.c = gaussian_kl_constant(process.dim, sigma, delta)
+        self.decoder_constant = 0.5 * process.dim * math.log(2.0 * math.pi * delta**2)
+        self.applications = 0  # images pushed through T
+        self.level_sums = torch.zeros(process.K + 1, dtype=torch.float64, device=device)  # sum of L_k over images
+        self.mse_sums = torch.zeros(process.K + 1, dtype=torch.float64, device=device)
+        self.prior_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.total_moments = torch.zeros(2, dtype=torch.float64, device=device)  # sum and sum of squares
+
+    def _draw(self, draw: Callable, shape: torch.Size) -> Tensor:
+        return draw(shape, generator=self.gen, device=self.gen.device, dtype=self.dtype).to(self.device)
+
+    def _rows(self, theta: Tensor | None, n: int) -> Tensor | None:
+        return None if theta is None else theta.to(self.device).expand(n, -1)
+
+    def prior(self, train_x0: Tensor, theta: Tensor | None, batch_size: int) -> MixturePrior:
+        """The mixture over ``T_theta(K) x_i``, the training set pushed forward in batches."""
+        process, pushed = self.process, []
+        for start in range(0, len(train_x0), batch_size):
+            x = train_x0[start : start + batch_size].to(device=self.device, dtype=self.dtype)
+            pushed.append(process(x, process.levels(process.K, len(x), self.device), self._rows(theta, len(x))))
+            self.bar.update(1)
+        self.applications += len(train_x0)
+        return MixturePrior(torch.cat(pushed), self.delta)
+
+    def add(self, x: Tensor, theta: Tensor | None, prior: MixturePrior, quantised: bool) -> None:
+        """Every term of the bound for the test images ``x``, added to the sums."""
+        if quantised:
+            x = dequantize(x, self._draw(torch.rand, x.shape))
+        process, theta_x = self.process, self._rows(theta, len(x))
+        total = torch.zeros(len(x), dtype=torch.float64, device=self.device)
+        previous = x  # T(0) u_0
+        for k in range(1, process.K + 1):
+            levels = process.levels(k, len(x), self.device)
+            current = process(x, levels, theta_x)
+            self.applications += len(x)
+            u = current + self.sigma * self._draw(torch.randn, x.shape)
+            sq = (previous - u - self.model(u, levels, theta_x).to(self.dtype)).double().pow(2).flatten(1).sum(1)
+            term = sq / (2.0 * self.delta**2) + (self.decoder_constant if k == 1 else self.c)
+            self.mse_sums[k] += sq.sum()
+            self.level_sums[k] += term.sum()
+            total += term
+            previous = current
+            self.bar.update(1)
+        prior_term = prior.kl_bound(previous, self.c)
+        self.prior_sum += prior_term.sum()
+        total += prior_term
+        self.total_moments += torch.stack([total.sum(), total.pow(2).sum()])
+
+
+def _summary(bound: _BoundSums, n_train: int, n_test: int, quantised: bool, thetas: Tensor | None, pushes: int) -> dict:
+    """:func:`negative_elbo`'s answer from the sums over all ``n_test`` images."""
+    d = bound.process.dim
+    levels_mean = (bound.level_sums / n_test).tolist()
+    mse_mean = (bound.mse_sums / n_test).tolist()
+    mean, second = (bound.total_moments / n_test).tolist()
+    stderr = math.sqrt(max(second - mean**2, 0.0) / max(n_test - 1, 1))
+    bits = 1.0 / (d * math.log(2.0))
+    continuous_bpd = mean * bits
+    return {
+        "nll_nats": mean,
+        "nll_nats_stderr": stderr,
+        "bpd": (mean + d * math.log(255.0)) * bits if quantised else continuous_bpd,
+        "nll_bpd_continuous": continuous_bpd,
+        "dequantization": DEQUANTIZATION_8BIT if quantised else DEQUANTIZATION_CONTINUOUS,
+        "L_K": bound.prior_sum.item() / n_test,
+        "L_1": levels_mean[1],
+        "L_levels": [None, None, *levels_mean[2:]],
+        "L_mid_total": sum(levels_mean[2:]),
+        "mse_per_level": [None, *mse_mean[1:]],
+        "dims": d,
+        "K": bound.process.K,
+        "num_train": n_train,
+        "num_test": n_test,
+        "theta": None if thetas is None else thetas.tolist(),
+        "prior_pushes": pushes,
+        "forward_applications": bound.applications,
+        "sigma": float(bound.sigma),
+        "delta": float(bound.delta),
+    }
 
 
 @torch.no_grad()
@@ -169,109 +280,26 @@ def negative_elbo(
     ``K * num_test`` (``T(k) u_0`` for ``k = 1..K``, each reused as the target ``T(k-1) u_0`` of level
     ``k + 1``, and ``T(K) u_0`` for the prior term).
     """
-    if sigma <= 0 or delta <= 0:
-        raise UsageError(f"sigma and delta must be positive, got sigma={sigma!r}, delta={delta!r}")
-    _check(process, "train_x0", train_x0)
-    _check(process, "test_x0", test_x0)
+    _check_inputs(process, train_x0, test_x0, sigma, delta)
     device = torch.device(device) if device is not None else _default_device(model, test_x0)
-    process = process.to(device)
-    dtype = test_x0.dtype
-    K, d = process.K, process.dim
+    process, dtype = process.to(device), test_x0.dtype
     gen = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
-    quantised = is_8bit(test_x0)
-    c = gaussian_kl_constant(d, sigma, delta)
-    decoder_constant = 0.5 * d * math.log(2.0 * math.pi * delta**2)
 
-    def noise(shape: torch.Size) -> Tensor:
-        return torch.randn(shape, generator=gen, device=gen.device, dtype=dtype).to(device)
-
-    n_train, n_test = len(train_x0), len(test_x0)
-    train_batches = math.ceil(n_train / batch_size)
-    test_batches = math.ceil(n_test / batch_size)
-    thetas = process.sample_theta(test_batches, gen)  # one per test batch; None (no draw) if deterministic
+    # One theta per test batch (None, nothing drawn, for a deterministic process); batches that
+    # drew the same theta share one push of the training set through T_theta(K).
+    test_batches = math.ceil(len(test_x0) / batch_size)
+    thetas = process.sample_theta(test_batches, gen)
     groups = theta_groups(thetas, test_batches)
-    bar_total = train_batches * len(groups) + test_batches * K
-    bar = tqdm(total=bar_total, desc="elbo", disable=not progress, dynamic_ncols=True)
-    is_module = isinstance(model, nn.Module)
-    was_training = is_module and model.training
-    if is_module:
-        model.eval()
+    bar_total = math.ceil(len(train_x0) / batch_size) * len(groups) + test_batches * process.K
+    quantised = is_8bit(test_x0)
 
-    def rows(theta: Tensor | None, n: int) -> Tensor | None:
-        return None if theta is None else theta.to(device).expand(n, -1)
-
-    def pushed_prior(theta: Tensor | None) -> MixturePrior:
-        """The mixture over ``T_theta(K) x_i``, the training set pushed forward in batches."""
-        pushed = []
-        for start in range(0, n_train, batch_size):
-            x = train_x0[start : start + batch_size].to(device=device, dtype=dtype)
-            pushed.append(process(x, process.levels(K, len(x), device), rows(theta, len(x))))
-            bar.update(1)
-        return MixturePrior(torch.cat(pushed), delta)
-
-    try:
-        applications = 0
-        level_sums = torch.zeros(K + 1, dtype=torch.float64, device=device)
-        mse_sums = torch.zeros(K + 1, dtype=torch.float64, device=device)
-        prior_sum = torch.zeros((), dtype=torch.float64, device=device)
-        total_moments = torch.zeros(2, dtype=torch.float64, device=device)
+    # Every level of every test image, batch by batch, against its group's prior.
+    with _eval_mode(model), tqdm(total=bar_total, desc="elbo", disable=not progress, dynamic_ncols=True) as bar:
+        bound = _BoundSums(model, process, sigma=sigma, delta=delta, dtype=dtype, device=device, gen=gen, bar=bar)
         for theta, batch_ids in groups:
-            prior = pushed_prior(theta)
-            applications += n_train
+            prior = bound.prior(train_x0, theta, batch_size)
             for batch in batch_ids:
-                start = batch * batch_size
-                x = test_x0[start : start + batch_size].to(device=device, dtype=dtype)
-                if quantised:
-                    x = dequantize(x, torch.rand(x.shape, generator=gen, device=gen.device, dtype=dtype).to(device))
-                theta_x = rows(theta, len(x))
-                total = torch.zeros(len(x), dtype=torch.float64, device=device)
-                previous = x  # T(0) u_0
-                for k in range(1, K + 1):
-                    levels = process.levels(k, len(x), device)
-                    current = process(x, levels, theta_x)
-                    applications += len(x)
-                    u = current + sigma * noise(x.shape)
-                    sq = (previous - u - model(u, levels, theta_x).to(dtype)).double().pow(2).flatten(1).sum(1)
-                    term = sq / (2.0 * delta**2) + (decoder_constant if k == 1 else c)
-                    mse_sums[k] += sq.sum()
-                    level_sums[k] += term.sum()
-                    total += term
-                    previous = current
-                    bar.update(1)
-                prior_term = prior.kl_bound(previous, c)
-                prior_sum += prior_term.sum()
-                total += prior_term
-                total_moments += torch.stack([total.sum(), total.pow(2).sum()])
+                x = test_x0[batch * batch_size : (batch + 1) * batch_size].to(device=device, dtype=dtype)
+                bound.add(x, theta, prior, quantised)
             del prior
-    finally:
-        bar.close()
-        if is_module:
-            model.train(was_training)
-
-    levels_mean = (level_sums / n_test).tolist()
-    mse_mean = (mse_sums / n_test).tolist()
-    mean, second = (total_moments / n_test).tolist()
-    stderr = math.sqrt(max(second - mean**2, 0.0) / max(n_test - 1, 1))
-    bits = 1.0 / (d * math.log(2.0))
-    continuous_bpd = mean * bits
-    return {
-        "nll_nats": mean,
-        "nll_nats_stderr": stderr,
-        "bpd": (mean + d * math.log(255.0)) * bits if quantised else continuous_bpd,
-        "nll_bpd_continuous": continuous_bpd,
-        "dequantization": DEQUANTIZATION_8BIT if quantised else DEQUANTIZATION_CONTINUOUS,
-        "L_K": prior_sum.item() / n_test,
-        "L_1": levels_mean[1],
-        "L_levels": [None, None, *levels_mean[2:]],
-        "L_mid_total": sum(levels_mean[2:]),
-        "mse_per_level": [None, *mse_mean[1:]],
-        "dims": d,
-        "K": K,
-        "num_train": n_train,
-        "num_test": n_test,
-        "theta": None if thetas is None else thetas.tolist(),
-        "prior_pushes": len(groups),
-        "forward_applications": applications,
-        "sigma": float(sigma),
-        "delta": float(delta),
-    }
+    return _summary(bound, len(train_x0), len(test_x0), quantised, thetas, len(groups))

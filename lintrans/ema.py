@@ -39,7 +39,3 @@ class EMA:
     def state_dict(self) -> dict:
         """The averaged weights (a plain model state dict, loadable into the network alone)."""
         return self.model.state_dict()
-
-    def load_state_dict(self, state: dict, num_updates: int) -> None:
-        self.model.load_state_dict(state, strict=True)
-        self.num_updates = num_updates

@@ -34,7 +34,7 @@ from typing import Any
 import ml_collections
 from absl import flags
 
-from lintrans import cli
+from lintrans import cmdline
 from lintrans import config as cfg
 from lintrans.errors import UsageError
 
@@ -176,7 +176,7 @@ def run(argv: list[str]) -> int:
     """The command; raises :class:`UsageError` on bad input (see :func:`main`)."""
     fv = flags.FlagValues()
     define_flags(fv)
-    args = cli.parse(argv, fv, config_required=True, required=("workdir",), positional=("RUN_DIR",), doc=__doc__)
+    args = cmdline.parse(argv, fv, config_required=True, required=("workdir",), positional=("RUN_DIR",), doc=__doc__)
     run_dir, config = Path(args.args[0]), args.config
     path = checkpoint_path(run_dir, fv.checkpoint)
     cfg.validate(config)
@@ -236,7 +236,7 @@ def _groups(optimizer) -> dict:
 
 def main(argv: list[str]) -> int:
     """``argv`` as ``sys.argv`` (program name first); returns the exit code, bad input as one line and 2."""
-    return cli.entry(run, argv)
+    return cmdline.entry(run, argv)
 
 
 if __name__ == "__main__":

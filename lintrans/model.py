@@ -1,8 +1,9 @@
-"""The network and what trains it: build the U-Net, load weights strictly, the optimizer, the lr schedule.
+"""Builders, not a model: the U-Net from plain values, strict weight loading, the optimizer, the lr schedule.
 
-Everything takes plain values (``model_args`` from :func:`lintrans.config.model_args`), so the
-trainer, ``sample.py``, ``evaluate.py``, an imported IHDM run and the benchmarks build the same
-network the same way.
+Nothing here holds a network or its state (the network is :class:`lintrans.unet.UNet`). Everything
+takes plain values (``model_args`` from :func:`lintrans.config.model_args`), so the trainer,
+``sample.py``, ``evaluate.py``, an imported IHDM run and the benchmarks build the same network the
+same way.
 """
 
 from __future__ import annotations

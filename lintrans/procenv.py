@@ -41,9 +41,9 @@ def rank_and_world(env: Mapping[str, str] | None = None) -> tuple[int, int]:
     """This process's global rank and the world size its launcher announced (``(0, 1)`` when alone)."""
     env = os.environ if env is None else env
     for rank_key, size_key in _RANK_VARIABLES:
-        if rank_key not in env:
+        if rank_key not in env or size_key not in env:  # a launcher sets both (PMIx may give the rank alone)
             continue
-        size = int(env.get(size_key, "1") or "1")
+        size = int(env[size_key] or "1")
         if rank_key == "SLURM_PROCID" and size <= 1:
             continue
         return int(env[rank_key]), size

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from lintrans.atomic import write_json, write_text
 from lintrans.errors import UsageError
-from lintrans.tables import render
+from lintrans.table_format import render
 
 RECORDS = "records"
 SUMMARY_STEM = "summary"

@@ -5,7 +5,7 @@ stochastic forward process) is drawn for the *global* batch from a generator see
 ``(seed, step)``, and each rank takes its slice
 (:func:`step_randomness`). Hence 2 ranks at batch ``b`` and 1 rank at batch ``2b`` compute the
 same update, and a resume at step ``s`` needs only ``s`` plus the saved model, EMA, optimizer and
-(dropout) RNG states. :class:`TrainStep` is what ``training_loop`` calls each step and what the
+(dropout) RNG states. :class:`TrainStep` is what the training loop calls each step and what the
 benchmarks time: there is no second copy of the step anywhere.
 """
 

@@ -12,11 +12,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import ml_collections
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from lintrans import config as cfg
 from lintrans import datasets, distributed, images, monitor, sampling
@@ -26,12 +28,12 @@ from lintrans.errors import NonFiniteLossError
 from lintrans.forward import ForwardProcess, create_forward
 from lintrans.loss import per_sample_loss, sample_levels
 from lintrans.model import build_model, load_weights, make_optimizer
+from lintrans.monitor import Report
 from lintrans.procenv import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
 from lintrans.run import Run
 from lintrans.step import TrainStep
 
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-Report = Callable[[int, dict], None]
 
 
 class Preemption:
@@ -90,9 +92,9 @@ def held_out_loss(
 
 def write_samples(
     ema_model, process: ForwardProcess, train_set, folder: Path, *, n: int, delta: float, seed: int,
-    device: torch.device,
-) -> torch.Tensor:  # fmt: skip
-    """Sample grid, prior grid and reverse-process GIF from the EMA model; returns the samples."""
+    device: torch.device, log: monitor.Monitor, step: int,
+) -> None:  # fmt: skip
+    """Sample grid, prior grid and reverse-process GIF from the EMA model; the grid goes to TensorBoard too."""
     gen = torch.Generator(device=device).manual_seed(seed + 777)
     idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed + 778))[:n]
     theta = sampling.draw_theta(process, len(idx), gen)
@@ -101,7 +103,131 @@ def write_samples(
     images.save_grid(folder / "samples.png", final.cpu())
     images.save_grid(folder / "prior.png", u_K.cpu())
     images.save_gif(folder / "process.gif", frames)
-    return final.cpu()
+    log.image("samples", images.to_tensorboard(final.cpu()), step)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which phases follow step ``done`` (counted from 1): each every ``*_freq`` steps, and all of them at the end."""
+
+    n_iters: int
+    log_freq: int
+    eval_freq: int
+    sampling_freq: int  # 0: never
+    snapshot_freq: int  # numbered snapshots, all kept
+    snapshot_freq_for_preemption: int  # checkpoints-meta only, overwritten
+
+    def _every(self, done: int, freq: int) -> bool:
+        return done % freq == 0 or done == self.n_iters
+
+    def log(self, done: int) -> bool:
+        return self._every(done, self.log_freq)
+
+    def evaluate(self, done: int) -> bool:
+        return self._every(done, self.eval_freq)
+
+    def sample(self, done: int) -> bool:
+        return self.sampling_freq > 0 and self._every(done, self.sampling_freq)
+
+    def checkpoint(self, done: int) -> bool:
+        return self._every(done, self.snapshot_freq_for_preemption) or self.numbered(done)
+
+    def numbered(self, done: int) -> bool:
+        return done % self.snapshot_freq == 0
+
+
+@dataclass
+class TrainState:
+    """What training changes and a checkpoint keeps (with the step and the RNG states): network, EMA, optimizer."""
+
+    model: nn.Module
+    ema: EMA
+    opt: torch.optim.Optimizer
+
+
+def resume(run: Run, net: TrainState, *, rank: int, world: int, device: torch.device) -> int:
+    """Load ``checkpoints-meta`` into ``net`` and this rank's RNG state; returns its step (0: no checkpoint yet).
+
+    The RNG state (the dropout stream) comes back only under the world size that saved it.
+    """
+    if not run.meta.is_file():
+        return 0
+    state = run.load(run.meta, device)
+    load_weights(net.model, state["model"], run.meta)
+    load_weights(net.ema.model, state["ema"], run.meta)
+    net.ema.num_updates = int(state.get("ema_num_updates", state["step"]))
+    net.opt.load_state_dict(state["optimizer"])
+    if len(state.get("rng", [])) == world:
+        torch.set_rng_state(state["rng"][rank]["cpu"].cpu())
+        if device.type == "cuda" and "cuda" in state["rng"][rank]:
+            torch.cuda.set_rng_state(state["rng"][rank]["cuda"].cpu())
+    return int(state["step"])
+
+
+def save_checkpoint(
+    run: Run, net: TrainState, step: int, *, numbered: bool, steps_per_epoch: int, world: int, device: torch.device,
+    config_json: str, log: monitor.Monitor,
+) -> None:  # fmt: skip
+    """Collective: every rank's RNG state is gathered, rank 0 writes ``checkpoints-meta`` (and snapshot ``step``).
+
+    Non-finite weights raise :class:`NonFiniteLossError` on every rank and write nothing.
+    """
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
+    all_rng = distributed.all_gather_object(rng)
+    if not all(torch.isfinite(p).all() for p in net.model.parameters()):
+        raise NonFiniteLossError(f"non-finite weights at step {step}; kept the last good checkpoint {run.meta}")
+    state = {
+        "model": net.model.state_dict(), "ema": net.ema.state_dict(), "ema_num_updates": net.ema.num_updates,
+        "optimizer": net.opt.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+        "data_position": step % steps_per_epoch, "world_size": world, "rng": all_rng, "config": config_json,
+    }  # fmt: skip
+    log.write(run.save, state, numbered_step=step if numbered else None)
+
+
+class LevelLoss:
+    """Sum and count of the per-sample loss at each level ``0..K`` since the last log line."""
+
+    def __init__(self, K: int) -> None:
+        self.sums = torch.zeros(2, K + 1, dtype=torch.float64)
+
+    def add(self, k: torch.Tensor, per_sample: torch.Tensor) -> None:
+        self.sums[0].index_add_(0, k.cpu(), per_sample.double().cpu())
+        self.sums[1].index_add_(0, k.cpu(), torch.ones(len(k), dtype=torch.float64))
+
+    def pop(self) -> dict[str, float]:
+        """``loss_per_level/kNNNN`` for each level seen, then start over."""
+        seen = (self.sums[1] > 0).nonzero().flatten().tolist()
+        means = {f"loss_per_level/k{k:04d}": (self.sums[0, k] / self.sums[1, k]).item() for k in seen}
+        self.sums.zero_()
+        return means
+
+
+class Throughput:
+    """Images per second since the last call (``batch_size`` images per step)."""
+
+    def __init__(self, batch_size: int, step: int) -> None:
+        self.batch_size, self.step, self.time = batch_size, step, time.perf_counter()
+
+    def __call__(self, step: int) -> float:
+        now = time.perf_counter()
+        ips = self.batch_size * (step - self.step) / max(now - self.time, 1e-9)
+        self.step, self.time = step, now
+        return ips
+
+
+def loop_settings(config: ml_collections.ConfigDict, device: torch.device) -> dict:
+    """The plain values :func:`training_loop` takes from a validated config."""
+    t, m, d = config.training, config.model, config.data
+    return {
+        "model_args": cfg.model_args(config), "optim_args": cfg.optim_args(config), "config_json": cfg.to_json(config),
+        "seed": config.seed, "ema_rate": m.ema_rate, "sigma": m.sigma, "batch_size": t.batch_size,
+        "warmup": config.optim.warmup, "grad_clip": config.optim.grad_clip, "bf16": use_bf16(t.mixed_precision, device),
+        "random_flip": d.random_flip, "dequantization": d.uniform_dequantization, "num_workers": d.num_workers,
+        "n_iters": t.n_iters, "log_freq": t.log_freq, "eval_freq": t.eval_freq, "sampling_freq": t.sampling_freq,
+        "snapshot_freq": t.snapshot_freq, "snapshot_freq_for_preemption": t.snapshot_freq_for_preemption,
+        "eval_batch_size": config.eval.batch_size, "eval_num_batches": config.eval.num_batches,
+        "num_samples": t.num_samples, "delta": cfg.sampling_delta(config),
+    }  # fmt: skip
 
 
 def train(
@@ -112,7 +238,7 @@ def train(
     overrides: dict,
     report: Report | None = None,
 ) -> int:
-    """Train (or resume) in ``workdir``; returns an exit code (see :mod:`lintrans.errors`).
+    """Train (or resume) in ``workdir``; returns an exit code (see :mod:`lintrans.procenv`).
 
     This is the edge: the config is validated here, once, and the loop gets plain values.
     ``report(step, metrics)`` is called on rank 0 at every log step, evaluation and checkpoint;
@@ -129,85 +255,35 @@ def train(
     if info.rank == 0:
         run.remove_temp_files()
         run.write_config(config, config_file, overrides)
-    t, m = config.training, config.model
     try:
         return training_loop(
-            run=run,
-            process=process.to(device),
-            train_set=train_set,
-            eval_set=eval_set,
-            model_args=cfg.model_args(config),
-            optim_args=cfg.optim_args(config),
-            config_json=cfg.to_json(config),
-            seed=config.seed,
-            sigma=m.sigma,
-            delta=cfg.sampling_delta(config),
-            ema_rate=m.ema_rate,
-            batch_size=t.batch_size,
-            n_iters=t.n_iters,
-            warmup=config.optim.warmup,
-            grad_clip=config.optim.grad_clip,
-            random_flip=config.data.random_flip,
-            dequantization=config.data.uniform_dequantization,
-            bf16=use_bf16(t.mixed_precision, device),
-            num_workers=config.data.num_workers,
-            log_freq=t.log_freq,
-            eval_freq=t.eval_freq,
-            eval_batch_size=config.eval.batch_size,
-            eval_num_batches=config.eval.num_batches,
-            sampling_freq=t.sampling_freq,
-            num_samples=t.num_samples,
-            snapshot_freq=t.snapshot_freq,
-            snapshot_freq_for_preemption=t.snapshot_freq_for_preemption,
-            rank=info.rank,
-            world=info.world_size,
-            device=device,
-            report=report,
-        )
+            run=run, process=process.to(device), train_set=train_set, eval_set=eval_set, rank=info.rank,
+            world=info.world_size, device=device, report=report, **loop_settings(config, device),
+        )  # fmt: skip
     finally:
         distributed.cleanup()
 
 
 def training_loop(
     *,
-    run: Run,
-    process: ForwardProcess,
-    train_set,
-    eval_set,
-    model_args: dict,
-    optim_args: dict,
-    config_json: str,
-    seed: int,
-    sigma: float,
-    delta: float,
-    ema_rate: float,
-    batch_size: int,
-    n_iters: int,
-    warmup: int,
-    grad_clip: float,
-    random_flip: bool,
-    dequantization: bool,
-    bf16: bool,
-    num_workers: int,
-    log_freq: int,
-    eval_freq: int,
-    eval_batch_size: int,
-    eval_num_batches: int,
-    sampling_freq: int,
-    num_samples: int,
-    snapshot_freq: int,
+    run: Run, process: ForwardProcess, train_set, eval_set, config_json: str,  # what is trained, and where
+    model_args: dict, optim_args: dict, ema_rate: float, seed: int,  # the network, its EMA and optimizer
+    sigma: float, batch_size: int, warmup: int, grad_clip: float, bf16: bool,  # the step
+    random_flip: bool, dequantization: bool, num_workers: int,  # the data
+    n_iters: int, log_freq: int, eval_freq: int, sampling_freq: int, snapshot_freq: int,  # the schedule
     snapshot_freq_for_preemption: int,
-    rank: int,
-    world: int,
-    device: torch.device,
-    report: Report | None = None,
-) -> int:
+    eval_batch_size: int, eval_num_batches: int, num_samples: int, delta: float,  # held-out loss, samples
+    rank: int, world: int, device: torch.device, report: Report | None = None,  # this process
+) -> int:  # fmt: skip
+    """Train ``run`` from its checkpoint (or from scratch) to ``n_iters``; returns EXIT_OK or EXIT_PREEMPTED.
+
+    Every rank runs the same code; what only rank 0 does (log, write files, ``report``) goes through ``log``.
+    """
     # Build: network (same initial weights on every rank), EMA, optimizer, the step, the data order.
     model = build_model(model_args, seed, device)
-    ema = EMA(model, ema_rate)
-    opt = make_optimizer(model.parameters(), **optim_args)
+    net = TrainState(model, EMA(model, ema_rate), make_optimizer(model.parameters(), **optim_args))
     step_fn = TrainStep(
-        model=model, ema=ema, optimizer=opt, process=process, sigma=sigma, seed=seed, global_batch=batch_size,
+        model=model, ema=net.ema, optimizer=net.opt, process=process, sigma=sigma, seed=seed, global_batch=batch_size,
         lr=optim_args["lr"], warmup=warmup, grad_clip=grad_clip, random_flip=random_flip,
         dequantization=dequantization, bf16=bf16, device=device,
     )  # fmt: skip
@@ -215,51 +291,49 @@ def training_loop(
     torch.manual_seed(seed * 1000 + rank)  # dropout stream, per rank
 
     # Resume from checkpoints-meta: weights, EMA, optimizer, step, every rank's RNG state.
-    start = 0
-    if run.meta.is_file():
-        state = run.load(run.meta, device)
-        load_weights(model, state["model"], run.meta)
-        load_weights(ema.model, state["ema"], run.meta)
-        ema.num_updates = int(state.get("ema_num_updates", state["step"]))
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        if len(state.get("rng", [])) == world:
-            torch.set_rng_state(state["rng"][rank]["cpu"].cpu())
-            if device.type == "cuda" and "cuda" in state["rng"][rank]:
-                torch.cuda.set_rng_state(state["rng"][rank]["cuda"].cpu())
-    sampler.step = start
+    start = sampler.step = resume(run, net, rank=rank, world=world, device=device)
     batches = datasets.batches(train_set, sampler, num_workers)
-    log = monitor.create(rank, run.workdir, start, n_iters)
+    log = monitor.create(rank, run.workdir, start, n_iters, report)
     if start:
         log.info(f"resuming from {run.meta} at step {start}")
 
-    def evaluate() -> float:
-        return held_out_loss(model, process, eval_set, seed=seed, sigma=sigma, batch_size=eval_batch_size,
+    # The phases that follow a step when the schedule says so.
+    when = Schedule(n_iters, log_freq, eval_freq, sampling_freq, snapshot_freq, snapshot_freq_for_preemption)
+
+    def evaluate(done: int) -> float:
+        loss = held_out_loss(model, process, eval_set, seed=seed, sigma=sigma, batch_size=eval_batch_size,
                              num_batches=eval_num_batches, device=device)  # fmt: skip
+        log.scalars({"eval/loss": loss}, done)
+        log.info(f"step {done}: eval loss {loss:.4f}")
+        return loss
 
-    def checkpoint(step: int) -> None:
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
-        all_rng = distributed.all_gather_object(rng)
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise NonFiniteLossError(f"non-finite weights at step {step}; kept the last good checkpoint {run.meta}")
-        if rank == 0:
-            state = {
-                "model": model.state_dict(), "ema": ema.state_dict(), "ema_num_updates": ema.num_updates,
-                "optimizer": opt.state_dict(), "step": step, "epoch": step // sampler.steps_per_epoch,
-                "data_position": step % sampler.steps_per_epoch, "world_size": world, "rng": all_rng,
-                "config": config_json,
-            }  # fmt: skip
-            run.save(state, numbered_step=step if step % snapshot_freq == 0 else None)
+    def sample(done: int) -> None:
+        log.write(write_samples, net.ema.model, process, train_set, run.workdir / "samples" / f"iter_{done}",
+                  n=num_samples, delta=delta, seed=seed, device=device, log=log, step=done)  # fmt: skip
 
-    last_eval = evaluate() if start == 0 else float("nan")
-    if start == 0:
-        log.scalars({"eval/loss": last_eval}, 0)
-        log.info(f"step 0: eval loss {last_eval:.4f}")
-    per_level = torch.zeros(2, process.K + 1, dtype=torch.float64)
-    tick, tick_step = time.perf_counter(), start
-    model.train()
+    def checkpoint(done: int) -> None:
+        save_checkpoint(run, net, done, numbered=when.numbered(done), steps_per_epoch=sampler.steps_per_epoch,
+                        world=world, device=device, config_json=config_json, log=log)  # fmt: skip
+
+    try:
+        last_eval = evaluate(0) if start == 0 else float("nan")  # the initial weights' held-out loss
+        model.train()
+        return train_steps(step_fn, batches, range(start, n_iters), when=when, levels=process.K,
+                           batch_size=batch_size, run=run, log=log, last_eval=last_eval, evaluate=evaluate,
+                           sample=sample, checkpoint=checkpoint)  # fmt: skip
+    finally:
+        log.close()
+
+
+def train_steps(
+    step_fn: TrainStep, batches, steps: range, *, when: Schedule, levels: int, batch_size: int, run: Run,
+    log: monitor.Monitor, last_eval: float, evaluate: Callable[[int], float], sample: Callable[[int], None],
+    checkpoint: Callable[[int], None],
+) -> int:  # fmt: skip
+    """Each step, then the phases due after it; :data:`EXIT_PREEMPTED` once a stop signal is checkpointed."""
+    per_level, throughput = LevelLoss(levels), Throughput(batch_size, steps.start)
     with Preemption() as preempt:
-        for step in range(start, n_iters):
+        for step in steps:
             # One optimisation step (all ranks agree on whether a stop was requested).
             try:
                 out = step_fn(step, next(batches), preempt.requested)
@@ -267,47 +341,32 @@ def training_loop(
                 last = run.meta if run.meta.is_file() else "none"
                 raise NonFiniteLossError(f"{exc}; last good checkpoint: {last}") from None
             done = step + 1
-            per_level[0].index_add_(0, out.k.cpu(), out.per_sample.double().cpu())
-            per_level[1].index_add_(0, out.k.cpu(), torch.ones(len(out.k), dtype=torch.float64))
+            per_level.add(out.k, out.per_sample)
             metrics: dict = {}
 
             # Log: loss, lr, throughput, per-level loss.
-            if done % log_freq == 0 or done == n_iters:
-                now = time.perf_counter()
-                ips = batch_size * (done - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, done
-                seen = (per_level[1] > 0).nonzero().flatten().tolist()
-                levels = {f"loss_per_level/k{k:04d}": (per_level[0, k] / per_level[1, k]).item() for k in seen}
-                log.scalars({"train/loss": out.loss, "train/lr": out.lr, "train/img_per_s": ips, **levels}, done)
-                per_level.zero_()
-                metrics["img_per_s"] = ips
+            if when.log(done):
+                metrics["img_per_s"] = ips = throughput(done)
+                log.scalars(
+                    {"train/loss": out.loss, "train/lr": out.lr, "train/img_per_s": ips, **per_level.pop()}, done
+                )
             log.advance(loss=f"{out.loss:.4f}")
 
-            # Held-out loss.
-            if done % eval_freq == 0 or done == n_iters:
-                last_eval = evaluate()
-                log.scalars({"eval/loss": last_eval}, done)
-                log.info(f"step {done}: eval loss {last_eval:.4f}")
-                metrics["evaluated"] = True
-
-            # Samples from the EMA model (rank 0 draws them).
-            if log.enabled and sampling_freq > 0 and (done % sampling_freq == 0 or done == n_iters):
-                final = write_samples(ema.model, process, train_set, run.workdir / "samples" / f"iter_{done}",
-                                      n=num_samples, delta=delta, seed=seed, device=device)  # fmt: skip
-                log.image("samples", images.to_tensorboard(final), done)
+            # Held-out loss; samples from the EMA model (rank 0 draws them).
+            if when.evaluate(done):
+                last_eval, metrics["evaluated"] = evaluate(done), True
+            if when.sample(done):
+                sample(done)
 
             # Checkpoint: for preemption, numbered snapshots, the end, or because a stop was requested.
-            if out.stop or done % snapshot_freq_for_preemption == 0 or done % snapshot_freq == 0 or done == n_iters:
+            if out.stop or when.checkpoint(done):
                 checkpoint(done)
                 metrics["checkpoint"] = str(run.meta)
-            if report is not None and rank == 0 and metrics:
-                report(done, {"train_loss": out.loss, "eval_loss": last_eval, "n_iters": n_iters, **metrics})
-
+            if metrics:
+                log.report(done, {"train_loss": out.loss, "eval_loss": last_eval, "n_iters": when.n_iters, **metrics})
             if out.stop:
                 log.info(f"preemption signal: checkpoint written at step {done}, exiting with {EXIT_PREEMPTED}")
-                log.close()
                 return EXIT_PREEMPTED
-    log.close()
     return EXIT_OK
 
 

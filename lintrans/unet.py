@@ -21,6 +21,7 @@ before a downsampling), upsampling here restores the skip connection's size inst
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,46 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
+def _down_path(
+    ch: int, channel_mult: tuple[int, ...], num_res_blocks: int, attention_levels: tuple[int, ...],
+    conv_resample: bool, res: Callable[[int, int], ResBlock], attn: Callable[[int], AttentionBlock],
+) -> tuple[nn.ModuleList, list[int]]:  # fmt: skip
+    """The encoder's blocks, level by level, and the channels of every skip connection (input conv's first)."""
+    down, cur = nn.ModuleList(), channel_mult[0] * ch
+    skips = [cur]
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            layers = [res(cur, mult * ch)]
+            cur = mult * ch
+            if level in attention_levels:
+                layers.append(attn(cur))
+            down.append(nn.ModuleList(layers))
+            skips.append(cur)
+        if level != len(channel_mult) - 1:
+            down.append(nn.ModuleList([Downsample(cur, conv_resample)]))
+            skips.append(cur)
+    return down, skips
+
+
+def _up_path(
+    ch: int, channel_mult: tuple[int, ...], num_res_blocks: int, attention_levels: tuple[int, ...],
+    conv_resample: bool, res: Callable[[int, int], ResBlock], attn: Callable[[int], AttentionBlock],
+    skips: list[int],
+) -> tuple[nn.ModuleList, nn.ModuleDict]:  # fmt: skip
+    """The decoder's blocks (each takes a skip, popped from ``skips``) and its upsamplers, keyed by block index."""
+    up, upsamplers, cur = nn.ModuleList(), nn.ModuleDict(), skips[-1]
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        for i in range(num_res_blocks + 1):
+            layers = [res(cur + skips.pop(), mult * ch)]
+            cur = mult * ch
+            if level in attention_levels:
+                layers.append(attn(cur))
+            up.append(nn.ModuleList(layers))
+            if level and i == num_res_blocks:
+                upsamplers[str(len(up) - 1)] = Upsample(cur, conv_resample)
+    return up, upsamplers
+
+
 class UNet(nn.Module):
     def __init__(
         self,
@@ -146,7 +187,6 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         ch = model_channels
-        in_ch = in_channels
         emb_dim = 4 * ch
         bad = [lvl for lvl in attention_levels if not 0 <= lvl < len(channel_mult)]
         if bad:
@@ -169,35 +209,14 @@ class UNet(nn.Module):
             return AttentionBlock(c, num_heads, num_head_channels)
 
         # IHDM's (guided-diffusion's) first convolution is channel_mult[0] * model_channels wide.
-        cur = channel_mult[0] * ch
-        self.input_conv = nn.Conv2d(in_ch, cur, 3, padding=1)
-        self.down = nn.ModuleList()
-        skips = [cur]
-        levels = len(channel_mult)
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res(cur, mult * ch)]
-                cur = mult * ch
-                if level in attention_levels:
-                    layers.append(attn(cur))
-                self.down.append(nn.ModuleList(layers))
-                skips.append(cur)
-            if level != levels - 1:
-                self.down.append(nn.ModuleList([Downsample(cur, conv_resample)]))
-                skips.append(cur)
+        self.input_conv = nn.Conv2d(in_channels, channel_mult[0] * ch, 3, padding=1)
+        self.down, skips = _down_path(ch, channel_mult, num_res_blocks, attention_levels, conv_resample, res, attn)
+        cur = skips[-1]
         self.middle = nn.ModuleList([res(cur, cur), attn(cur), res(cur, cur)])
-        self.up = nn.ModuleList()
-        self.upsamplers = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
-                layers = [res(cur + skips.pop(), mult * ch)]
-                cur = mult * ch
-                if level in attention_levels:
-                    layers.append(attn(cur))
-                self.up.append(nn.ModuleList(layers))
-                if level and i == num_res_blocks:
-                    self.upsamplers[str(len(self.up) - 1)] = Upsample(cur, conv_resample)
-        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), zero_module(nn.Conv2d(cur, in_ch, 3, padding=1)))
+        self.up, self.upsamplers = _up_path(ch, channel_mult, num_res_blocks, attention_levels, conv_resample, res,
+                                            attn, skips)  # fmt: skip
+        cur = channel_mult[0] * ch
+        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), zero_module(nn.Conv2d(cur, in_channels, 3, padding=1)))
 
     def forward(self, x: Tensor, k: Tensor, theta: Tensor | None = None) -> Tensor:
         emb = self.level_mlp(level_embedding(k, self.model_channels))

@@ -7,7 +7,7 @@ import pytest
 import evaluate
 import sample
 import train
-from lintrans import cli
+from lintrans import cmdline, config, procenv
 from lintrans.distributed import detect, first_host
 from tests.conftest import TINY, assert_one_line
 
@@ -22,7 +22,7 @@ CASES = {
         "/nonexistent/ffhq",
     ),
     "unknown data set": (["--config.data.dataset=imagenet"], "unknown data set 'imagenet'"),
-    "bad override": (["--config.model.K=abc"], "--config.model.K='abc': expected int"),
+    "bad override": (["--config.model.K=abc"], "--config.model.K=abc: invalid literal for int()"),
     "unknown key": (["--config.model.nope=1"], "unknown config key 'nope'"),
     "log_freq 0": (["--config.training.log_freq=0"], "config.training.log_freq must be an integer >= 1, got 0"),
     "eval_freq 0": (["--config.training.eval_freq=0"], "config.training.eval_freq must be an integer >= 1"),
@@ -40,7 +40,7 @@ CASES = {
 
 
 def call(main, argv: list[str], capsys) -> tuple[int, str]:
-    code = cli.entry(main, argv)
+    code = cmdline.entry(main, argv)
     return code, capsys.readouterr().err
 
 
@@ -101,7 +101,7 @@ def test_unknown_process_lists_valid_names(tmp_path, capsys):
 
 
 def test_help_exits_zero(capsys):
-    assert cli.entry(train.main, ["train.py", "--help"]) == 0
+    assert cmdline.entry(train.main, ["train.py", "--help"]) == 0
     assert "--workdir" in capsys.readouterr().out
 
 
@@ -129,3 +129,71 @@ def test_detect_launchers():
     assert srun.local_world_size == 2
     single = detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
     assert (single.world_size, single.launcher) == (1, "single")
+
+
+def test_config_file_runs_once_and_overrides_are_typed_by_ml_collections(tmp_path):
+    counter = tmp_path / "count"
+    counting = tmp_path / "counting.py"
+    counting.write_text(
+        "from pathlib import Path\n\nfrom tests.configs import tiny\n\n\ndef get_config():\n"
+        f"    count = Path({str(counter)!r})\n"
+        "    count.write_text(count.read_text() + 'x' if count.exists() else 'x')\n"
+        "    return tiny.get_config()\n"
+    )
+    argv = ["train.py", f"--config={counting}", f"--workdir={tmp_path}", "--config.model.K=3",
+            "--config.model.channel_mult=(1,2)", "--config.sampling.delta", "0.5",
+            "--noconfig.data.random_flip"]  # fmt: skip
+    args = train.parse(argv)
+    assert counter.read_text() == "x"
+    assert args.config_file == str(counting)
+    assert args.overrides == {"model.K": 3, "model.channel_mult": (1, 2), "sampling.delta": 0.5,
+                              "data.random_flip": False}  # fmt: skip
+    assert (args.config.model.K, args.config.model.channel_mult, args.config.sampling.delta) == (3, (1, 2), 0.5)
+    assert args.config.data.random_flip is False
+    same = config.load(counting, args.overrides)  # a sweep's trial with the same overrides: the same config
+    assert config.to_json(same) == config.to_json(args.config)
+
+
+def test_override_without_config_file_is_refused(tmp_path, capsys):
+    code, err = call(train.main, ["train.py", f"--workdir={tmp_path}", "--config.model.K=3"], capsys)
+    assert_one_line(code, err, "--config.model.K needs --config=FILE")
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, (0, 1)),
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, (3, 4)),  # torchrun
+        ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3"}, (2, 3)),  # Open MPI's mpirun
+        ({"PMI_RANK": "1", "PMI_SIZE": "2"}, (1, 2)),  # MPICH / Intel MPI / srun --mpi=pmi2
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, (0, 1)),  # a one-task batch script
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "1"}, (0, 1)),  # one task: SLURM's rank means nothing
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (1, 2)),  # srun with two tasks
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "RANK": "1", "WORLD_SIZE": "2"}, (1, 2)),  # torchrun in srun
+        ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, (1, 2)),
+    ],
+)
+def test_rank_and_world_under_each_launcher(env, expected):
+    assert procenv.rank_and_world(env) == expected
+    assert procenv.rank(env) == expected[0] and procenv.is_rank0(env) == (expected[0] == 0)
+
+
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
+                  "PMIX_RANK", "PMIX_SIZE", "SLURM_PROCID", "SLURM_NTASKS")  # fmt: skip
+
+
+@pytest.mark.parametrize("procid, ntasks, prints", [("1", "2", False), ("0", "2", True), ("3", "1", True)])
+def test_say_prints_on_rank_0_only_under_slurm(monkeypatch, capsys, procid, ntasks, prints):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", procid)
+    monkeypatch.setenv("SLURM_NTASKS", ntasks)
+    cmdline.say("bad input")
+    assert capsys.readouterr().err == ("error: bad input\n" if prints else "")
+
+
+def test_detect_takes_ranks_from_procenv():
+    pmix = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "5", "PMIX_RANK": "1"}  # srun --mpi=pmix
+    info = detect(pmix)
+    assert (info.launcher, info.rank, info.world_size) == ("srun", 1, 2)
+    assert detect({"RANK": "0", "WORLD_SIZE": "1"}).launcher == "torchrun"

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -52,13 +53,17 @@ def test_slots_never_share_a_gpu_and_refuse_a_trial_bigger_than_the_pool(tmp_pat
         slots(sweep_with(tmp_path, "{nodes: 2}"), [])
 
 
+def one_trial_sweep(tmp_path, name: str, n_iters: int, extra: str) -> Path:
+    """A sweep file of one tiny trial (K = 2) with ``extra`` top-level keys."""
+    sweep = tmp_path / f"{name}.yaml"
+    sweep.write_text(f"name: {name}\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [2]\n"
+                     f"overrides: {{training.n_iters: {n_iters}}}\n{extra}")  # fmt: skip
+    return sweep
+
+
 def test_a_trial_asking_for_a_gpu_fails_without_cuda(tmp_path):
     """Not a silent CPU run: the trial fails at once, with the reason, and `run` exits 1."""
-    sweep = tmp_path / "gpu.yaml"
-    sweep.write_text(
-        "name: gpu\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [2]\nresources: {gpus: 1}\n"
-        "overrides: {training.n_iters: 2}\n"
-    )
+    sweep = one_trial_sweep(tmp_path, "gpu", 2, "resources: {gpus: 1}\n")
     result = lintrans(tmp_path, "run", str(sweep), "--gpus", "0")
     assert result.returncode == 1, result.stdout + result.stderr
     (trial,) = trial_dirs(tmp_path, "gpu")
@@ -143,3 +148,18 @@ def test_two_runs_of_one_sweep_run_each_trial_once(tmp_path):
     assert started == 6, outs  # the second run waited for the first one's lock, then found them all done
     assert any("holds its submission lock; waiting" in out for out in outs)
     assert all(status_of(t)["attempt"] == 1 for t in trial_dirs(tmp_path, "tiny"))
+
+
+def test_the_foreground_backend_runs_trials_through_the_one_entry_point(tmp_path):
+    """The smallest backend (README, "Adding a backend"): in this process, one trial after another."""
+    sweep = one_trial_sweep(tmp_path, "fg", 4, "evaluations: [{mode: elbo, num_test: 8}]\n")
+    result = lintrans(tmp_path, "run", str(sweep), "--backend", "foreground")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "foreground: 1 trial, one at a time in this process" in result.stdout
+    (trial,) = trial_dirs(tmp_path, "fg")
+    st = status_of(trial)
+    assert st["state"] == "done" and st["backend"] == "foreground" and st["step"] == 4, st
+    (row,) = table_rows(tmp_path, str(sweep))
+    assert row["status"] == "done" and row["backend"] == "foreground" and isinstance(row["nll_bpd"], float), row
+    again = lintrans(tmp_path, "run", str(sweep), "--backend", "foreground")
+    assert again.returncode == 0 and "nothing to submit: 1 done" in again.stdout

@@ -1,4 +1,4 @@
-"""Golden files of the generated sbatch text (as submitit's own tests do): every option a sweep can set."""
+"""Golden files of the one SLURM script writer (launchers.backends.sbatch_script): both paths, every option."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from launchers.backends.slurm import SlurmBackend, resources, sbatch_text
+from launchers.backends.sbatch import SbatchBackend
+from launchers.backends.sbatch_script import PREEMPT_SIGNAL, resources, submitit_parameters
+from launchers.backends.slurm import SlurmBackend
 from launchers.sweep import load
 from tests.conftest import ROOT
 
@@ -38,8 +40,23 @@ def test_submitit_script(sweep, tmp_path):
 
 
 def test_plain_sbatch_script(sweep, tmp_path):
-    text = sbatch_text(sweep, resources(sweep), 2, tmp_path / "m.manifest", tmp_path / "logs")
-    check("cluster_options.sbatch", normalised(text, tmp_path))
+    check("cluster_options.sbatch", normalised(SbatchBackend().dry_run(sweep, sweep.trials()), tmp_path))
+
+
+def test_both_paths_share_the_options_and_the_preemption_contract(sweep, tmp_path):
+    """One writer: the same #SBATCH lines and setup on both paths; submitit gets them as its public parameters."""
+    submitit_text = SlurmBackend().dry_run(sweep, sweep.trials()).splitlines()
+    sbatch_text = SbatchBackend().dry_run(sweep, sweep.trials()).splitlines()
+
+    def header(lines: list[str]) -> list[str]:  # all but where the tasks log, up to the body
+        end = lines.index("set +e") + 1
+        return [line for line in lines[1:end] if not line.startswith("#SBATCH --output=")]
+
+    assert header(submitit_text) == header(sbatch_text)
+    assert f"#SBATCH --signal={PREEMPT_SIGNAL}@240" in sbatch_text
+    params = submitit_parameters(sweep)
+    assert params["signal_delay_s"] == 240 and params["additional_parameters"]["requeue"] is True
+    assert {"job_name", "time", "nodes", "setup", "srun_args"} <= set(params)
 
 
 def test_memory_goes_out_in_whole_megabytes(sweep):
@@ -48,6 +65,5 @@ def test_memory_goes_out_in_whole_megabytes(sweep):
 
 def test_no_sweep_value_reaches_the_script(tmp_path):
     sweep = load("tests/sweeps/injection.yaml", tmp_path)
-    text = sbatch_text(sweep, resources(sweep), 3, tmp_path / "m", tmp_path / "l")
-    text += SlurmBackend().dry_run(sweep, sweep.trials())
+    text = SbatchBackend().dry_run(sweep, sweep.trials()) + SlurmBackend().dry_run(sweep, sweep.trials())
     assert "touch" not in text and "pwned" not in text

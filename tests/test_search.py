@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -13,7 +14,7 @@ import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 
-from launchers import cli, search
+from launchers import cli, search, status
 from launchers.sweep import load
 from tests.conftest import ROOT, assert_one_line, lintrans
 
@@ -80,11 +81,14 @@ def test_driver_continues_an_interrupted_study():
 def test_failed_and_stopped_trials_are_told_as_such(tmp_path):
     sweep = load(OPTUNA, tmp_path)
     trial = sweep.trial({"optim.lr": 1e-3}, 0, 0)
-    view = {"state": "failed", "reason": "x"}
-    assert search.judge(sweep, [trial], {trial.id: view}) == search.Outcome("fail")
-    assert search.judge(sweep, [trial], {trial.id: {"state": "stopped"}}) == search.Outcome("pruned")
-    assert search.judge(sweep, [trial], {trial.id: {"state": "preempted"}}) is None
-    assert search.judge(sweep, [trial], {trial.id: {"state": "done"}}) == search.Outcome("fail")  # no objective
+
+    def seen(now: str) -> dict[str, status.TrialView]:
+        return {trial.id: dataclasses.replace(status.view(trial.run_dir), state=now, reason="x")}
+
+    assert search.judge(sweep, [trial], seen("failed")) == search.Outcome("fail")
+    assert search.judge(sweep, [trial], seen("stopped")) == search.Outcome("pruned")
+    assert search.judge(sweep, [trial], seen("preempted")) is None
+    assert search.judge(sweep, [trial], seen("done")) == search.Outcome("fail")  # no objective
 
 
 # ----------------------------------------------------------------------------------------- random search

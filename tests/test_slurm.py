@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,23 @@ def test_cancel_leaves_the_sweep_resumable(tmp_path, cluster):
     assert status_of(trial)["state"] == "done" and status_of(trial)["step"] == 200 and step < 200
 
 
+def test_cancel_while_pending_stops_the_trials_and_run_resumes_them(tmp_path, cluster):
+    """sacct lists an array's never-started tasks as one range record (``5_[1-2%1] CANCELLED``)."""
+    sweep = sweep_file(tmp_path, "pending", "axes:\n  model.K: [3, 4, 5]\noverrides: {training.n_iters: 3}\n"
+                       "slurm: {array_parallelism: 1}\n")  # fmt: skip
+    assert run(cluster, tmp_path, "run", sweep, "--backend", "slurm").returncode == 0
+    assert run(cluster, tmp_path, "cancel", sweep).returncode == 0
+    wait_until("the array to leave the queue", lambda: not cluster.queued("lintrans-pending"), 120)
+    shown = run(cluster, tmp_path, "status", sweep, "--format", "json")
+    views = json.loads(shown.stdout)
+    assert not [v for v in views if v["state"] in ("queued", "running")], views
+    never_started = [v for v in views if v["reason"] and v["reason"].startswith("cancelled before it started")]
+    assert len(never_started) >= 2 and all(v["state"] == "stopped" for v in never_started), views
+    again = run(cluster, tmp_path, "run", sweep, "--backend", "slurm")
+    assert again.returncode == 0 and "submitted array" in again.stdout, again.stdout
+    assert all(r["status"] == "done" for r in wait_final(cluster, tmp_path, sweep, 3))
+
+
 def test_failures_are_recorded_with_the_schedulers_reason(tmp_path, cluster):
     """scancel --signal=KILL, kill -9 of the trial (OOM-like), a failing setup line, a GPU trial without CUDA:
     each is failed with a reason on the next `status`; a re-run re-submits only what can resume."""
@@ -148,26 +166,52 @@ def test_bad_cluster_input_is_one_line(tmp_path, cluster):
     unreachable = lintrans(tmp_path, "run", TINY, "--backend", "slurm",
                            extra_env={"SLURM_CONF": str(tmp_path / "no-such-slurm.conf")})  # fmt: skip
     assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1, unreachable.stderr
-    assert unreachable.stderr.startswith("error: scontrol show config failed")
+    # reported within REACH_TIMEOUT_S (scontrol itself gives up on a missing slurm.conf after about 60 s),
+    # before anything is written
+    assert unreachable.stderr.startswith("error: scontrol did not answer within 10 s"), unreachable.stderr
+    assert not (tmp_path / "sweeps" / "tiny").exists()
 
 
 def test_splits_arrays_above_max_array_size(tmp_path, cluster):
     cluster.script("stop")
-    lowered = cluster.script("start", env_extra={"LINTRANS_SLURM_MAX_ARRAY_SIZE": "4"})
+    lowered = cluster.script("start", env_extra={"LINTRANS_SLURM_MAX_ARRAY_SIZE": "2"})
     assert lowered.returncode == 0, lowered.stderr
     arrays: list[tuple[str, str]] = []
     try:
         result = run(cluster, tmp_path, "run", TINY, "--backend", "slurm")
         assert result.returncode == 0, result.stderr
         arrays += re.findall(r"submitted array (\d+) with (\d+) tasks", result.stdout)
-        assert [n for _, n in arrays] == ["4", "2"], result.stdout
+        assert [n for _, n in arrays] == ["2", "2", "2"], result.stdout
         jobs = {json.loads((t / "launch.json").read_text())["job_id"] for t in trial_dirs(tmp_path, "tiny")}
         assert {j.split("_")[0] for j in jobs} == {a for a, _ in arrays} and len(jobs) == 6
+        # One `status` of the three arrays asks squeue once and sacct at most once, each about these jobs only.
+        calls = count_scheduler_calls(tmp_path, cluster, "status", TINY)
+        squeue = [c for c in calls if c[0] == "squeue"]
+        sacct = [c for c in calls if c[0] == "sacct"]
+        assert len(squeue) == 1 and len(sacct) <= 1, calls
+        for call in squeue + sacct:
+            asked = call[call.index("-j") + 1].split(",")
+            assert sorted(asked) == sorted(a for a, _ in arrays), calls
     finally:
         if arrays:
             cluster.run("scancel", *[a for a, _ in arrays], check=False)
         cluster.script("stop")
         assert cluster.script("start").returncode == 0
+
+
+def count_scheduler_calls(tmp_path: Path, cluster: Cluster, *args: str) -> list[list[str]]:
+    """The squeue/sacct calls one lintrans command makes: wrappers first on PATH log their argv, then run SLURM's."""
+    bin_dir, log = tmp_path / "logged-bin", tmp_path / "scheduler-calls.log"
+    bin_dir.mkdir(exist_ok=True)
+    log.write_text("")
+    for tool in ("squeue", "sacct"):
+        wrapper = bin_dir / tool
+        wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "{tool} $*" >> {log}\nexec {shutil.which(tool)} "$@"\n')
+        wrapper.chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    result = lintrans(tmp_path, *args, extra_env={"SLURM_CONF": cluster.env["SLURM_CONF"], "PATH": path})
+    assert result.returncode == 0, result.stderr
+    return [line.split() for line in log.read_text().splitlines()]
 
 
 def test_sbatch_only_scripts_keep_sweep_values_out_of_the_shell(tmp_path, cluster):

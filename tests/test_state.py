@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 
-from launchers import state
+from launchers import state, status
+from launchers.backends.slurm import array_tasks, arrays
 from launchers.state import Observation
+from launchers.sweep import Trial
 from launchers.trial import record_crash
 
 
@@ -19,49 +21,49 @@ def write(trial, name: str, data) -> None:
 
 
 def test_pending_queued_and_terminal_states(tmp_path):
-    assert state.view(tmp_path)["state"] == "pending"
+    assert status.view(tmp_path).state == "pending"
     state.write_launch(tmp_path, "slurm", "7_1", "log")
-    assert state.view(tmp_path)["state"] == "queued"  # submitted, nobody asked the scheduler
-    queued = state.view(tmp_path, Observation("queued", "PENDING (ReqNodeNotAvail, UnavailableNodes:n2)"))
-    assert (queued["state"], queued["reason"]) == ("queued", "PENDING (ReqNodeNotAvail, UnavailableNodes:n2)")
+    assert status.view(tmp_path).state == "queued"  # submitted, nobody asked the scheduler
+    queued = status.view(tmp_path, Observation("queued", "PENDING (ReqNodeNotAvail, UnavailableNodes:n2)"))
+    assert (queued.state, queued.reason) == ("queued", "PENDING (ReqNodeNotAvail, UnavailableNodes:n2)")
     time.sleep(0.01)
     state.write_status(tmp_path, "done", step=30)
-    assert state.view(tmp_path, Observation("running", "COMPLETING"))["state"] == "done"  # the trial's own word wins
+    assert status.view(tmp_path, Observation("running", "COMPLETING")).state == "done"  # the trial's own word wins
 
 
 def test_a_job_that_ended_without_the_trial_saying_so_is_failed(tmp_path):
     state.write_launch(tmp_path, "slurm", "9_0", "log")
     time.sleep(0.01)
     state.write_status(tmp_path, "running", step=12)
-    seen = state.view(tmp_path, Observation("ended", "NODE_FAIL (exit 0:0)"))
-    assert seen["state"] == "failed"
-    assert seen["reason"] == "slurm job 9_0 ended NODE_FAIL (exit 0:0) without the trial recording a state"
+    seen = status.view(tmp_path, Observation("ended", "NODE_FAIL (exit 0:0)"))
+    assert seen.state == "failed"
+    assert seen.reason == "slurm job 9_0 ended NODE_FAIL (exit 0:0) without the trial recording a state"
     # a requeued job is back in the queue: the trial waits, it is not running
-    assert state.view(tmp_path, Observation("queued", "PENDING (BeginTime)"))["state"] == "queued"
+    assert status.view(tmp_path, Observation("queued", "PENDING (BeginTime)")).state == "queued"
 
 
 def test_a_job_that_died_before_the_trial_started(tmp_path):
     state.write_status(tmp_path, "preempted", step=3)
     time.sleep(0.01)
     state.write_launch(tmp_path, "slurm", "4_2", "log")
-    seen = state.view(tmp_path, Observation("ended", "FAILED (exit 1:0)"))
-    assert seen["state"] == "failed" and "ended FAILED (exit 1:0) before the trial started" in seen["reason"]
+    seen = status.view(tmp_path, Observation("ended", "FAILED (exit 1:0)"))
+    assert seen.state == "failed" and "ended FAILED (exit 1:0) before the trial started" in seen.reason
 
 
 def test_a_process_that_died_silently_is_failed_and_a_live_lock_is_running(tmp_path):
     state.write_status(tmp_path, "running", step=5)
-    assert state.view(tmp_path)["state"] == "failed"
+    assert status.view(tmp_path).state == "failed"
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
                                f"fd = os.open({str(tmp_path / state.LOCK)!r}, os.O_CREAT | os.O_RDWR)\n"
                                "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert state.view(tmp_path)["state"] == "running"
+        assert status.view(tmp_path).state == "running"
     finally:
         holder.kill()
         holder.wait()
-    assert state.view(tmp_path)["state"] == "failed"
+    assert status.view(tmp_path).state == "failed"
 
 
 def test_record_crash_names_the_signal(tmp_path):
@@ -82,9 +84,33 @@ def test_damaged_status_with_every_record_is_done(tmp_path):
     (tmp_path / "records").mkdir()
     write(tmp_path / "records", "elbo-s-t-ckpt0.json", {"metrics": {"nll_bpd": 1.0}, "run": {"steps": 10}})
     write(tmp_path, state.STATUS, '{"state": "do')  # truncated
-    assert state.view(tmp_path)["state"] == "done"
+    assert status.view(tmp_path).state == "done"
+    state.write_launch(tmp_path, "slurm", "8_0", "log")  # the job that ran it, over since
+    assert status.view(tmp_path, Observation("ended", "COMPLETED (exit 0:0)")).state == "done"
+    assert status.view(tmp_path).state == "done"
     write(tmp_path / "records", "elbo-s-t-ckpt0.json", {"metrics": {"nll_bpd": 1.0}, "run": {"steps": 5}})
-    assert state.view(tmp_path)["state"] == "pending"  # a record of another step does not count
+    assert status.view(tmp_path).state == "queued"  # a record of another step does not count
+
+
+def test_a_trial_cancelled_before_it_started_is_stopped_and_run_resumes_it(tmp_path):
+    state.write_launch(tmp_path, "slurm", "5_2", "log")
+    state.mark_cancelled(tmp_path)
+    seen = status.view(tmp_path, Observation("ended", "CANCELLED (exit 0:0)"))
+    assert (seen.state, seen.reason) == ("stopped", "cancelled before it started (slurm job 5_2)")
+    assert status.view(tmp_path).state == "stopped"  # nobody asked the scheduler: it is still cancelled
+    trial = Trial("t", 0, {}, tmp_path, ())
+    assert status.plan([trial], {"t": seen}) == {"t": "resume"}
+    (tmp_path / "early").mkdir()  # stopped by ASHA: not resumed without --resume-stopped
+    state.write_status(tmp_path / "early", "stopped", resumable=False, reason="stopped early")
+    early = status.view(tmp_path / "early")
+    assert status.plan([trial], {"t": early}) == {"t": "skip (stopped; --resume-stopped resumes it)"}
+
+
+def test_sacct_range_records_stand_for_each_task():
+    assert array_tasks("5_[1-2%1]") == ["5_1", "5_2"]
+    assert array_tasks("5_[0,3-4]") == ["5_0", "5_3", "5_4"]
+    assert array_tasks("5_7") == ["5_7"] and array_tasks("12") == ["12"]
+    assert arrays(["12_0", "12_1", "9", "13_4"]) == ["12", "13", "9"]
 
 
 def test_locks_die_with_their_holder(tmp_path):
@@ -102,12 +128,12 @@ def test_a_preempted_trial_whose_job_was_killed_is_failed_unless_we_cancelled_it
     state.write_launch(tmp_path, "slurm", "11_1", "log")
     time.sleep(0.01)
     state.write_status(tmp_path, "preempted", reason="signal during training", step=14)
-    killed = state.view(tmp_path, Observation("ended", "CANCELLED (exit 0:9)"))
-    assert killed["state"] == "failed" and killed["resumable"] is True
-    assert killed["reason"].startswith("slurm job 11_1 ended CANCELLED (exit 0:9) after the trial stopped")
-    assert state.view(tmp_path, Observation("ended", "COMPLETED (exit 0:0)"))["state"] == "preempted"
+    killed = status.view(tmp_path, Observation("ended", "CANCELLED (exit 0:9)"))
+    assert killed.state == "failed" and killed.resumable is True
+    assert killed.reason.startswith("slurm job 11_1 ended CANCELLED (exit 0:9) after the trial stopped")
+    assert status.view(tmp_path, Observation("ended", "COMPLETED (exit 0:0)")).state == "preempted"
     state.mark_cancelled(tmp_path)  # `lintrans cancel` asked for it
-    assert state.view(tmp_path, Observation("ended", "CANCELLED (exit 0:15)"))["state"] == "preempted"
+    assert status.view(tmp_path, Observation("ended", "CANCELLED (exit 0:15)")).state == "preempted"
 
 
 def test_a_crashed_trial_whose_job_was_requeued_is_queued(tmp_path):
@@ -115,9 +141,9 @@ def test_a_crashed_trial_whose_job_was_requeued_is_queued(tmp_path):
     state.write_launch(tmp_path, "slurm", "5_0", "log")
     time.sleep(0.01)
     state.write_status(tmp_path, "failed", reason="RuntimeError: connection closed by peer", resumable=True)
-    assert state.view(tmp_path, Observation("queued", "PENDING (ReqNodeNotAvail)"))["state"] == "queued"
+    assert status.view(tmp_path, Observation("queued", "PENDING (ReqNodeNotAvail)")).state == "queued"
     state.write_status(tmp_path, "failed", reason="config.model.K must be ...", resumable=False)
-    assert state.view(tmp_path, Observation("running", "COMPLETING"))["state"] == "failed"
+    assert status.view(tmp_path, Observation("running", "COMPLETING")).state == "failed"
 
 
 def test_a_cancelled_job_that_is_still_ending_does_not_hold_its_trial(tmp_path):
@@ -126,8 +152,8 @@ def test_a_cancelled_job_that_is_still_ending_does_not_hold_its_trial(tmp_path):
     time.sleep(0.01)
     state.write_status(tmp_path, "preempted", reason="signal SIGTERM during training", step=14)
     ending = Observation("running", "COMPLETING")
-    assert state.view(tmp_path, ending)["state"] == "running"  # a requeue nobody asked to stop runs it again
+    assert status.view(tmp_path, ending).state == "running"  # a requeue nobody asked to stop runs it again
     state.mark_cancelled(tmp_path)
-    seen = state.view(tmp_path, ending)
-    assert seen["state"] == "preempted"
-    assert seen["reason"] == "signal SIGTERM during training; cancelled; slurm job 12_0 still ending (COMPLETING)"
+    seen = status.view(tmp_path, ending)
+    assert seen.state == "preempted"
+    assert seen.reason == "signal SIGTERM during training; cancelled; slurm job 12_0 still ending (COMPLETING)"

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from launchers import cli
-from launchers.sweep import load
-from tests.conftest import ROOT, assert_one_line, run
+from launchers import cli, status
+from launchers.sweep import SHOWN_CHARS, Trial, load
+from tests.conftest import ROOT, assert_one_line, lintrans, run
 
 HEAD = "name: b\nconfig: tests/configs/tiny.py\n"
 BAD = {
     "unknown key": (HEAD + "axes:\n  model.K: [2]\nbogus: 1\n", ":5: bogus: unknown key; valid: axes, backend"),
     "wrong type": (HEAD + "axes:\n  model.K: [2, ten]\n", ":4: axes.model.K.1: wrong type for 'model.K'"),
     "empty axis": (HEAD + "axes:\n  model.K: []\n", ":4: axes.model.K: an axis is a non-empty list"),
-    "unknown backend": (HEAD + "backend: pbs\naxes:\n  model.K: [2]\n", ":3: backend: Input should be 'local'"),
+    "unknown backend": (HEAD + "backend: pbs\naxes:\n  model.K: [2]\n", ":3: backend: unknown backend 'pbs'"),
     "unknown forward": (HEAD + "axes:\n  model.forward: [heat, warp]\n", ":4: axes.model.forward.1: unknown forward"),
     "unknown config key": (HEAD + "axes:\n  model.nope: [1]\n", ":4: axes.model.nope.0: unknown config key"),
     "impossible K": (HEAD + "axes:\n  model.K: [3, 0]\n", ":4: axes.model.K.1: config.model.K must be"),
@@ -32,6 +38,10 @@ BAD = {
     "duplicate values": (HEAD + "axes:\n  model.K: [3, 3]\n", ":4: axes.model.K: duplicate values 3"),
     "duplicate key": (HEAD + "axes:\n  model.K: [3]\n  model.K: [4]\n", ":5: axes.model.K: duplicate key"),
     "seed axis": (HEAD + "axes:\n  seed: [1, 2]\n", ":4: axes.seed: 'seed' is reserved"),
+    "asha grace": (
+        HEAD + "axes:\n  training.n_iters: [40, 20]\nray: {asha: {grace_period: 20}}\n",
+        ":5: ray.asha.grace_period: 20 steps must be below the shortest trial's training.n_iters (20)",
+    ),
     "zero log_freq": (HEAD + "axes:\n  training.log_freq: [0]\n", "config.training.log_freq must be an integer >= 1"),
     "eval num_test": (
         HEAD + "axes:\n  model.K: [2]\nevaluations:\n  - {mode: elbo, num_test: abc}\n",
@@ -90,9 +100,32 @@ def test_bad_sweep_files(tmp_path, capsys, case):
     text, needle = BAD[case]
     sweep = tmp_path / "bad.yaml"
     sweep.write_text(text)
-    code, _, err = run_cli(capsys, "--runs-dir", str(tmp_path / "runs"), "run", str(sweep))
-    assert_one_line(code, err, f"{sweep}{needle}" if needle.startswith(":") else needle)
-    assert not (tmp_path / "runs").exists()  # nothing submitted, nothing written
+    for dry in ([], ["--dry-run"]):  # --dry-run runs every check a real run does
+        code, _, err = run_cli(capsys, "--runs-dir", str(tmp_path / "runs"), "run", str(sweep), *dry)
+        assert_one_line(code, err, f"{sweep}{needle}" if needle.startswith(":") else needle)
+        assert not (tmp_path / "runs").exists()  # nothing submitted, nothing written
+
+
+def test_a_runs_folder_that_is_a_file_or_not_writable_is_one_line(tmp_path, capsys):
+    file = tmp_path / "runs-file"
+    file.write_text("precious")
+    for runs in (file, file / "below"):
+        code, _, err = run_cli(capsys, "--runs-dir", str(runs), "run", "tests/sweeps/tiny.yaml")
+        assert_one_line(code, err, f"runs folder {runs} cannot be created: {file} is a file, not a folder")
+    assert file.read_text() == "precious"
+    locked = Path(tempfile.mkdtemp(dir="/tmp")) / "locked"  # pytest's own tmp folders are private to root
+    locked.mkdir()
+    locked.parent.chmod(0o755)
+    locked.chmod(0o555)
+    # as an unprivileged user (root writes anywhere): ``nobody`` where the tests run as root
+    as_user = [] if os.geteuid() else [shutil.which("setpriv") or "setpriv", "--reuid=65534", "--regid=65534",
+                                       "--clear-groups"]  # fmt: skip
+    result = subprocess.run([*as_user, sys.executable, "-m", "launchers", "--runs-dir", str(locked), "run",
+                             "tests/sweeps/tiny.yaml"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert_one_line(result.returncode, result.stderr, f"runs folder {locked} is not writable by this user")
+    assert list(locked.iterdir()) == []
+    shutil.rmtree(locked.parent)
 
 
 def test_grid_larger_than_max_trials_is_refused(tmp_path, capsys):
@@ -104,10 +137,13 @@ def test_grid_larger_than_max_trials_is_refused(tmp_path, capsys):
     assert load(sweep, tmp_path, max_trials=2_000_000).size == 1_000_000  # raising the cap lets it through
 
 
-def test_sbatch_only_goes_with_slurm_only(tmp_path, capsys):
+def test_sbatch_only_is_the_sbatch_backend_and_goes_with_no_other(tmp_path, capsys):
     code, _, err = run_cli(capsys, "--runs-dir", str(tmp_path), "run", "tests/sweeps/tiny.yaml", "--sbatch-only",
                            "--backend", "local")  # fmt: skip
-    assert_one_line(code, err, "--sbatch-only writes SLURM scripts; it cannot go with --backend local")
+    assert_one_line(code, err, "--sbatch-only means --backend sbatch; it cannot go with --backend local")
+    code, out, _ = run_cli(capsys, "--runs-dir", str(tmp_path), "run", "tests/sweeps/tiny.yaml", "--sbatch-only",
+                           "--dry-run")  # fmt: skip
+    assert code == 0 and "#SBATCH --array=0-5%" in out and "would be submitted to sbatch" in out
 
 
 def test_expansion_is_deterministic_and_dry_run_writes_nothing(tmp_path, capsys):
@@ -227,7 +263,7 @@ def test_malformed_sweep_files_exit_2_with_one_line(tmp_path_factory, capsys, da
 @given(key=st.sampled_from([*KEYS[:-1], "training.log_freq", "eval.batch_size", "model.ema_rate"]), value=VALUES)
 def test_override_values_never_give_a_traceback(tmp_path_factory, capsys, key, value):
     """``train.py --config.<key>=<value>`` with any value: it trains (not here: refused before) or exits 2."""
-    from lintrans import cli as lcli
+    from lintrans import cmdline as lcli
 
     workdir = tmp_path_factory.mktemp("ov")
     text = json.dumps(value) if not isinstance(value, str) else value
@@ -250,3 +286,44 @@ def _validate_only(argv: list[str]) -> int:
     cfg.validate(config)
     create_forward(**cfg.forward_args(config))
     return 0
+
+
+# ----------------------------------------------------------------------------------------- what status prints
+
+
+def test_odd_values_stay_on_one_short_row_and_json_has_them_whole(tmp_path, capsys):
+    long_value = "x" * 300
+    trials = [Trial("a1", 0, {"data.note": "two\nlines\x1b[31m", "seed": 0}, tmp_path / "a1", ("data.note",)),
+              Trial("b2", 1, {"data.note": long_value, "seed": 0}, tmp_path / "b2", ("data.note",))]  # fmt: skip
+    assert trials[0].label == "note=two\\nlines\\x1b[31m seed=0"
+    assert trials[1].label == f"note={'x' * (SHOWN_CHARS - 1)}… seed=0"
+    seen = status.views(trials)
+    status.print_trials(load("tests/sweeps/tiny.yaml", tmp_path, check_forwards=False), trials, seen)
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 4 and "\x1b" not in out  # header, two rows, the count
+    assert max(len(line) for line in out.splitlines()) < 130, out
+    assert [row["values"]["data.note"] for row in json.loads(status.as_json(trials, seen))] == [
+        "two\nlines\x1b[31m",
+        long_value,
+    ]
+
+
+def test_one_trial_is_one_trial_and_a_damaged_file_is_said_once(tmp_path, capsys):
+    sweep = tmp_path / "one.yaml"
+    sweep.write_text(HEAD + "axes:\n  model.K: [3]\n")
+    code, out, _ = run_cli(capsys, "--runs-dir", str(tmp_path / "runs"), "run", str(sweep), "--dry-run")
+    assert code == 0 and "dry run: 1 of 1 trial would be submitted to local" in out
+    (trial,) = load(sweep, tmp_path / "runs").trials()
+    trial.run_dir.mkdir(parents=True)
+    (trial.run_dir / "status.json").write_text('{"state": "runn')
+    (trial.run_dir / "trial.json").write_text("{}")
+    result = lintrans(tmp_path / "runs", "status", str(sweep))
+    assert result.returncode == 0 and "sweep b: 1 trial (" in result.stdout
+    assert result.stderr.count("unreadable") == 1, result.stderr
+
+
+def test_the_follow_hint_keeps_the_runs_folder(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "--runs-dir", str(tmp_path / "mine"), "run", "tests/sweeps/tiny.yaml",
+                           "--backend", "sbatch")  # fmt: skip
+    assert code == 0
+    assert f"follow with: lintrans --runs-dir {tmp_path / 'mine'} status tests/sweeps/tiny.yaml" in out

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from launchers import state
+from launchers import state, status
+from launchers.backends import Backend
 from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
 from launchers.trial import record_crash
@@ -87,13 +88,23 @@ class Running:
     gpus: list[str]
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, gpus: str | None = None, say: Callable[[str], None] = print) -> None:
         self.gpu_flag, self.say = gpus, say
 
-    def dry_run(self, sweep: Sweep, trials: list[Trial]) -> str:
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        parser.add_argument(
+            "--gpus", default=None, help="local: GPU ids to use, e.g. 0,3 (default: CUDA_VISIBLE_DEVICES)"
+        )
+
+    @classmethod
+    def from_args(cls, args) -> LocalBackend:
+        return cls(gpus=args.gpus)
+
+    def describe(self, sweep: Sweep, trials: list[Trial]) -> str:
         pool = gpu_pool(self.gpu_flag, dict(os.environ), _device_count) if sweep.resources.gpus else []
         n = slots(sweep, pool)
         return f"local: {len(trials)} trials, {n} at a time" + (f" over GPUs {','.join(pool)}" if pool else "")
@@ -182,11 +193,11 @@ class LocalBackend:
                          f"of {sweep.local.max_restarts})")  # fmt: skip
                 queue.insert(0, trial)
                 return
-        st = state.view(trial.run_dir)
-        detail = f": {st['reason']}" if st.get("reason") else ""
-        if st["state"] == "failed":
+        st = status.view(trial.run_dir)
+        detail = f": {st.reason}" if st.reason else ""
+        if st.state == "failed":
             failed.append(trial)
-        self.say(f"  {st['state']:<8} {trial.id} {trial.label} (exit {code}){detail}")
+        self.say(f"  {st.state:<8} {trial.id} {trial.label} (exit {code}){detail}")
 
 
 def _device_count() -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,7 +39,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from launchers import state
+from launchers import state, status
+from launchers.backends import Backend
 from launchers.schema import Resources
 from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
@@ -80,9 +82,8 @@ def _reporter(trial_dir: Path, metric: str) -> Callable[[int, dict], None]:
             st = state.status(trial_dir)
             if st.get("state") == "stopped":
                 raise Stopped(st.get("reason") or "stopped early by the trial scheduler") from None
-            state.write_status(
-                trial_dir, "preempted", step=step, reason="Ray stopped the trial (driver shut down)", resumable=True
-            )
+            why = "cancelled (lintrans cancel)" if _cancelled(trial_dir) else "Ray stopped the trial (driver shut down)"
+            state.write_status(trial_dir, "preempted", step=step, reason=why, resumable=True)
             raise
 
     return report
@@ -268,16 +269,43 @@ class _Workers:
 # --------------------------------------------------------------------------- the driver side
 
 
-def _recorder(metric: str):
+def _cancelled(trial_dir: Path) -> bool:
+    """``lintrans cancel`` marked the trial's current launch (:func:`launchers.state.mark_cancelled`)."""
+    return bool(state.launch(trial_dir).get("cancelled"))
+
+
+def _cancel_stopper():
+    """A Tune stopper that stops, through Tune, the trials ``lintrans cancel`` marked (at their next report)."""
+    from ray.tune import Stopper
+
+    class CancelStopper(Stopper):
+        def __init__(self) -> None:
+            self.dirs: dict[str, Path] = {}  # Tune's trial id -> run directory, filled by the recorder
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return trial_id in self.dirs and _cancelled(self.dirs[trial_id])
+
+        def stop_all(self) -> bool:
+            return False
+
+    return CancelStopper()
+
+
+def _recorder(metric: str, stopper):
     """A Tune callback that records what only the driver knows: a scheduler's stop, a trial Ray gave up on."""
     from ray.tune import Callback
 
     class Recorder(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            stopper.dirs[trial.trial_id] = Path(trial.config["trial_dir"])
+
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             # ``done`` on a result the trial did not mark done: the scheduler (ASHA) decided to stop it.
             # Recorded now, before the trial's actor is told, so the trial ends as stopped, never failed.
             trial_dir = Path(trial.config["trial_dir"])
             if not result.get("done") or state.status(trial_dir).get("state") != "running":
+                return
+            if _cancelled(trial_dir):  # our stopper's doing: the trial records itself preempted
                 return
             step, value = result.get("step"), result.get(metric)
             shown = f" ({metric}={value:.4g})" if isinstance(value, float) and math.isfinite(value) else ""
@@ -342,24 +370,94 @@ def trial_steps(sweep: Sweep, trial: Trial) -> int:
     return trial.overrides.get("training.n_iters", sweep.base.training.n_iters)
 
 
-class RayBackend:
+# Tune's trial states, as an observation's phase.
+TUNE_PHASES = {"PENDING": "queued", "PAUSED": "queued", "RUNNING": "running", "TERMINATED": "ended", "ERROR": "ended"}
+
+
+def _driver_alive(driver: str | None) -> bool | None:
+    """Whether the ``host:pid`` driver of a launch still runs; None when it is on another host (or unknown)."""
+    host, _, pid = (driver or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def tune_states(experiment: Path) -> dict[str, str]:
+    """Tune's own state of each trial of an experiment (by run directory), from its saved experiment state."""
+    if not experiment.is_dir():
+        return {}
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        analysis = ExperimentAnalysis(str(experiment))
+    except Exception:  # noqa: BLE001 - Ray's saved state is read as far as it goes (nothing saved yet, partial)
+        return {}
+    return {str(t.config.get("trial_dir")): t.status for t in analysis.trials}
+
+
+class RayBackend(Backend):
     name = "ray"
 
     def __init__(self, address: str | None = None, say: Callable[[str], None] = print) -> None:
         self.address, self.say = address, say
 
-    def dry_run(self, sweep: Sweep, trials: list[Trial]) -> str:
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        parser.add_argument("--ray-address", default=None, help="ray: address of an existing cluster")
+
+    @classmethod
+    def from_args(cls, args) -> RayBackend:
+        return cls(address=args.ray_address)
+
+    def check(self, sweep: Sweep) -> None:
+        """ASHA compares trials on what they report while training (its grace period: :func:`sweep.load`)."""
+        metric = sweep.search.objective.metric
+        if sweep.ray.asha is not None and metric not in TRAINING_METRICS:
+            raise UsageError(
+                f"{sweep.path}: ray.asha compares trials during training, on "
+                f"{' or '.join(TRAINING_METRICS)}; search.objective.metric is {metric!r}"
+            )
+
+    def describe(self, sweep: Sweep, trials: list[Trial]) -> str:
         r = sweep.resources
         workers = f", {r.world_size} DDP workers each" if r.world_size > 1 else ""
         return f"ray: {len(trials)} trials, {r.cpus} CPU / {r.gpus} GPU per rank{workers}, under {sweep.dir / 'ray'}"
 
     def observe(self, trials: list[Trial]) -> dict[str, Observation]:
-        return {}  # Tune's own states are recorded into the trials by the callback while `run` waits
+        """Tune's own state of each trial (pending, running, terminated, errored), and whether its driver runs."""
+        out, experiments = {}, {}
+        for t in trials:
+            ln = state.launch(t.run_dir)
+            if ln.get("backend") != self.name or not ln.get("job_id"):
+                continue
+            path = t.run_dir.parent / "ray" / str(ln["job_id"])
+            if path not in experiments:
+                experiments[path] = tune_states(path)
+            tune_state = experiments[path].get(str(t.run_dir.resolve()))
+            alive = _driver_alive(ln.get("driver"))
+            phase = TUNE_PHASES.get(tune_state or "")
+            if phase in ("queued", "running") and alive is False:
+                out[t.id] = Observation("ended", f"{tune_state} (driver {ln['driver']} exited)")
+            elif phase is not None:
+                out[t.id] = Observation(phase, tune_state)
+            elif alive is False:
+                out[t.id] = Observation("ended", f"(driver {ln['driver']} exited)")
+        return out
 
     def cancel(self, trials: list[Trial]) -> int:
-        from launchers.backends.local import LocalBackend
-
-        return LocalBackend().cancel(trials)  # same machine or shared FS: the trial's pid and lock
+        """Mark the queued and running trials cancelled: the driver's stopper stops them through Tune."""
+        seen = status.views(trials, self.observe(trials))
+        ours = [t for t in trials if state.launch(t.run_dir).get("backend") == self.name]
+        chosen = [t for t in ours if seen[t.id].state in ("queued", "running")]
+        for t in chosen:
+            state.mark_cancelled(t.run_dir)
+        return len(chosen)
 
     def submit(self, sweep: Sweep, trials: list[Trial]) -> int:
         import ray
@@ -374,7 +472,9 @@ class RayBackend:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env or None)
         try:
             storage = str((sweep.dir / "ray").resolve())
+            driver = f"{socket.gethostname()}:{os.getpid()}"  # observe: Tune's states hold while it runs
             name = experiment_name(sweep, Path(storage))
+            stopper = _cancel_stopper()
             trainable = tune.with_resources(_trainable, tune.PlacementGroupFactory(bundles(r), strategy=strategy(r)))
             tuner = tune.Tuner(
                 trainable,
@@ -391,13 +491,14 @@ class RayBackend:
                 run_config=tune.RunConfig(
                     name=name,
                     storage_path=storage,
-                    callbacks=[_recorder(metric), JsonLoggerCallback()],
+                    callbacks=[_recorder(metric, stopper), JsonLoggerCallback()],
+                    stop=stopper,
                     verbose=1,
                     failure_config=tune.FailureConfig(max_failures=sec.max_failures),
                 ),
             )
             for t in trials:
-                state.write_launch(t.run_dir, "ray", name, str(t.run_dir / "train.log"))
+                state.write_launch(t.run_dir, "ray", name, str(t.run_dir / "train.log"), driver=driver)
             workers = f", {r.world_size} DDP workers each" if r.world_size > 1 else ""
             self.say(
                 f"ray: {len(trials)} trials, {r.cpus} CPU / {r.gpus} GPU per rank{workers}, "
@@ -409,7 +510,7 @@ class RayBackend:
             ray.shutdown()  # after it, no trial actor holds its lock: the states below are final
         counts: dict[str, int] = {}
         for t in trials:
-            st = state.view(t.run_dir)["state"]
+            st = status.view(t.run_dir).state
             counts[st] = counts.get(st, 0) + 1
         errors = sum(1 for res in results if res.error is not None)
         self.say(
@@ -426,17 +527,7 @@ class RayBackend:
             return None
         from ray.tune.schedulers import ASHAScheduler
 
-        if metric not in TRAINING_METRICS:
-            raise UsageError(
-                f"{sweep.path}: ray.asha compares trials during training, on "
-                f"{' or '.join(TRAINING_METRICS)}; search.objective.metric is {metric!r}"
-            )
-        steps = [trial_steps(sweep, t) for t in trials] or [sweep.base.training.n_iters]
-        if asha.grace_period >= min(steps):
-            raise UsageError(
-                f"{sweep.path}: ray.asha.grace_period ({asha.grace_period} steps) must be below "
-                f"training.n_iters ({min(steps)})"
-            )
+        steps = [trial_steps(sweep, t) for t in trials] or [sweep.base.training.n_iters]  # grace: sweep.load
         return ASHAScheduler(
             time_attr="step",
             metric=metric,

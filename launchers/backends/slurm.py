@@ -1,19 +1,12 @@
-"""SLURM backend: job arrays through submitit, or plain sbatch scripts with a manifest.
+"""SLURM backend: job arrays through submitit (its public executor API), watched with squeue and sacct.
 
-submitit: one array per sweep (split when larger than the cluster's ``MaxArraySize``), throttled
-with ``%N``; each task (one per DDP rank: ``resources.nodes`` x ``tasks_per_node``, one task per
-GPU) runs the trial entry point as a child process. On the time-limit or preemption signal
-(USR2, ``signal_delay_s`` before the limit) submitit calls :meth:`SlurmTrial.checkpoint`, which
-makes the trial checkpoint and hands back the same call, and submitit requeues the task;
-``scontrol requeue`` (SIGTERM) does the same through SLURM. The job's environment comes from
-``slurm.setup`` (shell lines written by the sweep author: ``module load``, ``conda activate``,
-``source venv/bin/activate``), which run before the trial and fail the job if one fails.
-
-``--sbatch-only`` writes plain array scripts that read each task's trial directory from a
-manifest by ``SLURM_ARRAY_TASK_ID``; every submission gets its own script and manifest, never
-rewritten. No value from a sweep's axes is written into shell text: scripts carry only
-validated tokens, numbers, ``shlex``-quoted paths and the author's own setup lines; overrides
-travel in ``trial.json``.
+One array per sweep (split when larger than the cluster's ``MaxArraySize``), throttled with
+``%N``; each task (one per DDP rank: ``resources.nodes`` x ``tasks_per_node``, one task per GPU)
+runs the trial entry point as a child process. The job's options, setup lines and srun arguments
+come from the one script writer, :mod:`launchers.backends.sbatch_script`, which also documents the
+preemption contract: on USR2 (``signal_delay_s`` before the limit) submitit calls
+:meth:`SlurmTrial.checkpoint`, which makes the trial checkpoint (exit 75) and hands back the same
+call, and submitit requeues the task; ``scontrol requeue`` (SIGTERM) does the same through SLURM.
 
 :meth:`SlurmBackend.observe` asks ``squeue`` (queued, running, with the pending reason) and
 ``sacct`` (how a job ended: FAILED, OUT_OF_MEMORY, NODE_FAIL, TIMEOUT, CANCELLED, BOOT_FAIL), so
@@ -22,10 +15,8 @@ travel in ``trial.json``.
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -34,37 +25,43 @@ from collections.abc import Callable
 from pathlib import Path
 
 from launchers import state
+from launchers.backends import Backend
+from launchers.backends.sbatch_script import options, render, setup_lines, submitit_parameters
 from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
 from launchers.trial import record_crash
-from lintrans.atomic import write_text
 from lintrans.errors import UsageError
 from lintrans.procenv import EXIT_PREEMPTED, is_rank0
 
-SAFE_PATH = re.compile(r"[A-Za-z0-9_.,:=/+@%-]+")
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "RESIZING", "SUSPENDED"}
 RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
 CHECKPOINT_WAIT_S = 300
 
 
-def _slurm(*args: str) -> str:
+REACH_TIMEOUT_S = 10  # a controller that does not answer `scontrol show config` in this time is unreachable
+
+
+def slurm_command(*args: str, timeout: float = 60) -> str:
     """Run a SLURM client command; a cluster that cannot be reached is bad input, said in one line."""
     try:
-        out = subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+        out = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         raise UsageError(
             f"{args[0]} not found: this machine has no SLURM client (install it, or use --backend local)"
         ) from None
     except subprocess.TimeoutExpired:
-        raise UsageError(f"{args[0]} did not answer within 60 s: is slurmctld reachable (SLURM_CONF)?") from None
+        raise UsageError(
+            f"{args[0]} did not answer within {timeout:.0f} s: is slurmctld reachable "
+            f"(SLURM_CONF={os.environ.get('SLURM_CONF', 'unset')})?"
+        ) from None
     if out.returncode != 0:
         lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
         raise UsageError(f"{' '.join(args[:3])} failed: {lines[-1] if lines else f'exit {out.returncode}'}")
     return out.stdout
 
 
-def scontrol_config() -> dict[str, str]:
-    out = _slurm("scontrol", "show", "config")
+def scontrol_config(timeout: float = 60) -> dict[str, str]:
+    out = slurm_command("scontrol", "show", "config", timeout=timeout)
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^(\w+)\s+=\s+(.*)$", out, re.MULTILINE)}
 
 
@@ -75,43 +72,11 @@ def chunks(trials: list[Trial], size: int) -> list[list[Trial]]:
 def check_partition(partition: str | None) -> None:
     if partition is None:
         return
-    known = set(_slurm("sinfo", "-h", "-o", "%R").split())
+    known = set(slurm_command("sinfo", "-h", "-o", "%R").split())
     if partition not in known:
         raise UsageError(
             f"slurm.partition '{partition}' does not exist on this cluster; valid: {', '.join(sorted(known))}"
         )
-
-
-def resources(sweep: Sweep) -> dict:
-    """What a task asks of SLURM. Memory goes out in whole megabytes (``--mem=7680M``), never ``7.5GB``."""
-    r, s = sweep.resources, sweep.slurm
-    if not SAFE_PATH.fullmatch(str(sweep.dir.resolve())):
-        raise UsageError(f"run directory {sweep.dir.resolve()} has characters SLURM paths cannot carry")
-    return {
-        "nodes": r.nodes,
-        "ntasks_per_node": r.tasks,
-        "cpus_per_task": r.cpus,
-        "gpus_per_node": r.gpus or None,
-        "mem": f"{round(r.mem_gb * 1024)}M" if r.mem_gb else None,
-        "time": r.time_min,
-        "partition": s.partition,
-        "account": s.account,
-        "qos": s.qos,
-        "constraint": s.constraint,
-    }
-
-
-def setup_lines(sweep: Sweep) -> list[str]:
-    """The author's setup lines, run with ``set -e`` so that one failing fails the job before the trial."""
-    if not sweep.slurm.setup:
-        return []
-    return [
-        "set -e  # a failing setup line fails the job (the trial has not started)",
-        "trap 'echo \"lintrans: setup line failed (exit $?): $BASH_COMMAND\" >&2' ERR",
-        *sweep.slurm.setup,
-        "trap - ERR",
-        "set +e",
-    ]
 
 
 class SlurmTrial:
@@ -150,7 +115,7 @@ class SlurmTrial:
 
         proc = self.proc
         if proc is not None and proc.returncode is None:
-            proc.send_signal(signal.SIGUSR1)
+            proc.send_signal(signal.SIGUSR2)  # the contract's signal (sbatch_script.PREEMPT_SIGNAL)
             deadline = time.time() + CHECKPOINT_WAIT_S
             while time.time() < deadline:
                 if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
@@ -164,36 +129,36 @@ class SlurmTrial:
         return {"proc": None}
 
 
-class SlurmBackend:
+class SlurmBackend(Backend):
     name = "slurm"
+    waits = False  # returns once the arrays are queued
 
     def __init__(self, say: Callable[[str], None] = print) -> None:
         self.say = say
+        self.config: dict[str, str] | None = None  # `scontrol show config`, once `check` asked
+
+    def check(self, sweep: Sweep) -> None:
+        """The controller answers (within :data:`REACH_TIMEOUT_S`) and knows the sweep's partition."""
+        self.config = scontrol_config(timeout=REACH_TIMEOUT_S)
+        check_partition(sweep.slurm.partition)
 
     # ---------------------------------------------------------------- submitit
 
     def executor(self, sweep: Sweep):
         import submitit
 
-        r = {k: v for k, v in resources(sweep).items() if v is not None}
         ex = submitit.SlurmExecutor(folder=sweep.dir / "slurm" / "%j", max_num_timeout=sweep.slurm.max_requeues)
-        ex.update_parameters(
-            job_name=f"lintrans-{sweep.name}",
-            array_parallelism=sweep.slurm.array_parallelism,
-            signal_delay_s=sweep.slurm.signal_delay_s,
-            stderr_to_stdout=True,
-            setup=setup_lines(sweep),
-            srun_args=list(sweep.slurm.srun_args),
-            additional_parameters={"requeue": True, **sweep.slurm.additional},  # NODE_FAIL requeues the job
-            **r,
-        )
+        ex.update_parameters(**submitit_parameters(sweep))
         return ex
+
+    def describe(self, sweep: Sweep, trials: list[Trial]) -> str:
+        return f"slurm: {len(trials)} trials as job arrays (%{sweep.slurm.array_parallelism}) through submitit"
 
     def submit(self, sweep: Sweep, trials: list[Trial]) -> int:
         """Submit ``trials`` as job arrays; returns once they are queued."""
-        config = scontrol_config()
-        check_partition(sweep.slurm.partition)
-        size = int(config.get("MaxArraySize", "1001"))
+        if self.config is None:
+            self.check(sweep)
+        size = int(self.config.get("MaxArraySize", "1001"))
         ex = self.executor(sweep)
         for part in chunks(trials, size):
             jobs = ex.map_array(SlurmTrial(), [str(t.run_dir.resolve()) for t in part])
@@ -204,21 +169,20 @@ class SlurmBackend:
         return 0
 
     def dry_run(self, sweep: Sweep, trials: list[Trial]) -> str:
-        """The exact sbatch text submitit generates for this array."""
-        from submitit.slurm.slurm import _make_sbatch_string
-
-        ex = self.executor(sweep)
-        params = dict(ex.parameters)
-        params["map_count"] = max(1, len(trials))
-        command = " ".join(
-            [shlex.quote(sys.executable), "-u", "-m", "submitit.core._submit", shlex.quote(str(ex.folder))]
-        )
-        text = _make_sbatch_string(command=command, folder=ex.folder, **params)
-        return f"# sbatch script submitit would submit for {len(trials)} trial(s):\n{text}"
+        """The job the array is, from the one script writer; submitit adds its own srun line that runs the tasks."""
+        logs = sweep.dir.resolve() / "slurm" / "%A_%a" / "%A_%a_0_log.out"
+        srun = " ".join(["srun", "--unbuffered", "--output", "<task log>", *sweep.slurm.srun_args])
+        body = [
+            "# submitit adds --wckey=submitit and, as the command, its own srun line for each task:",
+            f"# {srun} <submitit's worker>, which calls SlurmTrial on the task's trial directory",
+        ]
+        text = render(options(sweep, max(1, len(trials)), str(logs)), setup_lines(sweep), body)
+        return f"# SLURM job submitit would submit for {len(trials)} trial(s):\n{text}"
 
     # ---------------------------------------------------------------- watching and stopping
 
     def observe(self, trials: list[Trial]) -> dict[str, Observation]:
+        """One ``squeue`` and one ``sacct``, each asked only about this sweep's jobs (``-j``), never the whole queue."""
         jobs = {}
         for t in trials:
             ln = state.launch(t.run_dir)
@@ -227,105 +191,68 @@ class SlurmBackend:
         if not jobs:
             return {}
         out: dict[str, Observation] = {}
-        for line in _slurm("squeue", "-h", "-r", "-o", "%i|%T|%r").splitlines():
-            job, st, reason = ([*line.split("|"), "", ""])[:3]
-            if job in jobs:
-                phase = "running" if st in RUNNING else "queued"
-                out[jobs[job]] = Observation(phase, f"{st} ({reason})" if reason and reason != "None" else st)
+        for job, st, reason in job_records("squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(arrays(jobs))):
+            for task in array_tasks(job):
+                if task in jobs:
+                    phase = "running" if st in RUNNING else "queued"
+                    out[jobs[task]] = Observation(phase, f"{st} ({reason})" if reason and reason != "None" else st)
         ended = [j for j in jobs if jobs[j] not in out]
-        for part in (ended[i : i + 500] for i in range(0, len(ended), 500)):
-            for line in _slurm(
-                "sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode", "-j", ",".join(part)
-            ).splitlines():
-                job, st, exit_code = ([*line.split("|"), "", ""])[:3]
-                if job in jobs and jobs[job] not in out:
-                    st = st.split()[0]  # "CANCELLED by 0"
+        if not ended:
+            return out
+        for job, st, exit_code in job_records("sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode",
+                                               "-j", ",".join(arrays(ended))):  # fmt: skip
+            st = st.split()[0] if st else st  # "CANCELLED by 0"
+            for task in array_tasks(job):
+                if task in jobs and jobs[task] not in out:
                     phase = "queued" if st in QUEUED else "running" if st in RUNNING else "ended"
-                    out[jobs[job]] = Observation(phase, f"{st} (exit {exit_code})" if phase == "ended" else st)
+                    out[jobs[task]] = Observation(phase, f"{st} (exit {exit_code})" if phase == "ended" else st)
         return out
 
     def cancel(self, trials: list[Trial]) -> int:
         """``scancel`` the queued and running tasks of ``trials``; running trials checkpoint on SIGTERM."""
         seen = self.observe(trials)
-        ids = sorted({str(state.launch(t.run_dir).get("job_id")) for t in trials
-                      if t.id in seen and seen[t.id].phase != "ended"})  # fmt: skip
-        if ids:
-            for t in trials:
-                if str(state.launch(t.run_dir).get("job_id")) in ids:
-                    state.mark_cancelled(t.run_dir)
-            _slurm("scancel", *ids)
-        return len(ids)
-
-    # ---------------------------------------------------------------- plain sbatch scripts
-
-    def sbatch_scripts(self, sweep: Sweep, trials: list[Trial]) -> list[Path]:
-        """Plain sbatch array scripts (no submitit needed on the cluster) and their manifests, unique per call."""
-        r = resources(sweep)
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
-        folder = (sweep.dir / "sbatch" / stamp).resolve()
-        size = int(scontrol_config().get("MaxArraySize", "1001")) if _has_slurm() else 1001
-        logs = (sweep.dir / "slurm").resolve()
-        logs.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for n, part in enumerate(chunks(trials, max(1, size))):
-            manifest = folder / f"{sweep.name}.{n}.manifest"
-            write_text(manifest, "".join(f"{t.run_dir.resolve()}\n" for t in part))
-            path = folder / f"{sweep.name}.{n}.sbatch"
-            write_text(path, sbatch_text(sweep, r, len(part), manifest, logs))
-            for t in part:
-                state.write_launch(t.run_dir, "sbatch", None, None, script=str(path))
-            paths.append(path)
-        return paths
+        return scancel({t.run_dir: str(state.launch(t.run_dir).get("job_id")) for t in trials
+                        if t.id in seen and seen[t.id].phase != "ended"})  # fmt: skip
 
 
-def _has_slurm() -> bool:
+def arrays(jobs) -> list[str]:
+    """The job ids to ask the scheduler about: each array once (``12`` for ``12_0`` and ``12_1``)."""
+    return sorted({job.split("_")[0] for job in jobs})
+
+
+def array_tasks(job: str) -> list[str]:
+    """The tasks a job record stands for: ``5_[1-2,4%1]`` (tasks that never started, as ``sacct`` and
+    ``squeue`` list them) is ``5_1, 5_2, 5_4``; ``5_7`` and ``9`` stand for themselves."""
+    m = re.fullmatch(r"(\d+)_\[([\d,-]+)(?:%\d+)?\]", job)
+    if not m:
+        return [job]
+    base, ranges = m.groups()
+    tasks = []
+    for part in ranges.split(","):
+        first, _, last = part.partition("-")
+        tasks += [f"{base}_{i}" for i in range(int(first), int(last or first) + 1)]
+    return tasks
+
+
+def job_records(*command: str) -> list[tuple[str, str, str]]:
+    """The ``|``-separated three-field lines of a ``squeue``/``sacct`` call; none once the jobs left.
+
+    ``squeue -j`` of jobs that all left the queue is an error ("Invalid job id specified"), not an
+    empty answer: that means nothing is queued or running.
+    """
     try:
-        scontrol_config()
-    except UsageError:
-        return False
-    return True
+        text = slurm_command(*command)
+    except UsageError as exc:
+        if "Invalid job id" in str(exc):
+            return []
+        raise
+    return [tuple([*line.split("|"), "", ""][:3]) for line in text.splitlines() if line.strip()]
 
 
-def sbatch_text(sweep: Sweep, r: dict, n: int, manifest: Path, logs: Path) -> str:
-    """One array script: the #SBATCH header from validated values, the author's setup, the trial under srun."""
-    header = {
-        "job-name": f"lintrans-{sweep.name}",
-        "array": f"0-{n - 1}%{sweep.slurm.array_parallelism}",
-        "output": f"{logs}/%A_%a.log",
-        "nodes": r["nodes"],
-        "ntasks-per-node": r["ntasks_per_node"],
-        "cpus-per-task": r["cpus_per_task"],
-        "time": r["time"],
-        "signal": f"B:USR1@{sweep.slurm.signal_delay_s}",
-        "requeue": True,
-        "open-mode": "append",
-        "gpus-per-node": r["gpus_per_node"],
-        "mem": r["mem"],
-        **{k: r[k] for k in ("partition", "account", "qos", "constraint")},
-        **sweep.slurm.additional,
-    }
-    lines = ["#!/bin/bash"]
-    lines += [f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={v}" for k, v in header.items() if v is not None]
-    srun = shlex.join(["srun", *sweep.slurm.srun_args, sys.executable, "-m", "launchers.trial"])
-    lines += [
-        *setup_lines(sweep),
-        "set -uo pipefail",
-        f"cd {shlex.quote(str(Path.cwd().resolve()))}",
-        f"manifest={shlex.quote(str(manifest))}",
-        'trial_dir=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$manifest")',
-        "export LINTRANS_BACKEND=sbatch PYTHONUNBUFFERED=1",
-        'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
-        "# USR1 (time limit / preemption, sent to this shell by --signal=B:USR1) reaches the",
-        "# trainers through srun; they checkpoint and exit 75, and the task requeues itself.",
-        f'{srun} "$trial_dir" &',
-        "child=$!",
-        "trap 'kill -USR1 \"$child\"' USR1",
-        'wait "$child"; code=$?',
-        'while [ "$code" -gt 128 ] && kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done',
-        f'if [ "$code" -eq {EXIT_PREEMPTED} ]; then',
-        '  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
-        "  exit 0",
-        "fi",
-        'exit "$code"',
-    ]
-    return "\n".join(lines) + "\n"
+def scancel(jobs: dict[Path, str]) -> int:
+    """Mark each trial (run directory -> its job) cancelled, then ``scancel`` the jobs; how many jobs."""
+    for trial_dir in jobs:
+        state.mark_cancelled(trial_dir)
+    if jobs:
+        slurm_command("scancel", *sorted(set(jobs.values())))
+    return len(set(jobs.values()))

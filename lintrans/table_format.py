@@ -1,4 +1,4 @@
-"""Render rows of results as Markdown, CSV or JSON: the one table renderer of the project."""
+"""Rows of results as Markdown, CSV or JSON text: the one table renderer (which rows: launchers/table.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def cell(value: Any) -> str:
 
 
 def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str = "md", title: str | None = None) -> str:
+    """``rows`` as text in ``fmt`` (one of :data:`FORMATS`), ``columns`` in order; ``title`` heads Markdown only."""
     if fmt == "json":
         return json.dumps([{c: r.get(c) for c in columns} for r in rows], indent=2, default=str) + "\n"
     if fmt == "csv":
