@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from launchers import backends, state, status, submission, table
 from launchers.search import listed_trials, run_optuna
@@ -48,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     tab = sub.add_parser("table", help="results table of one or more sweeps")
     tab.add_argument("sweeps", nargs="+")
     tab.add_argument("--format", default="md", help=f"one of {', '.join(FORMATS)}")
+    tab.add_argument("--out", default=None, metavar="FILE", help="also write the table to FILE (.csv, .json or .md)")
     tab.add_argument("--grouped", action="store_true", help="mean ± std over seeds")
     tab.add_argument("--all", action="store_true", help="also trials of older versions of the sweep file")
     tab.add_argument("--sort", default=None, metavar="METRIC", help="order by a metric (best first)")
@@ -87,6 +89,8 @@ def cmd_cancel(args) -> int:
 def cmd_table(args) -> int:
     if args.format not in FORMATS:
         raise UsageError(f"unknown format '{args.format}'; valid: {choices(FORMATS)}")
+    if args.out and Path(args.out).suffix not in table.OUT_FORMATS:
+        raise UsageError(f"--out {args.out}: unknown extension; valid: {choices(table.OUT_FORMATS)}")
     for kind in args.plot:
         if kind not in table.PLOTS and not kind.endswith(".png"):
             raise UsageError(f"unknown --plot '{kind}'; valid: {choices(table.PLOTS)}, or a .png path")
@@ -106,7 +110,8 @@ def cmd_table(args) -> int:
         for sweep, trials in sweeps:
             written = table.plot(kind, sweep, trials, rows, objective.metric)
             print(f"plot: {written}" if written else f"plot {kind}: nothing to plot yet", file=sys.stderr)
-    table.rebuild_shared(sweeps[0][0].runs_dir)
+    if args.out:
+        table.write_out(rows, args.out, args.grouped)
     return 0
 
 

@@ -140,13 +140,22 @@ class Lock:
             self.fd = None
 
     def held_elsewhere(self) -> bool:
-        """True while another process holds the lock (works after the launcher is gone)."""
-        if not self.path.exists():
+        """True while another process holds the lock (works after the launcher is gone).
+
+        Asked through a read-only descriptor (``flock`` needs no write access), so ``status`` works
+        on a runs folder it may not write: a colleague's, or an archived study.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
             return False
-        if self.acquire():
-            self.release()
-            return False
-        return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing releases a lock taken here
+        return False
 
 
 def trial_lock(trial_dir: Path) -> Lock:

@@ -174,6 +174,19 @@ def plot(kind: str, sweep: Sweep, trials: list[Trial], table: list[dict[str, Any
     return plot_k(table, Path(kind) if kind.endswith(".png") else folder / "k.png")
 
 
+OUT_FORMATS = {".csv": "csv", ".json": "json", ".md": "md"}
+
+
+def write_out(table: list[dict[str, Any]], path: str, grouped: bool = False) -> Path:
+    """``table --out FILE``: the table, atomically, in the format FILE's extension names.
+
+    ``table`` writes nothing else: reading a sweep needs no write access.
+    """
+    fmt = OUT_FORMATS[Path(path).suffix]  # checked by the CLI before anything is printed
+    text = render_grouped(table, fmt) if grouped else render(table, columns(table), fmt)
+    return write_text(Path(path), text)
+
+
 def rebuild_shared(runs_dir: Path) -> Path:
     """``runs/results.csv`` over every sweep under ``runs/sweeps``, rebuilt from the records."""
     table = [r for sweep_dir in sorted((runs_dir / "sweeps").glob("*")) if sweep_dir.is_dir() for r in scan(sweep_dir)]

@@ -15,9 +15,11 @@ import re
 import socket
 from dataclasses import dataclass
 
+import hostlist
 import torch
 import torch.distributed as dist
 
+from lintrans.errors import UsageError
 from lintrans.procenv import free_port, rank_and_world
 
 
@@ -33,12 +35,18 @@ class DistInfo:
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a SLURM node list: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"``."""
-    m = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    """First host of a SLURM node list (rank 0's node): ``"rack[1-2]-node[01-04]"`` -> ``"rack1-node01"``.
+
+    Parsed by python-hostlist, which reads every form SLURM writes (several bracket groups in one
+    name, zero-padded ranges, lists of ranges); a list it cannot read is bad input, not a guess.
+    """
+    try:
+        hosts = hostlist.expand_hostlist(nodelist.strip())
+    except hostlist.BadHostlist as exc:
+        raise UsageError(f"cannot read the SLURM node list {nodelist!r}: {exc}") from None
+    if not hosts:
+        raise UsageError(f"the SLURM node list {nodelist!r} names no host")
+    return hosts[0]
 
 
 def detect(env: dict[str, str] | None = None) -> DistInfo:

@@ -9,6 +9,7 @@ import sample
 import train
 from lintrans import cmdline, config, procenv
 from lintrans.distributed import detect, first_host
+from lintrans.errors import UsageError
 from tests.conftest import TINY, assert_one_line
 
 CASES = {
@@ -106,6 +107,8 @@ def test_help_exits_zero(capsys):
 
 
 def test_first_host_of_slurm_nodelists():
+    assert first_host("rack[1-2]-node[01-04]") == "rack1-node01"  # was "rack1": a wrong MASTER_ADDR
+    assert first_host("n[001-003]") == "n001"
     assert first_host("gpu[07-09,12],cpu1") == "gpu07"
     assert first_host("node1,node2") == "node1"
     assert first_host("localhost") == "localhost"
@@ -197,3 +200,8 @@ def test_detect_takes_ranks_from_procenv():
     info = detect(pmix)
     assert (info.launcher, info.rank, info.world_size) == ("srun", 1, 2)
     assert detect({"RANK": "0", "WORLD_SIZE": "1"}).launcher == "torchrun"
+
+
+def test_a_node_list_that_cannot_be_read_is_refused_not_guessed():
+    with pytest.raises(UsageError, match=r"cannot read the SLURM node list 'n\[1-': unbalanced brackets"):
+        first_host("n[1-")

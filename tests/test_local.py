@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,26 @@ def test_the_foreground_backend_runs_trials_through_the_one_entry_point(tmp_path
     assert row["status"] == "done" and row["backend"] == "foreground" and isinstance(row["nll_bpd"], float), row
     again = lintrans(tmp_path, "run", str(sweep), "--backend", "foreground")
     assert again.returncode == 0 and "nothing to submit: 1 done" in again.stdout
+
+
+def test_status_and_table_read_a_runs_folder_they_cannot_write(tmp_path):
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own tmp folders are private to root
+    sweep, runs = one_trial_sweep(base, "ro", 2, ""), base / "runs"
+    try:
+        assert lintrans(runs, "run", str(sweep), "--backend", "foreground").returncode == 0
+        (runs / "results.csv").unlink()
+        subprocess.run(["chmod", "-R", "a-w,a+rX", str(base)], check=True)
+        as_user = [] if os.geteuid() else ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        for args in (["status", str(sweep)], ["table", str(sweep), "--format", "json"]):
+            cmd = [*as_user, sys.executable, "-m", "launchers", "--runs-dir", str(runs), *args]
+            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env())
+            assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+        assert "done" in result.stdout and not (runs / "results.csv").exists()  # nothing written
+        out = tmp_path / "t.csv"
+        assert lintrans(runs, "table", str(sweep), "--out", str(out)).returncode == 0
+        assert out.read_text().startswith("sweep,trial,") and out.read_text().count("\n") == 2
+        bad = lintrans(runs, "table", str(sweep), "--out", str(tmp_path / "t.xlsx"))
+        assert bad.returncode == 2 and "--out" in bad.stderr and "valid: .csv, .json, .md" in bad.stderr
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(base)], check=True)
+        shutil.rmtree(base)
