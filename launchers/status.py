@@ -2,12 +2,13 @@
 
 A command builds the views once (:func:`views`): each trial's files (:mod:`launchers.state`), its
 lock, and what the scheduler that launched it says (:func:`observe`, one backend at a time), merged
-into a :class:`TrialView` whose state is one of ``pending, queued, running, preempted, stopped,
-failed, done``; a trial whose process or job ended without saying so is *failed*, with the
-scheduler's account as its reason. From the views, :func:`plan` says what ``run`` does with each
-trial, :func:`print_trials` prints the table of ``status`` (and of ``run --dry-run``), and
-:func:`report_failures` the failed ones. ``run``, ``status``, ``cancel``, ``table`` and the Optuna
-driver (:mod:`launchers.search`) all go through here.
+into a :class:`TrialView` whose state is one of ``pending, written, queued, running, preempted,
+stopped, failed, done`` (*written*: an sbatch script nobody submitted yet); a trial whose process
+or job ended without saying so is *failed*, with the scheduler's account as its reason. From the
+views, :func:`plan` says what ``run`` does with each trial, :func:`print_trials` prints the table
+of ``status`` (and of ``run --dry-run``), and :func:`report_failures` the failed ones. ``run``,
+``status``, ``cancel``, ``table`` and the Optuna driver (:mod:`launchers.search`) all go through
+here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from launchers.sweep import Sweep, Trial
 from launchers.trial_records import records_complete
 from lintrans.errors import UsageError
 
-STATES = ("pending", "queued", "running", "preempted", "stopped", "failed", "done")
+STATES = ("pending", "written", "queued", "running", "preempted", "stopped", "failed", "done")
 FINAL = ("done", "failed", "stopped")
 # How a job ends when something went wrong (a job that ends COMPLETED did what its trial said).
 ABNORMAL_ENDS = ("CANCELLED", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
@@ -77,7 +78,7 @@ def view(trial_dir: Path, observation: Observation | None = None) -> TrialView:
         # 5_[1-2%1]): nothing ran and nothing failed; the next `run` starts it.
         return _view(st, ln, "stopped", f"cancelled before it started ({job})", resumable=True)
     elif unanswered and ln.get("script"):
-        now, reason = "queued", f"sbatch script written, not submitted: {ln['script']}"
+        now, reason = "written", f"not submitted yet; submit with: sbatch {ln['script']}"
     elif unanswered and ended:
         now, reason = "failed", f"{job} ended {ended} before the trial started"
     elif unanswered and observation is None:
@@ -152,7 +153,7 @@ def plan(
         st = seen[t.id]
         if st.state == "done":
             out[t.id] = "skip (done)"
-        elif st.state in ("queued", "running"):
+        elif st.state in ("written", "queued", "running"):
             out[t.id] = f"skip ({st.state})"
         elif st.state == "stopped" and not st.resumable and not resume_stopped:
             out[t.id] = "skip (stopped; --resume-stopped resumes it)"

@@ -222,8 +222,9 @@ def test_sbatch_only_scripts_keep_sweep_values_out_of_the_shell(tmp_path, cluste
     scripts = sorted(sbatch.rglob("*.sbatch"))
     assert len(scripts) == 1
     status = run(cluster, tmp_path, "status", sweep)
-    assert status.stdout.count("sbatch script written, not submitted") == 3, status.stdout
-    again = run(cluster, tmp_path, "run", sweep, "--sbatch-only")  # queued already: nothing written twice
+    assert status.stdout.count("written ") == 3 and status.stdout.count("submit with: sbatch") == 3, status.stdout
+    assert run(cluster, tmp_path, "cancel", sweep).stdout.startswith("sbatch: cancelled 0 trials")  # none queued
+    again = run(cluster, tmp_path, "run", sweep, "--sbatch-only")  # written already: nothing written twice
     assert "nothing to submit" in again.stdout and len(list(sbatch.rglob("*.sbatch"))) == 1, again.stdout
     grown = tmp_path / "injection.yaml"  # a new version of the sweep: a new script, the first one untouched
     grown.write_text(Path(sweep).read_text().replace('"`touch pwned3`"]', '"`touch pwned3`", "plain"]'))
@@ -233,6 +234,8 @@ def test_sbatch_only_scripts_keep_sweep_values_out_of_the_shell(tmp_path, cluste
     for script in scripts:
         assert "touch" not in script.read_text()
         cluster.run("sbatch", str(script))
+    submitted = json.loads(run(cluster, tmp_path, "status", sweep, "--format", "json").stdout)
+    assert not [v for v in submitted if v["state"] == "written"], submitted  # squeue finds them by script
     rows = wait_final(cluster, tmp_path, sweep, 3, timeout=600)
     assert all(r["status"] == "done" for r in rows), rows
     for name in ("pwned", "pwned2", "pwned3"):

@@ -106,6 +106,15 @@ def test_a_trial_cancelled_before_it_started_is_stopped_and_run_resumes_it(tmp_p
     assert status.plan([trial], {"t": early}) == {"t": "skip (stopped; --resume-stopped resumes it)"}
 
 
+def test_an_sbatch_script_nobody_submitted_is_written(tmp_path):
+    script = "/runs/sweeps/s/sbatch/x/s.0.sbatch"
+    state.write_launch(tmp_path, "sbatch", None, None, script=script)
+    seen = status.view(tmp_path)
+    assert (seen.state, seen.reason) == ("written", f"not submitted yet; submit with: sbatch {script}")
+    assert status.plan([Trial("t", 0, {}, tmp_path, ())], {"t": seen}) == {"t": "skip (written)"}
+    assert status.view(tmp_path, Observation("queued", "PENDING")).state == "queued"  # someone submitted it
+
+
 def test_sacct_range_records_stand_for_each_task():
     assert array_tasks("5_[1-2%1]") == ["5_1", "5_2"]
     assert array_tasks("5_[0,3-4]") == ["5_0", "5_3", "5_4"]

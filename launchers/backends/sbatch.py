@@ -3,18 +3,19 @@
 ``submit`` writes one array script per ``MaxArraySize`` trials (from the one script writer,
 :mod:`launchers.backends.sbatch_script`) and a manifest of their run directories, which each task
 reads by ``SLURM_ARRAY_TASK_ID``; every submission gets its own folder under
-``<sweep>/sbatch/<time stamp>``, never rewritten, and nothing is submitted. The trials are then
-*queued* ("sbatch script written, not submitted") until a job runs them. Nothing on the cluster
-needs submitit.
+``<sweep>/sbatch/<time stamp>``, never rewritten, and nothing is submitted. Nothing on the
+cluster needs submitit.
 
-``observe`` says nothing (the jobs are whoever submitted the scripts'); ``cancel`` scancels the
-SLURM jobs that running trials recorded as theirs.
+The trials are *written* until someone submits a script; ``observe`` then finds each task in
+``squeue`` by the job name and the script it runs (the manifest maps task index to trial), and
+``cancel`` scancels those tasks and the jobs running trials recorded as theirs.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,15 @@ from pathlib import Path
 from launchers import state
 from launchers.backends import Alias, Backend
 from launchers.backends.sbatch_script import array_body, options, render, setup_lines
-from launchers.backends.slurm import REACH_TIMEOUT_S, chunks, scancel, scontrol_config
+from launchers.backends.slurm import (
+    REACH_TIMEOUT_S,
+    RUNNING,
+    array_tasks,
+    chunks,
+    job_records,
+    scancel,
+    scontrol_config,
+)
 from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
 from lintrans.atomic import write_text
@@ -77,12 +86,53 @@ class SbatchBackend(Backend):
         return 0
 
     def observe(self, trials: list[Trial]) -> dict[str, Observation]:
-        return {}  # the jobs are whoever submitted the scripts'; the trials' own files say how they went
+        """Queued and running tasks of our scripts, whoever submitted them: ``squeue`` by job name and script."""
+        tasks = _tasks(trials)
+        return {tid: Observation("running" if st in RUNNING else "queued", st) for tid, (_, st) in tasks.items()}
 
     def cancel(self, trials: list[Trial]) -> int:
-        """``scancel`` the jobs that running trials of ours recorded (``status.json``'s ``job_id``)."""
-        return scancel({t.run_dir: str(st["job_id"]) for t in trials
-                        if (st := state.status(t.run_dir)).get("job_id") and state.is_running(t.run_dir)})  # fmt: skip
+        """``scancel`` our scripts' queued and running tasks, and the jobs running trials of ours recorded."""
+        queued = {tid: job for tid, (job, _) in _tasks(trials).items()}
+        jobs = {t.run_dir: job for t in trials if (job := _job_to_cancel(t, queued))}
+        return scancel(jobs)
+
+
+def _job_to_cancel(trial: Trial, queued: dict[str, str]) -> str | None:
+    """The trial's task in the queue, else the job a running trial recorded, else None."""
+    if trial.id in queued:
+        return queued[trial.id]
+    job = state.status(trial.run_dir).get("job_id")
+    return str(job) if job and state.is_running(trial.run_dir) else None
+
+
+def _tasks(trials: list[Trial]) -> dict[str, tuple[str, str]]:
+    """Trial id -> (``<array>_<task>``, SLURM state) of each array task of our scripts in the queue.
+
+    A script's manifest lists its trials in task order, and ``squeue`` names each task's script
+    (``%o``): so a task a user submitted is found without a job id ever having been recorded.
+    """
+    by_script: dict[str, dict[int, str]] = {}
+    for t in trials:
+        script = state.launch(t.run_dir).get("script")
+        if script and script not in by_script:
+            manifest = Path(script).with_suffix(".manifest")
+            by_script[script] = dict(enumerate(manifest.read_text().splitlines())) if manifest.is_file() else {}
+    if not by_script:
+        return {}
+    ids = {str(t.run_dir.resolve()): t.id for t in trials}
+    names = ",".join(sorted({f"lintrans-{t.run_dir.parent.name}" for t in trials}))
+    try:
+        records = job_records("squeue", "-h", "-r", "-n", names, "-o", "%i|%T|%o", timeout=REACH_TIMEOUT_S)
+    except UsageError as exc:  # scripts written where SLURM is not: their trials' own files say the rest
+        logging.warning("%s; sbatch trials' states are from their run directories only", exc)
+        return {}
+    out = {}
+    for job, st, command in records:
+        for task in array_tasks(job) if command in by_script else []:
+            trial_dir = by_script[command].get(int(task.partition("_")[2] or -1))
+            if trial_dir in ids:
+                out[ids[trial_dir]] = (task, st)
+    return out
 
 
 def _max_array_size() -> int:

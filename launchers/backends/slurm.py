@@ -234,14 +234,14 @@ def array_tasks(job: str) -> list[str]:
     return tasks
 
 
-def job_records(*command: str) -> list[tuple[str, str, str]]:
+def job_records(*command: str, timeout: float = 60) -> list[tuple[str, str, str]]:
     """The ``|``-separated three-field lines of a ``squeue``/``sacct`` call; none once the jobs left.
 
     ``squeue -j`` of jobs that all left the queue is an error ("Invalid job id specified"), not an
     empty answer: that means nothing is queued or running.
     """
     try:
-        text = slurm_command(*command)
+        text = slurm_command(*command, timeout=timeout)
     except UsageError as exc:
         if "Invalid job id" in str(exc):
             return []
