@@ -26,6 +26,7 @@ from typing import Any
 
 from lintrans.atomic import write_json
 from lintrans.errors import UsageError
+from lintrans.procenv import process_start
 
 SPEC, STATUS, LAUNCH, LOCK = "trial.json", "status.json", "launch.json", ".lock"
 
@@ -78,7 +79,8 @@ def launch(trial_dir: Path) -> dict[str, Any]:
 def write_status(trial_dir: Path, state: str, **fields: Any) -> dict[str, Any]:
     """The trial's own status; ``reason`` is kept only for failed/stopped states."""
     previous = status(trial_dir)
-    record = {**previous, **fields, "state": state, "updated": now(), "host": socket.gethostname(), "pid": os.getpid()}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid())}
+    record = {**previous, **fields, "state": state, "updated": now(), **me}
     if state not in ("failed", "stopped", "preempted") and "reason" not in fields:
         record.pop("reason", None)
     write_json(trial_dir / STATUS, record)

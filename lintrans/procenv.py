@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the work failed (a trial, an evaluation); the reason is in its status
@@ -65,6 +66,30 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/PID/stat`` field 22); None if it is gone.
+
+    A pid and its start time name one process for the machine's uptime: a pid alone may since
+    belong to another process.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # the fields after the command name, which may hold spaces
+
+
+def same_process(host: str | None, pid: int | None, start: int | None) -> bool:
+    """Whether ``pid`` on ``host``, started at ``start``, is still that process, and runs on this machine.
+
+    ``start`` None (a record written before start times were kept): the pid's being alive here.
+    """
+    if not pid or host != socket.gethostname():
+        return False
+    now = process_start(pid)
+    return now is not None and (start is None or now == start)
 
 
 _PR_SET_PDEATHSIG = 1

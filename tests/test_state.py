@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from launchers.backends.slurm import array_tasks, arrays
 from launchers.state import Observation
 from launchers.sweep import Trial
 from launchers.trial import record_crash
+from lintrans.procenv import process_start, same_process
 
 
 def write(trial, name: str, data) -> None:
@@ -166,3 +168,16 @@ def test_a_cancelled_job_that_is_still_ending_does_not_hold_its_trial(tmp_path):
     seen = status.view(tmp_path, ending)
     assert seen.state == "preempted"
     assert seen.reason == "signal SIGTERM during training; cancelled; slurm job 12_0 still ending (COMPLETING)"
+
+
+def test_a_pid_is_only_the_same_process_on_the_same_host_with_the_same_start(tmp_path):
+    me, host = os.getpid(), socket.gethostname()
+    start = process_start(me)
+    assert same_process(host, me, start) and same_process(host, me, None)
+    assert not same_process("elsewhere", me, start)  # another host's pid 1234 is not ours to signal
+    assert not same_process(host, me, start + 1)  # the pid was reused by a later process
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert process_start(gone.pid) is None and not same_process(host, gone.pid, None)
+    state.write_status(tmp_path, "running")
+    assert state.status(tmp_path)["pid_start"] == start  # every status names its process by pid and start

@@ -28,7 +28,7 @@ from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
 from launchers.trial import record_crash
 from lintrans.errors import UsageError
-from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, die_with_parent
+from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, die_with_parent, same_process
 
 GPU_ID = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-zA-Z/-]+)$")
 
@@ -122,13 +122,20 @@ class LocalBackend(Backend):
         return out
 
     def cancel(self, trials: list[Trial]) -> int:
+        """SIGTERM the running trials (they checkpoint and exit 75: resumable), each checked first to be
+        the very process its ``status.json`` names, on this machine; what it skips, it says."""
         stopped = 0
         for t in trials:
-            pid = state.status(t.run_dir).get("pid")
-            if pid and state.is_running(t.run_dir):
-                state.mark_cancelled(t.run_dir)
-                os.kill(pid, signal.SIGTERM)  # the trial checkpoints and exits 75: resumable
-                stopped += 1
+            st = state.status(t.run_dir)
+            if not state.is_running(t.run_dir):
+                continue
+            if not same_process(st.get("host"), st.get("pid"), st.get("pid_start")):
+                self.say(f"local: not cancelling {t.id}: process {st.get('pid')} on {st.get('host')} is not "
+                         f"this machine's trial process (another host, or the pid was reused)")  # fmt: skip
+                continue
+            state.mark_cancelled(t.run_dir)
+            os.kill(st["pid"], signal.SIGTERM)
+            stopped += 1
         return stopped
 
     def submit(self, sweep: Sweep, trials: list[Trial]) -> int:
