@@ -49,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     tab = sub.add_parser("table", help="results table of one or more sweeps")
     tab.add_argument("sweeps", nargs="+")
     tab.add_argument("--format", default="md", help=f"one of {', '.join(FORMATS)}")
+    tab.add_argument("--columns", default=None, metavar="A,B,C", help="these columns, in this order")
     tab.add_argument("--out", default=None, metavar="FILE", help="also write the table to FILE (.csv, .json or .md)")
     tab.add_argument("--grouped", action="store_true", help="mean ± std over seeds")
     tab.add_argument("--all", action="store_true", help="also trials of older versions of the sweep file")
@@ -104,8 +105,10 @@ def cmd_table(args) -> int:
     if args.sort or args.best:
         metric = args.sort or objective.metric
         rows = table.sort(rows, metric, objective.mode if metric == objective.metric else "min", args.best)
-    out = table.render_grouped(rows, args.format) if args.grouped else render(rows, table.columns(rows), args.format)
+    out = table.render_grouped(rows, args.format) if args.grouped else render(rows, chosen(args, rows), args.format)
     sys.stdout.write(out)
+    if note := table.mixed_provenance(rows):
+        print(note, file=sys.stderr)
     for kind in args.plot:
         for sweep, trials in sweeps:
             written = table.plot(kind, sweep, trials, rows, objective.metric)
@@ -113,6 +116,18 @@ def cmd_table(args) -> int:
     if args.out:
         table.write_out(rows, args.out, args.grouped)
     return 0
+
+
+def chosen(args, rows: list[dict]) -> list[str]:
+    """``--columns`` (each a column some row has), else every column."""
+    every = table.columns(rows)
+    if not args.columns:
+        return every
+    wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in every]
+    if unknown:
+        raise UsageError(f"unknown column {unknown[0]!r}; valid: {', '.join(every)}")
+    return wanted
 
 
 def main(argv: list[str] | None = None) -> int:

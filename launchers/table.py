@@ -28,6 +28,9 @@ from lintrans.table_format import render
 
 FIXED = ["sweep", "trial", "status", "reason", "steps"]
 TAIL = ["wall_s", "backend", "job_id"]
+# What produced each trial's numbers (lintrans.provenance, from the trainer): in the full table and
+# --columns, not in the brief one.
+PROVENANCE = ["precision", "device", "torch", "cuda", "lintrans", "commit", "world_size", "compile"]
 AXIS_NAMES = {"model.forward": "forward", "model.K": "K", "model.sigma": "sigma", "seed": "seed"}
 FID_METRICS = ("fid_inception", "fid_mnist_features")
 NLL_METRIC = "nll_bpd"
@@ -54,6 +57,8 @@ def row(trial_dir: Path, spec: dict[str, Any], observation: state.Observation | 
     if isinstance(final_eval, float) and "eval_loss" not in out:
         out["eval_loss"] = final_eval
     out.update(wall_s=st.wall_s, backend=st.backend, job_id=st.job_id)
+    made_by = state.read(trial_dir / "provenance.json")
+    out.update({k: made_by[k] for k in PROVENANCE if k in made_by})
     return out
 
 
@@ -97,9 +102,10 @@ def columns(table: list[dict[str, Any]]) -> list[str]:
     for r in table:
         seen += [k for k in r if k not in seen]
     axes = [k for k in seen if k in AXIS_NAMES.values() or k.split(".")[0] in CONFIG_SECTIONS]
-    metrics = [k for k in seen if k not in FIXED + TAIL + axes + ["index", "stale"]]
+    metrics = [k for k in seen if k not in FIXED + TAIL + PROVENANCE + axes + ["index", "stale"]]
     main_metrics = [m for m in metrics if "." not in m] + [m for m in metrics if "." in m]
-    return FIXED[:2] + axes + FIXED[2:] + main_metrics + TAIL + (["stale"] if "stale" in seen else [])
+    made_by = [k for k in PROVENANCE if k in seen]
+    return FIXED[:2] + axes + FIXED[2:] + main_metrics + TAIL + made_by + (["stale"] if "stale" in seen else [])
 
 
 def top_level(column: str) -> bool:
@@ -109,14 +115,14 @@ def top_level(column: str) -> bool:
 
 def brief(table: list[dict[str, Any]]) -> list[str]:
     """The columns ``run`` prints: axes, status, steps, top-level metrics (no breakdowns, no reasons)."""
-    return [c for c in columns(table) if top_level(c) and c not in ("sweep", "reason")]
+    return [c for c in columns(table) if top_level(c) and c not in ("sweep", "reason", *PROVENANCE)]
 
 
 def grouped(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean ± std over seeds for every metric, grouping by all other axes."""
     cols = columns(table)
     axes = [c for c in cols[2 : cols.index("status")] if c != "seed"]
-    metrics = [c for c in cols[cols.index("steps") + 1 :] if c not in TAIL and c != "stale"]
+    metrics = [c for c in cols[cols.index("steps") + 1 :] if c not in TAIL + PROVENANCE and c != "stale"]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in table:
         groups[tuple(str(r.get(a)) for a in axes)].append(r)
@@ -175,6 +181,16 @@ def plot(kind: str, sweep: Sweep, trials: list[Trial], table: list[dict[str, Any
 
 
 OUT_FORMATS = {".csv": "csv", ".json": "json", ".md": "md"}
+
+
+def mixed_provenance(table: list[dict[str, Any]]) -> str | None:
+    """One line when the rows' numbers come from different precisions or code versions, else None."""
+    differ = {k: sorted({str(r[k]) for r in table if r.get(k)}) for k in ("precision", "commit", "torch")}
+    differ = {k: v for k, v in differ.items() if len(v) > 1}
+    if not differ:
+        return None
+    said = "; ".join(f"{k} {', '.join(v)}" for k, v in differ.items())
+    return f"note: these trials' numbers come from different set-ups ({said}): compare within one"
 
 
 def write_out(table: list[dict[str, Any]], path: str, grouped: bool = False) -> Path:

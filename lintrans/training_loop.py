@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lintrans import config as cfg
-from lintrans import datasets, distributed, images, monitor, sampling
+from lintrans import datasets, distributed, images, monitor, provenance, sampling
+from lintrans.atomic import write_json
 from lintrans.device import use_bf16
 from lintrans.ema import EMA
 from lintrans.errors import NonFiniteLossError
@@ -252,13 +253,15 @@ def train(
     process = create_forward(**cfg.forward_args(config))  # bad input fails before any process group exists
     train_set, eval_set = datasets.load(config)
     info, device = distributed.init(config.device)
+    settings = loop_settings(config, device)
     if info.rank == 0:
         run.remove_temp_files()
         run.write_config(config, config_file, overrides)
+        write_json(run.workdir / provenance.FILE, provenance.collect(device, settings["bf16"], info.world_size))
     try:
         return training_loop(
             run=run, process=process.to(device), train_set=train_set, eval_set=eval_set, rank=info.rank,
-            world=info.world_size, device=device, report=report, **loop_settings(config, device),
+            world=info.world_size, device=device, report=report, **settings,
         )  # fmt: skip
     finally:
         distributed.cleanup()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from launchers.backends.local import gpu_pool, slots
@@ -188,3 +190,24 @@ def test_status_and_table_read_a_runs_folder_they_cannot_write(tmp_path):
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(base)], check=True)
         shutil.rmtree(base)
+
+
+def test_every_trial_says_what_produced_its_numbers_and_the_table_says_when_they_differ(tmp_path):
+    sweep = one_trial_sweep(tmp_path, "prov", 2, "")
+    fp32 = lintrans(tmp_path, "run", str(sweep), "--backend", "foreground", extra_env={"LINTRANS_CPU_BF16": "0"})
+    assert fp32.returncode == 0, fp32.stderr
+    sweep.write_text(sweep.read_text().replace("model.K: [2]", "model.K: [2, 3]"))  # one more trial, in bf16
+    bf16 = lintrans(tmp_path, "run", str(sweep), "--backend", "foreground", extra_env={"LINTRANS_CPU_BF16": "1"})
+    assert bf16.returncode == 0, bf16.stderr
+    shown = lintrans(tmp_path, "table", str(sweep), "--columns", "trial,K,precision,device,torch,commit",
+                     "--format", "json")  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    rows = json.loads(shown.stdout)
+    assert [list(r) for r in rows] == [["trial", "K", "precision", "device", "torch", "commit"]] * 2
+    assert [(r["K"], r["precision"]) for r in rows] == [(2, "fp32"), (3, "bf16")]
+    assert rows[0]["device"].startswith("cpu: ") and rows[0]["torch"] == torch.__version__
+    assert "note: these trials' numbers come from different set-ups (precision bf16, fp32)" in shown.stderr
+    assert "| K |" in bf16.stdout and "precision" not in bf16.stdout  # the table `run` prints stays as it was
+    bad = lintrans(tmp_path, "table", str(sweep), "--columns", "trial,precison")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "unknown column 'precison'; valid: sweep, trial, K, seed, status" in bad.stderr
