@@ -304,8 +304,9 @@ def fake_trial(sweep, trial, environment: dict) -> None:
     from lintrans import config as cfg
     from lintrans import records
     from lintrans.atomic import write_json
+    from lintrans.checkpoint_files import META
     from lintrans.evaluation import run_identity
-    from lintrans.run import META, Run
+    from lintrans.run import Run
 
     d, spec, job = trial.run_dir, spec_of(sweep, trial), str(100_000 + trial.index)
     write_json(d / state.SPEC, spec)

@@ -1,4 +1,4 @@
-"""``lintrans run|status|cancel|table`` (also ``python -m launchers ...``): one sweep file, any backend, one table.
+"""``lintrans run|status|cancel|clean|table`` (``python -m launchers``): one sweep file, any backend, one table.
 
     lintrans run sweeps/quickstart.yaml --backend local
     lintrans status sweeps/quickstart.yaml
@@ -7,9 +7,9 @@
 This module parses the command line and dispatches, nothing more: ``run`` to
 :mod:`launchers.submission` (or :mod:`launchers.search` for an adaptive search) with the backend
 the registry (:mod:`launchers.backends`) builds from its own options, ``status`` to
-:mod:`launchers.status`, ``table`` to :mod:`launchers.table`. ``run`` exits 1 when a trial of the
-sweep ended failed (``--allow-failures``: 0); bad input exits 2 with one line naming the file, line
-and key.
+:mod:`launchers.status`, ``clean`` to :mod:`launchers.clean`, ``table`` to :mod:`launchers.table`.
+``run`` exits 1 when a trial of the sweep ended failed (``--allow-failures``: 0); bad input exits 2
+with one line naming the file, line and key.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from launchers import backends, state, status, submission, table
+from launchers import backends, clean, state, status, submission, table
 from launchers.search import listed_trials, run_optuna
 from launchers.sweep import MAX_TRIALS, load
 from lintrans.errors import UsageError, choices, printable
@@ -46,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
     stat.add_argument("sweep")
     stat.add_argument("--format", default="table", choices=("table", "json"), help="json: every field, values in full")
     sub.add_parser("cancel", help="cancel queued/running trials").add_argument("sweep")
+    cln = sub.add_parser("clean", help="remove old checkpoints (never a running trial's; resumable after)")
+    cln.add_argument("sweep")
+    cln.add_argument("--keep", type=int, default=1, help="numbered checkpoints kept per trial (default 1)")
+    cln.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
     tab = sub.add_parser("table", help="results table of one or more sweeps")
     tab.add_argument("sweeps", nargs="+")
     tab.add_argument("--format", default="md", help=f"one of {', '.join(FORMATS)}")
@@ -78,6 +82,7 @@ def cmd_status(args) -> int:
         print(status.as_json(trials, seen))
     else:
         status.print_trials(sweep, trials, seen)
+        print(f"disk: {clean.human(clean.disk_use(sweep.dir)) if sweep.dir.is_dir() else 'nothing'} under {sweep.dir}")
     return 0
 
 
@@ -85,6 +90,13 @@ def cmd_cancel(args) -> int:
     sweep = load(args.sweep, args.runs_dir, args.max_trials, check_forwards=False)
     submission.cancel(listed_trials(sweep))
     return 0
+
+
+def cmd_clean(args) -> int:
+    if args.keep < 0:
+        raise UsageError(f"--keep {args.keep}: a number of checkpoints, 0 or more")
+    sweep = load(args.sweep, args.runs_dir, args.max_trials, check_forwards=False)
+    return clean.clean(listed_trials(sweep), args.keep, args.dry_run)
 
 
 def cmd_table(args) -> int:
@@ -139,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     args = parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "status": cmd_status, "cancel": cmd_cancel, "table": cmd_table}[args.command](args)
+        commands = {"run": cmd_run, "status": cmd_status, "cancel": cmd_cancel, "clean": cmd_clean, "table": cmd_table}
+        return commands[args.command](args)
     except UsageError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE

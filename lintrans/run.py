@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,13 @@ import ml_collections
 import torch
 from torch import nn
 
+from lintrans import checkpoint_files
 from lintrans import config as cfg
 from lintrans.atomic import write_atomic, write_json, write_text
 from lintrans.errors import UsageError
 
 CONFIG = "config.json"
 SOURCE = "source.json"
-META = Path("checkpoints-meta") / "checkpoint.pth"
-NUMBERED = "checkpoints"
 
 
 class CorruptCheckpointError(UsageError):
@@ -56,14 +54,13 @@ class Run:
 
     @property
     def meta(self) -> Path:
-        return self.workdir / META
+        return self.workdir / checkpoint_files.META
 
     def numbered_path(self, n: int) -> Path:
-        return self.workdir / NUMBERED / f"checkpoint_{n}.pth"
+        return checkpoint_files.numbered_path(self.workdir, n)
 
     def numbered(self) -> list[int]:
-        found = (re.fullmatch(r"checkpoint_(\d+)\.pth", p.name) for p in (self.workdir / NUMBERED).glob("*.pth"))
-        return sorted(int(m.group(1)) for m in found if m)
+        return checkpoint_files.numbered(self.workdir)
 
     def checkpoint_path(self, checkpoint: int) -> Path:
         """IHDM's numbering: 0 is the latest (``checkpoints-meta``), N is ``checkpoint_N.pth``."""

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -196,6 +198,21 @@ def initial_weights() -> dict[str, torch.Tensor]:
 
     config = tiny.get_config()
     return build_model(model_args(config), config.seed).state_dict()
+
+
+@contextmanager
+def lock_held_elsewhere(path: Path) -> Iterator[None]:
+    """``path``'s ``flock`` held by another process (as a running trial holds its lock) inside the block."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, time\n"
+                               f"fd = os.open({str(path)!r}, os.O_CREAT | os.O_RDWR)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def require_ray() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from launchers.backends.local import gpu_pool, slots
 from launchers.sweep import load
 from launchers.table import learning_curve
 from lintrans.errors import UsageError
-from tests.conftest import ROOT, env, lintrans, status_of, table_rows, trial_dirs, wait_until
+from tests.conftest import ROOT, env, lintrans, lock_held_elsewhere, status_of, table_rows, trial_dirs, wait_until
 
 TINY = "tests/sweeps/tiny.yaml"
 LONG = "tests/sweeps/long.yaml"
@@ -211,3 +212,29 @@ def test_every_trial_says_what_produced_its_numbers_and_the_table_says_when_they
     bad = lintrans(tmp_path, "table", str(sweep), "--columns", "trial,precison")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "unknown column 'precison'; valid: sweep, trial, K, seed, status" in bad.stderr
+
+
+def test_clean_frees_old_checkpoints_and_never_what_a_resume_or_a_running_trial_needs(tmp_path):
+    sweep = one_trial_sweep(tmp_path, "disk", 4, "")
+    sweep.write_text(sweep.read_text().replace("training.n_iters: 4", "training.n_iters: 4, training.snapshot_freq: 1"))
+    assert lintrans(tmp_path, "run", str(sweep), "--backend", "foreground").returncode == 0
+    (trial,) = trial_dirs(tmp_path, "disk")
+    snapshots = sorted(p.name for p in (trial / "checkpoints").glob("*.pth"))
+    assert snapshots == [f"checkpoint_{n}.pth" for n in (1, 2, 3, 4)]
+    shown = lintrans(tmp_path, "status", str(sweep))
+    assert re.search(r"disk: [\d.]+ (KiB|MiB) under ", shown.stdout), shown.stdout
+    dry = lintrans(tmp_path, "clean", str(sweep), "--dry-run")
+    assert dry.returncode == 0 and ": 3 checkpoints" in dry.stdout and "would free" in dry.stdout
+    assert len(list((trial / "checkpoints").glob("*.pth"))) == 4  # a dry run removes nothing
+    with lock_held_elsewhere(trial / ".lock"):
+        busy = lintrans(tmp_path, "clean", str(sweep))
+        assert f"skip    {trial.name}" in busy.stdout and "running" in busy.stdout
+    assert len(list((trial / "checkpoints").glob("*.pth"))) == 4  # a running trial is never touched
+    cleaned = lintrans(tmp_path, "clean", str(sweep))
+    assert cleaned.returncode == 0 and "freed" in cleaned.stdout
+    assert [p.name for p in (trial / "checkpoints").glob("*.pth")] == ["checkpoint_4.pth"]
+    assert (trial / "checkpoints-meta" / "checkpoint.pth").is_file()  # what a re-run resumes from
+    again = lintrans(tmp_path, "run", str(sweep), "--backend", "foreground")
+    assert again.returncode == 0 and "nothing to submit: 1 done" in again.stdout
+    bad = lintrans(tmp_path, "clean", str(sweep), "--keep", "-1")
+    assert bad.returncode == 2 and "--keep -1" in bad.stderr

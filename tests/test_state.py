@@ -16,6 +16,7 @@ from launchers.state import Observation
 from launchers.sweep import Trial
 from launchers.trial import record_crash
 from lintrans.procenv import process_start, same_process
+from tests.conftest import lock_held_elsewhere
 
 
 def write(trial, name: str, data) -> None:
@@ -55,16 +56,8 @@ def test_a_job_that_died_before_the_trial_started(tmp_path):
 def test_a_process_that_died_silently_is_failed_and_a_live_lock_is_running(tmp_path):
     state.write_status(tmp_path, "running", step=5)
     assert status.view(tmp_path).state == "failed"
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
-                               f"fd = os.open({str(tmp_path / state.LOCK)!r}, os.O_CREAT | os.O_RDWR)\n"
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(tmp_path / state.LOCK):
         assert status.view(tmp_path).state == "running"
-    finally:
-        holder.kill()
-        holder.wait()
     assert status.view(tmp_path).state == "failed"
 
 
