@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from lintrans.errors import UsageError
 from lintrans.procenv import EXIT_FAILED
 
 STORAGE = "optuna.journal"
-POLL_S = 15.0  # between looks at a queued (SLURM) wave
+POLL_FIRST_S, POLL_MAX_S = 15.0, 300.0  # looks at a queued (SLURM) wave: 15 s, doubling up to 5 min
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,16 @@ def run_optuna(sweep: Sweep, backend: Backend, args) -> int:
     return EXIT_FAILED if failed and not args.allow_failures else 0
 
 
+def poll_delays(rng: random.Random) -> Iterator[float]:
+    """Seconds between looks at a wave: from 15 s, doubling to 5 min, each within ±10 % (jitter, so that
+    many drivers started together do not ask the scheduler in step). A wave of long trials costs the
+    scheduler one ``squeue`` and one ``sacct`` every 5 minutes."""
+    delay = POLL_FIRST_S
+    while True:
+        yield delay * rng.uniform(0.9, 1.1)
+        delay = min(2 * delay, POLL_MAX_S)
+
+
 class _Waves:
     """The backend side of :func:`drive`: submit a wave's lintrans trials, wait for them, judge them."""
 
@@ -328,7 +339,7 @@ class _Waves:
 
     def _wait(self, trials: list[Trial]) -> None:
         """Until none of ``trials`` is queued or running (at once for backends that block, polled for SLURM)."""
-        shown = None
+        shown, delays = None, poll_delays(random.Random())
         while True:
             states = [v.state for v in status.views(trials, status.observe(trials)).values()]
             waiting = sum(s in ("queued", "running") for s in states)
@@ -338,7 +349,7 @@ class _Waves:
             if line != shown:
                 print(f"optuna: waiting for the wave: {line}", flush=True)
                 shown = line
-            time.sleep(POLL_S)
+            time.sleep(next(delays))
 
     def outcome(self, study_trial) -> Outcome | None:
         trials = trials_of(self.sweep, study_trial)

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import math
+import random
 import shutil
 import statistics
 from pathlib import Path
@@ -214,3 +215,11 @@ def test_table_plots_the_metric_against_each_axis(random_sweep):
     png = plots / "axes.png"
     assert f"plot: {png}" in result.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_waves_poll_the_scheduler_less_and_less_often():
+    """15 s doubling to 5 min, each within ±10 %: a long wave costs one look every 5 minutes."""
+    delays = list(itertools.islice(search.poll_delays(random.Random(0)), 8))
+    for got, nominal in zip(delays, (15, 30, 60, 120, 240, 300, 300, 300), strict=True):
+        assert 0.9 * nominal <= got <= 1.1 * nominal
+    assert len({round(d, 6) for d in delays[-3:]}) == 3  # jittered: drivers started together drift apart
