@@ -30,10 +30,15 @@ from lintrans.table_format import FORMATS, render
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lintrans", description=__doc__.split("\n")[0])
-    p.add_argument("--runs-dir", default=None, help="root of run directories (default: runs/ or the sweep's runs_dir)")
-    p.add_argument("--max-trials", type=int, default=MAX_TRIALS, help=f"refuse larger sweeps (default {MAX_TRIALS:,})")
+    p.add_argument("--version", action="version", version=f"lintrans {_version()}")
+    common = argparse.ArgumentParser(add_help=False)  # before or after the command: `lintrans run X --runs-dir R`
+    for parser_, default in ((p, None), (common, argparse.SUPPRESS)):
+        parser_.add_argument("--runs-dir", default=default,
+                             help="root of run directories (default: runs/ or the sweep's runs_dir)")  # fmt: skip
+        parser_.add_argument("--max-trials", type=int, default=MAX_TRIALS if default is None else default,
+                             help=f"refuse larger sweeps (default {MAX_TRIALS:,})")  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="submit the unfinished trials of a sweep")
+    run = sub.add_parser("run", parents=[common], help="submit the unfinished trials of a sweep")
     run.add_argument("sweep")
     run.add_argument("--backend", default=None, help=f"{', '.join(backends.NAMES)} (default: the sweep's, or local)")
     run.add_argument("--dry-run", action="store_true", help="print the trials (and sbatch scripts), submit nothing")
@@ -42,15 +47,15 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--resume-stopped", action="store_true", help="also resume trials a scheduler stopped early")
     backends.add_arguments(run)
     sub.add_parser("import-ihdm", help="turn an IHDM run directory into a lintrans run (lintrans import-ihdm --help)")
-    stat = sub.add_parser("status", help="per-trial state")
+    stat = sub.add_parser("status", parents=[common], help="per-trial state")
     stat.add_argument("sweep")
     stat.add_argument("--format", default="table", choices=("table", "json"), help="json: every field, values in full")
-    sub.add_parser("cancel", help="cancel queued/running trials").add_argument("sweep")
-    cln = sub.add_parser("clean", help="remove old checkpoints (never a running trial's; resumable after)")
+    sub.add_parser("cancel", parents=[common], help="cancel queued/running trials").add_argument("sweep")
+    cln = sub.add_parser("clean", parents=[common], help="remove old checkpoints (never a running trial's)")
     cln.add_argument("sweep")
     cln.add_argument("--keep", type=int, default=1, help="numbered checkpoints kept per trial (default 1)")
     cln.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
-    tab = sub.add_parser("table", help="results table of one or more sweeps")
+    tab = sub.add_parser("table", parents=[common], help="results table of one or more sweeps")
     tab.add_argument("sweeps", nargs="+")
     tab.add_argument("--format", default="md", help=f"one of {', '.join(FORMATS)}")
     tab.add_argument("--columns", default=None, metavar="A,B,C", help="these columns, in this order")
@@ -128,6 +133,15 @@ def cmd_table(args) -> int:
     if args.out:
         table.write_out(rows, args.out, args.grouped)
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lintrans")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def chosen(args, rows: list[dict]) -> list[str]:

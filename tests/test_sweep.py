@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -327,3 +328,17 @@ def test_the_follow_hint_keeps_the_runs_folder(tmp_path, capsys):
                            "--backend", "sbatch")  # fmt: skip
     assert code == 0
     assert f"follow with: lintrans --runs-dir {tmp_path / 'mine'} status tests/sweeps/tiny.yaml" in out
+
+
+def test_global_flags_go_anywhere_and_a_backends_flag_only_with_its_backend(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", "tests/sweeps/tiny.yaml", "--dry-run", "--runs-dir", str(tmp_path),
+                           "--max-trials", "3")  # fmt: skip
+    assert_one_line(code, err, "6 trials is more than --max-trials=3")
+    code, _, err = run_cli(capsys, "--runs-dir", str(tmp_path), "run", "tests/sweeps/tiny.yaml", "--backend", "slurm",
+                           "--gpus", "0", "--dry-run")  # fmt: skip
+    assert_one_line(code, err, "--gpus is an option of the local backend; this run uses slurm")
+    code, _, err = run_cli(capsys, "run", "tests/sweeps/tiny.yaml", "--ray-address", "auto", "--dry-run")
+    assert_one_line(code, err, "--ray-address is an option of the ray backend; this run uses local")
+    assert not tmp_path.joinpath("sweeps").exists()
+    version = lintrans(tmp_path, "--version")
+    assert version.returncode == 0 and re.fullmatch(r"lintrans \d+\.\d+\.\d+\n", version.stdout), version.stdout

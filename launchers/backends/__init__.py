@@ -96,9 +96,24 @@ def from_args(name: str, args: argparse.Namespace) -> Backend:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every backend's options of ``lintrans run``."""
+    """Every backend's options of ``lintrans run``, each remembered as its backend's (see :func:`chosen`)."""
+    owners: dict[str, tuple[str, str]] = {}  # dest -> (option, backend)
     for name in NAMES:
-        backend_class(name).add_arguments(parser)
+        backend_class(name).add_arguments(_Owned(parser.add_argument_group(f"--backend {name}"), name, owners))
+    parser.set_defaults(backend_options=owners)
+
+
+class _Owned:
+    """What a backend's ``add_arguments`` adds to: its own group of ``run``'s options, each noted as its own."""
+
+    def __init__(self, group, backend: str, owners: dict[str, tuple[str, str]]) -> None:
+        self.group, self.backend, self.owners = group, backend, owners
+
+    def add_argument(self, *flags: str, **kw) -> argparse.Action:
+        action = self.group.add_argument(*flags, **kw)
+        if action.dest != "backend_alias":  # an alias of --backend belongs to no backend's run
+            self.owners[action.dest] = (flags[0], self.backend)
+        return action
 
 
 class Alias(argparse.Action):
@@ -119,4 +134,7 @@ def chosen(args: argparse.Namespace, default: str | None) -> str:
         raise UsageError(f"{alias[0]} means --backend {alias[1]}; it cannot go with --backend {args.backend}")
     name = args.backend or (alias[1] if alias else None) or default or "local"
     backend_class(name)
+    for dest, (option, owner) in getattr(args, "backend_options", {}).items():
+        if owner != name and getattr(args, dest, None) is not None:
+            raise UsageError(f"{option} is an option of the {owner} backend; this run uses {name}")
     return name
