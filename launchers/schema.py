@@ -111,6 +111,7 @@ class RaySection(Strict):
 class LocalSection(Strict):
     slots: Positive | None = None
     max_restarts: NonNegative = 2  # restarts of a crashed trial (not of one you interrupted)
+    progress_s: Positive = 30  # between progress lines when `run`'s output is not a terminal
 
 
 class Objective(Strict):

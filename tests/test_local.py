@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pty
 import re
 import shutil
 import signal
@@ -17,6 +19,7 @@ import torch
 from PIL import Image
 
 from launchers.backends.local import gpu_pool, slots
+from launchers.progress import Progress
 from launchers.sweep import load
 from launchers.table import learning_curve
 from lintrans.errors import UsageError
@@ -238,3 +241,33 @@ def test_clean_frees_old_checkpoints_and_never_what_a_resume_or_a_running_trial_
     assert again.returncode == 0 and "nothing to submit: 1 done" in again.stdout
     bad = lintrans(tmp_path, "clean", str(sweep), "--keep", "-1")
     assert bad.returncode == 2 and "--keep -1" in bad.stderr
+
+
+def test_run_shows_progress_in_place_on_a_terminal_and_as_lines_elsewhere(tmp_path):
+    sweep = one_trial_sweep(tmp_path, "prog", 30, "local: {slots: 1, progress_s: 1}\n")
+    sweep.write_text(sweep.read_text().replace("model.K: [2]", "model.K: [2, 3]"))
+    leader, follower = pty.openpty()
+    cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", str(sweep)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=follower, stderr=subprocess.DEVNULL)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait() == 0
+    text = seen.decode()
+    assert "\r\x1b[Kprogress: 0/2 finished; " in text  # redrawn in place
+    assert re.search(r"progress: [01]/2 finished; \w{10} \d+/30", text), text  # a running trial's step/total
+    assert "progress: 2/2 finished" in text
+    # not a terminal: plain lines, only when they change
+    lines = io.StringIO()
+    shown = Progress(2, every_s=0, stream=lines)
+    trials = load(sweep, tmp_path).trials()
+    for _ in range(2):
+        shown.update(1, trials[1:])
+    assert lines.getvalue() == f"progress: 1/2 finished; {trials[1].id} 30/30\n"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from launchers import state, status
 from launchers.backends import Backend
+from launchers.progress import Progress
 from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
 from launchers.trial import record_crash
@@ -91,8 +92,12 @@ class Running:
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, gpus: str | None = None, say: Callable[[str], None] = print) -> None:
-        self.gpu_flag, self.say = gpus, say
+    def __init__(self, gpus: str | None = None) -> None:
+        self.gpu_flag = gpus
+        self.progress: Progress | None = None  # while `submit` runs: its lines go above the progress line
+
+    def say(self, message: str) -> None:
+        (self.progress.say if self.progress else print)(message)
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -155,6 +160,7 @@ class LocalBackend(Backend):
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         gpu_note = f", {r.gpus} GPU(s) each from {','.join(pool)}" if r.gpus else ""
         self.say(f"local: {len(trials)} trials, {n_slots} at a time{gpu_note}")
+        self.progress = Progress(len(trials), sweep.local.progress_s)
         try:
             while queue or running:
                 while queue and len(running) < n_slots and not stop["requested"]:
@@ -166,7 +172,11 @@ class LocalBackend(Backend):
                     self._finished(job, sweep, queue, restarts, failed, stop["requested"])
                 if stop["requested"] and not running:
                     break
+                self.progress.update(len(trials) - len(queue) - len(running), [j.trial for j in running])
+            self.progress.update(len(trials) - len(queue), [], force=True)
         finally:
+            self.progress.close()
+            self.progress = None
             for s, h in previous.items():
                 signal.signal(s, h)
         if stop["requested"]:
