@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -111,6 +112,7 @@ def signals_preempt() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|KEY|AUTH|COOKIE", re.IGNORECASE)
 ENV_RECORDED = ("VIRTUAL_ENV", "CONDA_DEFAULT_ENV", "LOADEDMODULES", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_NODELIST",
                 "SLURM_RESTART_COUNT")  # fmt: skip
 
@@ -118,9 +120,12 @@ ENV_RECORDED = ("VIRTUAL_ENV", "CONDA_DEFAULT_ENV", "LOADEDMODULES", "CUDA_VISIB
 def job_environment() -> dict[str, str]:
     """What the job's environment set up (``slurm.setup`` lines, modules, venv): recorded in status.json.
 
-    ``LINTRANS_*`` variables are kept too, so a setup line can leave a mark the status shows.
+    An allow-list: ``ENV_RECORDED`` and ``LINTRANS_*`` (so a setup line can leave a mark the status
+    shows), never a name that looks like a secret (``*_TOKEN``, ``*_KEY``, ``*SECRET*``, ...): tracker
+    and cloud credentials live in the environment, and run folders are shared.
     """
-    keep = {k: v for k, v in os.environ.items() if k in ENV_RECORDED or k.startswith("LINTRANS_")}
+    keep = {k: v for k, v in os.environ.items()
+            if (k in ENV_RECORDED or k.startswith("LINTRANS_")) and not SECRET_NAME.search(k)}  # fmt: skip
     return {"python": sys.executable, **dict(sorted(keep.items()))}
 
 

@@ -200,6 +200,25 @@ def initial_weights() -> dict[str, torch.Tensor]:
     return build_model(model_args(config), config.seed).state_dict()
 
 
+# Secrets a user's environment holds (tracker and cloud tokens): a run must write none of them anywhere.
+CANARIES = {
+    "WANDB_API_KEY": "canary-wandb-7f3a91",
+    "MLFLOW_TRACKING_TOKEN": "canary-mlflow-52be07",
+    "AWS_SECRET_ACCESS_KEY": "canary-aws-c4d118",
+    "LINTRANS_SERVICE_TOKEN": "canary-token-9e0f6a",  # a LINTRANS_* name is recorded, unless it looks secret
+}
+
+
+def assert_no_canary(*folders: Path) -> None:
+    """No file under ``folders`` (run directories, logs, scripts, stores) holds a canary value."""
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                leaked = [name for name, value in CANARIES.items() if value.encode() in data]
+                assert not leaked, f"{path} holds the value of {leaked}"
+
+
 @contextmanager
 def lock_held_elsewhere(path: Path) -> Iterator[None]:
     """``path``'s ``flock`` held by another process (as a running trial holds its lock) inside the block."""

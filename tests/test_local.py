@@ -23,7 +23,18 @@ from launchers.progress import Progress
 from launchers.sweep import load
 from launchers.table import learning_curve
 from lintrans.errors import UsageError
-from tests.conftest import ROOT, env, lintrans, lock_held_elsewhere, status_of, table_rows, trial_dirs, wait_until
+from tests.conftest import (
+    CANARIES,
+    ROOT,
+    assert_no_canary,
+    env,
+    lintrans,
+    lock_held_elsewhere,
+    status_of,
+    table_rows,
+    trial_dirs,
+    wait_until,
+)
 
 TINY = "tests/sweeps/tiny.yaml"
 LONG = "tests/sweeps/long.yaml"
@@ -88,7 +99,7 @@ def test_a_trial_asking_for_a_gpu_fails_without_cuda(tmp_path):
 
 def test_local_sweep_survives_killed_launcher(tmp_path):
     cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", TINY, "--backend", "local"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(**CANARIES), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(
         "a done trial", lambda: any(status_of(t).get("state") == "done" for t in trial_dirs(tmp_path, "tiny")), 600
     )
@@ -103,6 +114,7 @@ def test_local_sweep_survives_killed_launcher(tmp_path):
     for trial, before in finished.items():
         assert status_of(trial) == before  # finished trials were not run again
         assert before["environment"]["CUDA_VISIBLE_DEVICES"] == ""  # a CPU trial sees no GPU
+    assert_no_canary(tmp_path)  # the first run had secrets in its environment; no file holds one
     once_more = lintrans(tmp_path, "run", TINY, "--backend", "local")  # idempotence
     assert "nothing to submit: 6 done" in once_more.stdout
     assert (tmp_path / "results.csv").read_text().count("\n") == 7

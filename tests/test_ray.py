@@ -15,9 +15,11 @@ from launchers.backends.ray import bundles, torchrun_env
 from launchers.schema import Resources
 from launchers.sweep import load
 from tests.conftest import (
+    CANARIES,
     DDP_ATOL,
     DDP_CONFIG,
     ROOT,
+    assert_no_canary,
     assert_same_weights,
     lintrans,
     require_ray,
@@ -135,9 +137,10 @@ def test_asha_stops_the_slow_learners_for_good(tmp_path):
 def random_on_ray(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     require_ray()
     runs = tmp_path_factory.mktemp("random-ray")
-    result = lintrans(runs, "run", RANDOM, "--backend", "ray")
+    result = lintrans(runs, "run", RANDOM, "--backend", "ray", extra_env=CANARIES)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_clean(result)
+    assert_no_canary(runs)  # secrets in the environment of `run` and of the trials: none written
     return runs, result
 
 

@@ -15,7 +15,17 @@ import time
 from pathlib import Path
 
 from tests.clusters import Cluster, cluster_fixture, wait_final
-from tests.conftest import ROOT, env, lintrans, status_of, train_args, trial_dirs, wait_until
+from tests.conftest import (
+    CANARIES,
+    ROOT,
+    assert_no_canary,
+    env,
+    lintrans,
+    status_of,
+    train_args,
+    trial_dirs,
+    wait_until,
+)
 
 TINY = "tests/sweeps/tiny.yaml"
 LONG = "tests/sweeps/long.yaml"
@@ -36,7 +46,7 @@ def sweep_file(tmp_path: Path, name: str, body: str) -> str:
 
 def test_array_runs_the_sweep_once_even_when_run_twice_at_once(tmp_path, cluster):
     cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", TINY, "--backend", "slurm"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLURM_CONF": cluster.env["SLURM_CONF"]}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLURM_CONF": cluster.env["SLURM_CONF"], **CANARIES}
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -45,6 +55,7 @@ def test_array_runs_the_sweep_once_even_when_run_twice_at_once(tmp_path, cluster
     assert all(r["status"] == "done" and isinstance(r["nll_bpd"], float) and r["steps"] == 30 for r in rows), rows
     assert {r["backend"] for r in rows} == {"slurm"} and all("_" in r["job_id"] for r in rows)
     assert all(status_of(t)["attempt"] == 1 for t in trial_dirs(tmp_path, "tiny"))
+    assert_no_canary(tmp_path)  # run dirs, submitit's pickles and logs: no secret of the environment
     again = run(cluster, tmp_path, "run", TINY, "--backend", "slurm")
     assert again.returncode == 0 and "nothing to submit: 6 done" in again.stdout
 
