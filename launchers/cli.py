@@ -23,8 +23,9 @@ from pathlib import Path
 from launchers import backends, clean, state, status, submission, table
 from launchers.search import listed_trials, run_optuna
 from launchers.sweep import MAX_TRIALS, load
+from lintrans.atomic import disk_full
 from lintrans.errors import UsageError, choices, printable
-from lintrans.procenv import EXIT_USAGE
+from lintrans.procenv import EXIT_FAILED, EXIT_USAGE
 from lintrans.table_format import FORMATS, render
 
 
@@ -173,3 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a full disk or quota, in `table --out` say: one line; no partial file was left
+        if not disk_full(exc):
+            raise
+        print(f"error: no space left on device ({exc.filename or 'a write'})", file=sys.stderr)
+        return EXIT_FAILED

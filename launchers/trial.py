@@ -36,7 +36,7 @@ from launchers.sweep import Sweep, Trial
 from launchers.trial_records import evaluations_missing, job_id
 from lintrans import config as cfg
 from lintrans import records
-from lintrans.atomic import write_json
+from lintrans.atomic import disk_full, write_json
 from lintrans.errors import NonFiniteLossError, UsageError
 from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, rank
 
@@ -132,6 +132,9 @@ def job_environment() -> dict[str, str]:
 def failure(exc: BaseException) -> tuple[str, bool]:
     """The reason a trial failed, and whether running it again could help."""
     text = str(exc).splitlines()[0] if str(exc) else ""
+    if disk_full(exc):  # free space, then `run` resumes from the last checkpoint that was written
+        where = getattr(exc, "filename", None)
+        return f"no space left on device ({where or 'a write of the trial'})", True
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
         return f"out of memory: {text}".rstrip(": "), True
     if isinstance(exc, NonFiniteLossError):

@@ -5,6 +5,7 @@ A reader (or a kill at any instant) sees either the old file or the new one, nev
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -27,8 +28,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)  # no partial file; the previous ``path`` is untouched
+        if disk_full(exc):  # torch.save reports a failed write as a RuntimeError: say which file, and why
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -36,6 +39,17 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     finally:
         os.close(dir_fd)
     return path
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it arose from, is ``ENOSPC`` (a full disk or quota: ``EDQUOT``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

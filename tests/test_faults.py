@@ -8,6 +8,7 @@ including the Hypothesis-generated ones, in tests/test_sweep.py and tests/test_c
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -21,6 +22,7 @@ import torch
 
 from lintrans.run import Run
 from tests.conftest import (
+    IN_CI,
     ROOT,
     TINY,
     assert_usage_error,
@@ -165,3 +167,60 @@ def test_evaluate_into_a_read_only_run_fails_before_the_work(tmp_path):
     assert_usage_error(result, f"cannot write into {tmp_path}/records: Read-only file system")
     assert "elbo:" not in result.stderr  # no progress bar: the work never started
     assert Run(tmp_path).step() == 10
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs: a real file system whose writes fail with ENOSPC once it is full (mounting needs root)."""
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("the disk-full test mounts a tmpfs: CI runs as root")
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int, name: str = "filler") -> Path:
+    """A file taking all of ``disk``'s free space but ``leave`` bytes."""
+    filler = disk / name
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, shutil.disk_usage(disk).free - leave))
+    return filler
+
+
+def test_a_full_disk_fails_the_trial_with_the_reason_and_a_rerun_resumes(tmp_path, small_disk):
+    overrides = "overrides: {training.n_iters: 300, training.snapshot_freq_for_preemption: 10}\n"
+    sweep = tiny_sweep(tmp_path, "full", overrides)
+    runs = small_disk / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "launchers", "--runs-dir", str(runs), "run", sweep,
+                             "--backend", "local"], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)  # fmt: skip
+    wait_until("a first checkpoint", lambda: trial_dirs(runs, "full") and (status_of(trial_dirs(runs, "full")[0])
+               .get("step") or 0) >= 10, 300)  # fmt: skip
+    (trial,) = trial_dirs(runs, "full")
+    filler = fill(small_disk, leave=64 * 1024)  # room for status lines, not for a 300 KB checkpoint
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out
+    st = status_of(trial)
+    assert st["state"] == "failed" and st["resumable"] is True, st
+    assert st["reason"].startswith(f"no space left on device ({trial}/checkpoints-meta/checkpoint.pth"), st
+    kept = Run(trial).load(Run(trial).meta)  # the previous checkpoint still loads (weights_only)
+    assert 10 <= kept["step"] < 300
+    assert not list(runs.rglob("*.tmp"))  # no partial file anywhere
+    # table --out into a disk with no room at all: one line, no partial file
+    last = fill(small_disk, leave=0, name="last")
+    table = lintrans(runs, "table", sweep, "--out", str(small_disk / "table.csv"))
+    assert table.returncode == 1 and table.stderr.strip().endswith(f"no space left on device ({small_disk}/table.csv)")
+    assert not (small_disk / "table.csv").exists() and not list(small_disk.glob(".*.tmp"))
+    filler.unlink()  # space freed: the same command resumes the trial from its checkpoint
+    last.unlink()
+    again = lintrans(runs, "run", sweep, "--backend", "local")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert status_of(trial)["state"] == "done" and status_of(trial)["resumed_from"] == kept["step"]
