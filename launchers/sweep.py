@@ -267,6 +267,10 @@ def load(
         raise lines.error(("name",), f"the file name {path.stem!r} cannot name a sweep; give 'name:'")
     _check_values(lines, spec, base, config_path, check_forwards)
     _check_asha(lines, spec, base)
+    if spec.slurm.signal_delay_s >= 60 * spec.resources.time_min:
+        limit = f"time limit (resources.time_min: {spec.resources.time_min} min)"
+        raise lines.error(("slurm", "signal_delay_s"), f"{spec.slurm.signal_delay_s} s must be below the {limit}: "
+                          "the job would be signalled as it starts")  # fmt: skip
     evaluations = _check_evaluations(lines, spec, base)
     sweep = Sweep(
         path=path, name=name, config=config_path, base=base, axes=dict(spec.axes), seeds=list(seeds),

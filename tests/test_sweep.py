@@ -39,6 +39,10 @@ BAD = {
     "duplicate values": (HEAD + "axes:\n  model.K: [3, 3]\n", ":4: axes.model.K: duplicate values 3"),
     "duplicate key": (HEAD + "axes:\n  model.K: [3]\n  model.K: [4]\n", ":5: axes.model.K: duplicate key"),
     "seed axis": (HEAD + "axes:\n  seed: [1, 2]\n", ":4: axes.seed: 'seed' is reserved"),
+    "signal delay": (
+        HEAD + "axes:\n  model.K: [2]\nresources: {time_min: 1}\nslurm: {signal_delay_s: 600}\n",
+        ":6: slurm.signal_delay_s: 600 s must be below the time limit (resources.time_min: 1 min)",
+    ),
     "asha grace": (
         HEAD + "axes:\n  training.n_iters: [40, 20]\nray: {asha: {grace_period: 20}}\n",
         ":5: ray.asha.grace_period: 20 steps must be below the shortest trial's training.n_iters (20)",
