@@ -9,6 +9,7 @@ into ``file:line: key: message`` with the line of the offending key.
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # Values that end up in #SBATCH lines or srun arguments: plain tokens, never shell.
 TOKEN = r"^[A-Za-z0-9_.,:=/+@%-]+$"
 Token = Annotated[str, Field(pattern=TOKEN)]
+HostList = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,\[\]-]+$")]  # n[01-04],gpu7: checked by python-hostlist
 OptionName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*$")]
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
@@ -24,6 +26,19 @@ RESERVED_SBATCH = {
     "array", "job-name", "output", "error", "nodes", "ntasks", "ntasks-per-node", "cpus-per-task", "time",
     "signal", "requeue", "open-mode", "mem", "gpus-per-node", "partition", "account", "qos", "constraint", "wrap",
 }  # fmt: skip
+
+
+HOSTLIST_OPTIONS = {"exclude", "nodelist"}
+MEMORY_OPTIONS = {"mem-per-cpu", "mem-per-gpu"}
+
+
+def _is_hostlist(value: str) -> bool:
+    import hostlist
+
+    try:
+        return bool(hostlist.expand_hostlist(value))
+    except hostlist.BadHostlist:
+        return False
 
 
 class Strict(BaseModel):
@@ -67,7 +82,9 @@ class SlurmSection(Strict):
     max_requeues: NonNegative = 3
     signal_delay_s: Annotated[int, Field(ge=1)] = 120
     setup: list[str] = []  # shell lines written by the sweep author, run in the job before the trial
-    additional: dict[OptionName, Token | int] = {}  # more #SBATCH options: {gres: "gpu:a100:1", exclude: n3}
+    # More #SBATCH options: {gres: "gpu:a100:1", exclude: "n[1-3]", exclusive: true}; true is a bare flag,
+    # null drops the option, a default of submitit's (wckey) included.
+    additional: dict[OptionName, bool | Token | HostList | int | None] = {}
     srun_args: list[Token] = []
 
     @field_validator("setup")
@@ -84,6 +101,14 @@ class SlurmSection(Strict):
         taken = sorted(set(options) & RESERVED_SBATCH)
         if taken:
             raise ValueError(f"{', '.join(taken)}: set from resources or the slurm section, not 'additional'")
+        for key in HOSTLIST_OPTIONS & set(options):
+            if not isinstance(options[key], str) or not _is_hostlist(options[key]):
+                raise ValueError(f"{key}: {options[key]!r} is not a SLURM host list (e.g. n[01-04],gpu7)")
+        for key in MEMORY_OPTIONS & set(options):
+            if options[key] is not None and not re.fullmatch(r"\d+[KMGT]?", str(options[key])):
+                raise ValueError(f"{key}: {options[key]!r} is not a memory size (e.g. 8G, 512M)")
+        if len({"gres", "gpus"} & {k for k, v in options.items() if v not in (None, False)}) > 1:
+            raise ValueError("gres and gpus both ask for GPUs: give one")
         return options
 
 

@@ -44,7 +44,16 @@ import ml_collections
 import pydantic
 import yaml
 
-from launchers.schema import Distribution, LocalSection, RaySection, Resources, Search, SlurmSection, SweepFile
+from launchers.schema import (
+    MEMORY_OPTIONS,
+    Distribution,
+    LocalSection,
+    RaySection,
+    Resources,
+    Search,
+    SlurmSection,
+    SweepFile,
+)
 from lintrans import config as cfg
 from lintrans.errors import UsageError
 from lintrans.eval_spec import EvalSpec, SpecError
@@ -271,6 +280,7 @@ def load(
         limit = f"time limit (resources.time_min: {spec.resources.time_min} min)"
         raise lines.error(("slurm", "signal_delay_s"), f"{spec.slurm.signal_delay_s} s must be below the {limit}: "
                           "the job would be signalled as it starts")  # fmt: skip
+    _check_sbatch_options(lines, spec)
     evaluations = _check_evaluations(lines, spec, base)
     sweep = Sweep(
         path=path, name=name, config=config_path, base=base, axes=dict(spec.axes), seeds=list(seeds),
@@ -334,6 +344,17 @@ def _apply(lines, config, overrides: dict, where, config_path: Path, forwards: b
         at = where(named[0]) if named else where(next(iter(overrides))) if overrides else ("config",)
         raise lines.error(at, str(exc)) from None
     return out
+
+
+def _check_sbatch_options(lines: _Lines, spec: SweepFile) -> None:
+    """``slurm.additional`` options that would ask twice for what ``resources`` asks already."""
+    given = {k for k, v in spec.slurm.additional.items() if v is not None and v is not False}
+    for key in sorted(given & {"gres", "gpus"} if spec.resources.gpus else set()):
+        raise lines.error(("slurm", "additional", key), f"resources.gpus ({spec.resources.gpus}) asks for GPUs "
+                          "already (--gpus-per-node): give one")  # fmt: skip
+    for key in sorted(given & MEMORY_OPTIONS if spec.resources.mem_gb else set()):
+        raise lines.error(("slurm", "additional", key), f"resources.mem_gb ({spec.resources.mem_gb}, --mem) and {key} "
+                          "are exclusive: give one")  # fmt: skip
 
 
 def _check_asha(lines: _Lines, spec: SweepFile, base: ml_collections.ConfigDict) -> None:

@@ -20,9 +20,11 @@ def choices(values) -> str:
 
 
 def printable(message: str) -> str:
-    """``message`` with lone surrogates (malformed input read back from YAML) escaped.
+    """``message`` as one printable line: control characters (a ``\r`` or ``\n`` in a bad value) and lone
+    surrogates (malformed input read back from YAML) escaped.
 
-    Python's own stderr escapes them already; a strict stream (an in-process caller's, pytest's
-    capture) raises ``UnicodeEncodeError`` instead of printing the one error line.
+    A raw ``\r`` would split the one error line in two; a lone surrogate makes a strict stream (an
+    in-process caller's, pytest's capture) raise ``UnicodeEncodeError`` instead of printing it.
     """
+    message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # one line: \r, \n, ESC escaped
     return message.encode("utf-8", "backslashreplace").decode("utf-8")

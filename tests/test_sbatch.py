@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from launchers import cli
 from launchers.backends.sbatch import SbatchBackend
 from launchers.backends.sbatch_script import PREEMPT_SIGNAL, resources, submitit_parameters
 from launchers.backends.slurm import SlurmBackend
 from launchers.sweep import load
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_one_line
 
 GOLDEN = ROOT / "tests" / "golden"
 SWEEP = "tests/sweeps/cluster_options.yaml"
@@ -67,3 +68,34 @@ def test_no_sweep_value_reaches_the_script(tmp_path):
     sweep = load("tests/sweeps/injection.yaml", tmp_path)
     text = SbatchBackend().dry_run(sweep, sweep.trials()) + SlurmBackend().dry_run(sweep, sweep.trials())
     assert "touch" not in text and "pwned" not in text
+
+
+SURFACE = "tests/sweeps/cluster_surface.yaml"
+
+
+def test_the_sbatch_surface_booleans_dropped_defaults_host_lists_memory_per_gpu(tmp_path):
+    sweep = load(SURFACE, tmp_path)
+    check("cluster_surface.sbatch", normalised(SbatchBackend().dry_run(sweep, sweep.trials()), tmp_path))
+    check("cluster_surface.submitit.sbatch", normalised(SlurmBackend().dry_run(sweep, sweep.trials()), tmp_path))
+    params = submitit_parameters(sweep)
+    assert params["wckey"] is None and "wckey" not in params["additional_parameters"]  # dropped: no --wckey
+    assert params["additional_parameters"]["exclusive"] is True
+
+
+@pytest.mark.parametrize(
+    ("resources", "additional", "needle"),
+    [
+        ("{gpus: 1}", '{gres: "gpu:1"}', "additional.gres: resources.gpus (1) asks for GPUs already"),
+        ("{mem_gb: 8}", "{mem-per-cpu: 2G}", "additional.mem-per-cpu: resources.mem_gb (8.0, --mem) and mem-per-cpu"),
+        ("{}", '{gres: "gpu:1", gpus: 2}', "gres and gpus both ask for GPUs: give one"),
+        ("{}", '{exclude: "n[1-"}', "exclude: 'n[1-' is not a SLURM host list"),
+        ("{}", "{mem-per-gpu: 8GB}", "mem-per-gpu: '8GB' is not a memory size"),
+    ],
+)
+def test_sbatch_options_that_contradict_or_cannot_be_read_are_refused(tmp_path, capsys, resources, additional, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"name: bad\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [3]\nresources: {resources}\n"
+                    f"slurm:\n  additional: {additional}\n")  # fmt: skip
+    code = cli.main(["--runs-dir", str(tmp_path / "runs"), "run", str(path), "--dry-run", "--backend", "sbatch"])
+    assert_one_line(code, capsys.readouterr().err, needle)
+    assert not (tmp_path / "runs").exists()

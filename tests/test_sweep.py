@@ -266,6 +266,7 @@ def test_malformed_sweep_files_exit_2_with_one_line(tmp_path_factory, capsys, da
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from([*KEYS[:-1], "training.log_freq", "eval.batch_size", "model.ema_rate"]), value=VALUES)
+@example(key="model.forward", value="\r")  # a control character in the value must not split the error line
 def test_override_values_never_give_a_traceback(tmp_path_factory, capsys, key, value):
     """``train.py --config.<key>=<value>`` with any value: it trains (not here: refused before) or exits 2."""
     from lintrans import cmdline as lcli

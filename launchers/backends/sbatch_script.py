@@ -63,7 +63,7 @@ def options(sweep: Sweep, n: int, output: str) -> dict[str, Any]:
         "signal": f"{PREEMPT_SIGNAL}@{sweep.slurm.signal_delay_s}",
         "requeue": True,  # a task whose node failed (NODE_FAIL) is requeued
         "open-mode": "append",
-        **sweep.slurm.additional,
+        **{k: v for k, v in sweep.slurm.additional.items() if v is not None and v is not False},
     }
 
 
@@ -117,8 +117,10 @@ def submitit_parameters(sweep: Sweep) -> dict[str, Any]:
     """The same job as submitit's public executor parameters (submitit adds its array, log paths and srun line)."""
     opts = {k: v for k, v in options(sweep, 1, "").items() if v is not None and k not in SUBMITIT_DERIVED}
     named = {SUBMITIT_NAMED[k]: opts.pop(k) for k in list(opts) if k in SUBMITIT_NAMED}
+    dropped = {k for k, v in sweep.slurm.additional.items() if v is None or v is False}
     return {
         **named,
+        **({"wckey": None} if "wckey" in dropped else {}),  # submitit writes --wckey=submitit unless told None
         "array_parallelism": sweep.slurm.array_parallelism,
         "signal_delay_s": sweep.slurm.signal_delay_s,  # submitit's signal is USR2, as ours
         "stderr_to_stdout": True,

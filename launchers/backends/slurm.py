@@ -172,8 +172,9 @@ class SlurmBackend(Backend):
         """The job the array is, from the one script writer; submitit adds its own srun line that runs the tasks."""
         logs = sweep.dir.resolve() / "slurm" / "%A_%a" / "%A_%a_0_log.out"
         srun = " ".join(["srun", "--unbuffered", "--output", "<task log>", *sweep.slurm.srun_args])
+        wckey = "" if "wckey" in sweep.slurm.additional else "--wckey=submitit and "  # given, or dropped with null
         body = [
-            "# submitit adds --wckey=submitit and, as the command, its own srun line for each task:",
+            f"# submitit adds {wckey}its own srun line for each task, as the command:",
             f"# {srun} <submitit's worker>, which calls SlurmTrial on the task's trial directory",
         ]
         text = render(options(sweep, max(1, len(trials)), str(logs)), setup_lines(sweep), body)
