@@ -18,7 +18,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,27 +30,7 @@ RESULTS = ROOT / "bench" / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from lintrans import provenance  # noqa: E402 - the repository goes on sys.path first
 
 
 def machine(device: str = "cpu") -> dict:
@@ -59,7 +38,7 @@ def machine(device: str = "cpu") -> dict:
 
     info = {
         "host": platform.node(),
-        "cpu": cpu_model(),
+        "cpu": provenance.cpu_model(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -67,7 +46,7 @@ def machine(device: str = "cpu") -> dict:
         "device": device,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": provenance.commit() or "unknown",
         "loadavg_at_start": os.getloadavg(),
         "env": {
             k: os.environ[k]

@@ -23,6 +23,7 @@ from pathlib import Path
 from launchers import backends, clean, state, status, submission, table
 from launchers.search import listed_trials, run_optuna
 from launchers.sweep import MAX_TRIALS, load
+from lintrans import provenance
 from lintrans.atomic import disk_full
 from lintrans.errors import UsageError, choices, printable
 from lintrans.procenv import EXIT_FAILED, EXIT_USAGE
@@ -31,7 +32,9 @@ from lintrans.table_format import FORMATS, render
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lintrans", description=__doc__.split("\n")[0])
-    p.add_argument("--version", action="version", version=f"lintrans {_version()}")
+    p.add_argument(
+        "--version", action="version", version=f"lintrans {provenance.package_version() or '(not installed)'}"
+    )
     common = argparse.ArgumentParser(add_help=False)  # before or after the command: `lintrans run X --runs-dir R`
     for parser_, default in ((p, None), (common, argparse.SUPPRESS)):
         parser_.add_argument("--runs-dir", default=default,
@@ -134,15 +137,6 @@ def cmd_table(args) -> int:
     if args.out:
         table.write_out(rows, args.out, args.grouped)
     return 0
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lintrans")
-    except PackageNotFoundError:
-        return "(not installed)"
 
 
 def chosen(args, rows: list[dict]) -> list[str]:

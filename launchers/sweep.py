@@ -55,7 +55,7 @@ from launchers.schema import (
     SweepFile,
 )
 from lintrans import config as cfg
-from lintrans.errors import UsageError
+from lintrans.errors import UsageError, printable
 from lintrans.eval_spec import EvalSpec, SpecError
 
 MAX_TRIALS = 10_000
@@ -82,8 +82,7 @@ SHOWN_CHARS = 40  # an axis value longer than this is cut, with an ellipsis, in 
 
 def _short(value: Any) -> str:
     """A value as one short line of a table: control characters escaped, long ones cut with an ellipsis."""
-    text = f"{value:.4g}" if isinstance(value, float) else str(value)
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    text = printable(f"{value:.4g}" if isinstance(value, float) else str(value))
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
 
 

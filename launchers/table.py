@@ -22,7 +22,7 @@ from typing import Any
 from launchers import state, status
 from launchers.schema import Distribution
 from launchers.sweep import Sweep, Trial
-from lintrans import records
+from lintrans import provenance, records
 from lintrans.atomic import write_atomic, write_text
 from lintrans.table_format import render
 
@@ -30,7 +30,7 @@ FIXED = ["sweep", "trial", "status", "reason", "steps"]
 TAIL = ["wall_s", "backend", "job_id"]
 # What produced each trial's numbers (lintrans.provenance, from the trainer): in the full table and
 # --columns, not in the brief one.
-PROVENANCE = ["precision", "device", "torch", "cuda", "lintrans", "commit", "world_size", "compile"]
+PROVENANCE = list(provenance.FIELDS)
 AXIS_NAMES = {"model.forward": "forward", "model.K": "K", "model.sigma": "sigma", "seed": "seed"}
 FID_METRICS = ("fid_inception", "fid_mnist_features")
 NLL_METRIC = "nll_bpd"
@@ -57,7 +57,7 @@ def row(trial_dir: Path, spec: dict[str, Any], observation: state.Observation | 
     if isinstance(final_eval, float) and "eval_loss" not in out:
         out["eval_loss"] = final_eval
     out.update(wall_s=st.wall_s, backend=st.backend, job_id=st.job_id)
-    made_by = state.read(trial_dir / "provenance.json")
+    made_by = state.read(trial_dir / provenance.FILE)
     out.update({k: made_by[k] for k in PROVENANCE if k in made_by})
     return out
 

@@ -67,14 +67,23 @@ def cpu_has_bf16() -> bool:
     return CPU_BF16_CHOICES[forced]
 
 
-@cache
 def cpu_flags_have_bf16() -> bool:
     """What the hardware says: ``avx512_bf16`` or ``amx_bf16`` among the CPU flags."""
+    return bool(cpu_bf16_flags())
+
+
+@cache
+def cpu_bf16_flags() -> tuple[str, ...]:
+    """The CPU's bf16 instructions by their ``/proc/cpuinfo`` names (torch's own check where there is none)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_bf16"))
+        found = (
+            ("amx_bf16", torch.cpu._is_amx_tile_supported()),
+            ("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
+        )
+        return tuple(name for name, present in found if present)
+    return tuple(name for name in ("amx_bf16", "avx512_bf16") if f" {name}" in flags)
 
 
 def has_bf16(device: torch.device) -> bool:

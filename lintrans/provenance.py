@@ -4,18 +4,22 @@ The same config gives other digits on another CPU (bf16 autocast where the CPU h
 AMX, fp32 elsewhere), another torch or another commit, so a table that mixes them must be able to
 say so. The trainer writes this record into the run directory (``provenance.json``) when it
 starts or resumes, from the values it actually uses (what ``auto`` resolved to, not ``auto``).
+
+Importing it needs no torch (``status``, ``table`` and the benchmarks read its names and helpers);
+:func:`collect` and :func:`device_name` import torch when a run calls them.
 """
 
 from __future__ import annotations
 
+import platform
 import subprocess
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from lintrans.device import cpu_flags_have_bf16
+if TYPE_CHECKING:
+    import torch
 
 FILE = "provenance.json"
 FIELDS = ("precision", "device", "torch", "cuda", "lintrans", "commit", "world_size", "compile")
@@ -23,14 +27,15 @@ FIELDS = ("precision", "device", "torch", "cuda", "lintrans", "commit", "world_s
 
 def collect(device: torch.device, bf16: bool, world_size: int) -> dict:
     """The record of one run on ``device`` (bf16 autocast or fp32) with ``world_size`` processes."""
-    commit, dirty = code_version()
+    import torch
+
     return {
         "precision": "bf16" if bf16 else "fp32",
         "device": device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "lintrans": _package_version(),
-        "commit": f"{commit}{'+dirty' if dirty else ''}" if commit else None,
+        "lintrans": package_version(),
+        "commit": commit(),
         "world_size": world_size,
         "compile": False,  # the trainer runs eager; torch.compile is not used
     }
@@ -38,10 +43,14 @@ def collect(device: torch.device, bf16: bool, world_size: int) -> dict:
 
 def device_name(device: torch.device) -> str:
     """``cuda: NVIDIA H100 (sm_90)`` or ``cpu: AMD EPYC (avx512_bf16)``: the chip and what bf16 runs on."""
+    import torch
+
+    from lintrans.device import cpu_bf16_flags
+
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"cuda: {torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-    return f"cpu: {_cpu_model()} ({_cpu_bf16_isa()})"
+    return f"cpu: {cpu_model()} ({'+'.join(cpu_bf16_flags()) or 'no bf16'})"
 
 
 @cache
@@ -60,28 +69,25 @@ def code_version() -> tuple[str | None, bool]:
     return commit.stdout.strip(), bool(changes.stdout.strip())
 
 
-def _package_version() -> str | None:
+def commit() -> str | None:
+    """``code_version`` as one label: ``abc123def456`` or ``abc123def456+dirty``; None outside a checkout."""
+    sha, dirty = code_version()
+    return f"{sha}{'+dirty' if dirty else ''}" if sha else None
+
+
+def package_version() -> str | None:
+    """The installed lintrans release (None when it runs from a checkout that was never installed)."""
     try:
         return version("lintrans")
     except PackageNotFoundError:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown CPU"
-
-
-def _cpu_bf16_isa() -> str:
-    """The CPU's bf16 instructions, as ``auto`` sees the hardware (not ``LINTRANS_CPU_BF16``)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "bf16 unknown" if cpu_flags_have_bf16() else "no bf16"
-    found = [name for flag, name in ((" amx_bf16", "amx_bf16"), (" avx512_bf16", "avx512_bf16")) if flag in flags]
-    return "+".join(found) or "no bf16"
+    return platform.processor() or "unknown CPU"
