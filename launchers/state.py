@@ -108,11 +108,16 @@ def check_writable(folder: Path, what: str) -> None:
         raise UsageError(f"{what} {folder} is not writable by this user ({at}: permission denied)")
 
 
-def mark_cancelled(trial_dir: Path) -> None:
-    """``lintrans cancel`` asked this launch to stop: its job ending CANCELLED is no failure."""
+def mark_launch(trial_dir: Path, event: str) -> None:
+    """Stamp the trial's current launch with the time of ``event`` (nothing when it has no launch).
+
+    ``cancelled``: ``lintrans cancel`` asked this launch to stop, so its job ending CANCELLED is no failure.
+    ``driver_ended``: the driver that watched the launch has returned, so the scheduler's last saved
+    account of it (Tune's experiment state, written on its own clock) is final, whatever it says.
+    """
     ln = launch(trial_dir)
     if ln:
-        write_json(trial_dir / LAUNCH, {**ln, "cancelled": now()})
+        write_json(trial_dir / LAUNCH, {**ln, event: now()})
 
 
 # --------------------------------------------------------------------------- locks

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -176,6 +177,29 @@ def test_each_ray_trial_writes_its_own_log(random_on_ray):
         assert "step 0: eval loss" in log and "step 30: eval loss" in log and f"trial {trial.name} done" in log
     assert "Trial status" in result.stdout  # Tune's own progress still reaches the driver's console
     assert "eval loss" not in result.stdout + result.stderr  # the trials' output does not
+
+
+def test_a_driver_that_returned_makes_tunes_saved_states_final(tmp_path, monkeypatch):
+    """Tune may save a trial as PENDING just before it errors; once ``fit`` has returned, that is no queue.
+
+    The driver is this very process (alive) while it prints the final table: without its ``driver_ended``
+    stamp the failed trial read ``queued`` and ``run`` exited 0 (seen once in CI).
+    """
+    from types import SimpleNamespace
+
+    from launchers import state, status
+    from launchers.backends import ray as ray_backend
+
+    trial = SimpleNamespace(id="t", run_dir=tmp_path / "sweep" / "t")
+    trial.run_dir.mkdir(parents=True)
+    state.write_launch(trial.run_dir, "ray", "exp", None, driver=f"{socket.gethostname()}:{os.getpid()}")
+    state.write_status(trial.run_dir, "failed", reason="ray: worker died", resumable=True)
+    monkeypatch.setattr(ray_backend, "tune_states", lambda _: {str(trial.run_dir.resolve()): "PENDING"})
+    backend = ray_backend.RayBackend()
+    assert status.views([trial], backend.observe([trial]))["t"].state == "queued"  # the driver still runs
+    state.mark_launch(trial.run_dir, "driver_ended")
+    seen = status.views([trial], backend.observe([trial]))["t"]
+    assert (seen.state, seen.reason) == ("failed", "ray: worker died")
 
 
 # ----------------------------------------------------------------------------------------- failures

@@ -89,7 +89,7 @@ def test_damaged_status_with_every_record_is_done(tmp_path):
 
 def test_a_trial_cancelled_before_it_started_is_stopped_and_run_resumes_it(tmp_path):
     state.write_launch(tmp_path, "slurm", "5_2", "log")
-    state.mark_cancelled(tmp_path)
+    state.mark_launch(tmp_path, "cancelled")
     seen = status.view(tmp_path, Observation("ended", "CANCELLED (exit 0:0)"))
     assert (seen.state, seen.reason) == ("stopped", "cancelled before it started (slurm job 5_2)")
     assert status.view(tmp_path).state == "stopped"  # nobody asked the scheduler: it is still cancelled
@@ -136,7 +136,7 @@ def test_a_preempted_trial_whose_job_was_killed_is_failed_unless_we_cancelled_it
     assert killed.state == "failed" and killed.resumable is True
     assert killed.reason.startswith("slurm job 11_1 ended CANCELLED (exit 0:9) after the trial stopped")
     assert status.view(tmp_path, Observation("ended", "COMPLETED (exit 0:0)")).state == "preempted"
-    state.mark_cancelled(tmp_path)  # `lintrans cancel` asked for it
+    state.mark_launch(tmp_path, "cancelled")  # `lintrans cancel` asked for it
     assert status.view(tmp_path, Observation("ended", "CANCELLED (exit 0:15)")).state == "preempted"
 
 
@@ -157,7 +157,7 @@ def test_a_cancelled_job_that_is_still_ending_does_not_hold_its_trial(tmp_path):
     state.write_status(tmp_path, "preempted", reason="signal SIGTERM during training", step=14)
     ending = Observation("running", "COMPLETING")
     assert status.view(tmp_path, ending).state == "running"  # a requeue nobody asked to stop runs it again
-    state.mark_cancelled(tmp_path)
+    state.mark_launch(tmp_path, "cancelled")
     seen = status.view(tmp_path, ending)
     assert seen.state == "preempted"
     assert seen.reason == "signal SIGTERM during training; cancelled; slurm job 12_0 still ending (COMPLETING)"

@@ -138,7 +138,7 @@ class LocalBackend(Backend):
                 self.say(f"local: not cancelling {t.id}: process {st.get('pid')} on {st.get('host')} is not "
                          f"this machine's trial process (another host, or the pid was reused)")  # fmt: skip
                 continue
-            state.mark_cancelled(t.run_dir)
+            state.mark_launch(t.run_dir, "cancelled")
             os.kill(st["pid"], signal.SIGTERM)
             stopped += 1
         return stopped

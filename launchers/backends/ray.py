@@ -270,7 +270,7 @@ class _Workers:
 
 
 def _cancelled(trial_dir: Path) -> bool:
-    """``lintrans cancel`` marked the trial's current launch (:func:`launchers.state.mark_cancelled`)."""
+    """``lintrans cancel`` marked the trial's current launch (:func:`launchers.state.mark_launch`)."""
     return bool(state.launch(trial_dir).get("cancelled"))
 
 
@@ -440,14 +440,14 @@ class RayBackend(Backend):
             if path not in experiments:
                 experiments[path] = tune_states(path)
             tune_state = experiments[path].get(str(t.run_dir.resolve()))
-            alive = _driver_alive(ln.get("driver"))
+            alive = False if ln.get("driver_ended") else _driver_alive(ln.get("driver"))
             phase = TUNE_PHASES.get(tune_state or "")
             if phase in ("queued", "running") and alive is False:
-                out[t.id] = Observation("ended", f"{tune_state} (driver {ln['driver']} exited)")
+                out[t.id] = Observation("ended", f"{tune_state} (driver {ln['driver']} ended)")
             elif phase is not None:
                 out[t.id] = Observation(phase, tune_state)
             elif alive is False:
-                out[t.id] = Observation("ended", f"(driver {ln['driver']} exited)")
+                out[t.id] = Observation("ended", f"(driver {ln['driver']} ended)")
         return out
 
     def cancel(self, trials: list[Trial]) -> int:
@@ -456,7 +456,7 @@ class RayBackend(Backend):
         ours = [t for t in trials if state.launch(t.run_dir).get("backend") == self.name]
         chosen = [t for t in ours if seen[t.id].state in ("queued", "running")]
         for t in chosen:
-            state.mark_cancelled(t.run_dir)
+            state.mark_launch(t.run_dir, "cancelled")
         return len(chosen)
 
     def submit(self, sweep: Sweep, trials: list[Trial]) -> int:
@@ -510,6 +510,9 @@ class RayBackend(Backend):
             ray.shutdown()  # after it, no trial actor holds its lock: the states below are final
         counts: dict[str, int] = {}
         for t in trials:
+            # Tune's saved state is final too, even where it was saved before a trial's error: this
+            # driver, which `status` would otherwise find alive while it prints the table, is done.
+            state.mark_launch(t.run_dir, "driver_ended")
             st = status.view(t.run_dir).state
             counts[st] = counts.get(st, 0) + 1
         errors = sum(1 for res in results if res.error is not None)

@@ -253,7 +253,7 @@ def job_records(*command: str, timeout: float = 60) -> list[tuple[str, str, str]
 def scancel(jobs: dict[Path, str]) -> int:
     """Mark each trial (run directory -> its job) cancelled, then ``scancel`` the jobs; how many jobs."""
     for trial_dir in jobs:
-        state.mark_cancelled(trial_dir)
+        state.mark_launch(trial_dir, "cancelled")
     if jobs:
         slurm_command("scancel", *sorted(set(jobs.values())))
     return len(set(jobs.values()))
