@@ -82,9 +82,10 @@ def detect(env: dict[str, str] | None = None) -> DistInfo:
             "srun",
             _tasks_on_this_node(env),
         )
-    # World size 1 coordinates with nobody: a MASTER_PORT inherited from elsewhere (an sbatch job
-    # exports the submitting shell's environment) must not make a lone run fight for a port.
-    return DistInfo(0, 1, 0, "127.0.0.1", free_port(), "single")
+    # World size 1 coordinates with nobody: no port at all (an in-process store, see init), so a
+    # MASTER_PORT inherited from elsewhere (an sbatch job exports the submitting shell's environment)
+    # cannot make a lone run fight for one.
+    return DistInfo(0, 1, 0, "127.0.0.1", 0, "single")
 
 
 def _tasks_on_this_node(env: dict[str, str]) -> int:
@@ -124,10 +125,17 @@ def init(device_request: str = "auto", backend: str | None = None) -> tuple[Dist
     if not dist.is_initialized():
         # torchrun's workers join its agent's store (env://); the others meet at rank 0's address,
         # given explicitly rather than through os.environ, which every child process would inherit.
-        method = "env://" if info.launcher == "torchrun" else f"tcp://{info.master_addr}:{info.master_port}"
+        # A single process meets nobody: an in-process store, where a TCP store would listen on every
+        # interface for as long as it trains.
+        if info.launcher == "torchrun":
+            meet: dict = {"init_method": "env://"}
+        elif info.world_size == 1:
+            meet = {"store": dist.HashStore()}
+        else:
+            meet = {"init_method": f"tcp://{info.master_addr}:{info.master_port}"}
         dist.init_process_group(
             backend or ("nccl" if device.type == "cuda" else "gloo"),
-            init_method=method,
+            **meet,
             rank=info.rank,
             world_size=info.world_size,
             timeout=datetime.timedelta(minutes=30),

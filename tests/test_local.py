@@ -99,7 +99,8 @@ def test_a_trial_asking_for_a_gpu_fails_without_cuda(tmp_path):
 
 def test_local_sweep_survives_killed_launcher(tmp_path):
     cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", TINY, "--backend", "local"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(**CANARIES), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(**CANARIES), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            umask=0o027)  # fmt: skip
     wait_until(
         "a done trial", lambda: any(status_of(t).get("state") == "done" for t in trial_dirs(tmp_path, "tiny")), 600
     )
@@ -115,6 +116,10 @@ def test_local_sweep_survives_killed_launcher(tmp_path):
         assert status_of(trial) == before  # finished trials were not run again
         assert before["environment"]["CUDA_VISIBLE_DEVICES"] == ""  # a CPU trial sees no GPU
     assert_no_canary(tmp_path)  # the first run had secrets in its environment; no file holds one
+    # The first run's umask (027) holds for everything it wrote into the trials it finished: nothing
+    # for others to read, let alone write (lock files and atomic writes included).
+    written = [p for trial in finished for p in [trial, *trial.rglob("*")]]
+    assert written and not [str(p) for p in written if p.stat().st_mode & 0o007], "files open to others"
     once_more = lintrans(tmp_path, "run", TINY, "--backend", "local")  # idempotence
     assert "nothing to submit: 6 done" in once_more.stdout
     assert (tmp_path / "results.csv").read_text().count("\n") == 7

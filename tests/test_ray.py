@@ -3,6 +3,7 @@ logs, honest failures, multi-worker DDP trials. Every `run` starts and shuts dow
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -229,9 +230,54 @@ def kill_trial_actor_midway(runs: Path, sweep_file: str, sweep: str) -> tuple[su
     return proc, trial
 
 
+def descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it, from ``/proc/*/stat``'s parent pids."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, grew = {pid}, True
+    while grew:
+        below = {p for p, pp in parent.items() if pp in found} - found
+        found |= below
+        grew = bool(below)
+    return found
+
+
+def listening_addresses(pids: set[int]) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The local addresses of the TCP sockets the processes listen on (``/proc/net/tcp*``, state 0A);
+    an IPv4-mapped IPv6 address (``::ffff:127.0.0.1``) as its IPv4 address."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:
+                raw = bytes.fromhex(cols[1].split(":")[0])
+                words = [raw[i : i + 4][::-1] for i in range(0, len(raw), 4)]  # each 32-bit word little-endian
+                ip = ipaddress.ip_address(b"".join(words))
+                found.add(getattr(ip, "ipv4_mapped", None) or ip)
+    return found
+
+
 def test_ray_retries_a_killed_worker_from_its_checkpoint(tmp_path):
     require_ray()
-    proc, trial = kill_trial_actor_midway(tmp_path, "tests/sweeps/long.yaml", "long")  # ray.max_failures: 2
+    proc, trial = start_run(tmp_path, "tests/sweeps/long.yaml", "long", "--backend", "ray")  # ray.max_failures: 2
+    # The Ray that `run` started (GCS, raylet, workers, the driver) listens on loopback only.
+    listening = listening_addresses(descendants(proc.pid))
+    assert listening and all(a.is_loopback for a in listening), listening
+    os.kill(status_of(trial)["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     st = status_of(trial)

@@ -22,6 +22,9 @@ ranks 1..N-1 are :class:`_Rank` actors pinned to the other bundles, each running
 ``python -m launchers.trial DIR`` with torchrun's variables (:func:`torchrun_env`), which
 :func:`lintrans.distributed.detect` reads. ``ray.address`` (or ``--ray-address``) connects to an
 existing cluster; ``ray.runtime_env`` (``env_vars``, ``working_dir``) is passed to it.
+
+A Ray that ``run`` starts itself (no address) listens on loopback only (:func:`loopback_only`):
+anyone who can reach a Ray port can run code as its user, and a login node is shared.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ from launchers.trial import Stopped, run_trial
 from lintrans import records
 from lintrans.errors import UsageError
 from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, die_with_parent, free_port
+
+# Ray's own switch for a single-machine Ray (its default on macOS and Windows): every server it starts
+# binds 127.0.0.1, and the node's address is 127.0.0.1. Read once, when ``ray`` is first imported.
+LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # Metrics every training report carries: the only ones ASHA can compare trials on.
 TRAINING_METRICS = ("eval_loss", "train_loss")
@@ -174,6 +181,19 @@ def torchrun_env(places: list[tuple[str, str, list[str]]], port: int) -> list[di
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         out.append(env)
     return out
+
+
+def loopback_only() -> None:
+    """Make the Ray this process starts listen on 127.0.0.1 only (Ray's single-machine mode).
+
+    Ray turns ``_node_ip_address="127.0.0.1"`` into the machine's reachable address and binds its GCS,
+    raylet and workers to every interface; its single-machine switch is the one setting that keeps
+    them all on loopback. It must be set before ``ray`` is imported: refused, loudly, if it was not.
+    """
+    os.environ[LOCAL_ONLY] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
+        raise RuntimeError(f"ray was imported before {LOCAL_ONLY}=0: the Ray it starts would listen on every interface")
 
 
 def _where() -> tuple[str, str, list[str]]:
@@ -416,7 +436,13 @@ class RayBackend(Backend):
         return cls(address=args.ray_address)
 
     def check(self, sweep: Sweep) -> None:
-        """ASHA compares trials on what they report while training (its grace period: :func:`sweep.load`)."""
+        """ASHA compares trials on what they report while training (its grace period: :func:`sweep.load`).
+
+        Also decides, before anything imports ``ray`` (``status`` reads Tune's saved states with it),
+        whether the Ray that ``run`` would start is its own: then it is pinned to loopback.
+        """
+        if (self.address or sweep.ray.address) is None:
+            loopback_only()
         metric = sweep.search.objective.metric
         if sweep.ray.asha is not None and metric not in TRAINING_METRICS:
             raise UsageError(
@@ -460,6 +486,9 @@ class RayBackend(Backend):
         return len(chosen)
 
     def submit(self, sweep: Sweep, trials: list[Trial]) -> int:
+        address = self.address or sweep.ray.address
+        if address is None:
+            loopback_only()
         import ray
         from ray import tune
         from ray.tune.logger import JsonLoggerCallback
@@ -467,7 +496,6 @@ class RayBackend(Backend):
         r, sec = sweep.resources, sweep.ray
         metric, mode = sweep.search.objective.metric, sweep.search.objective.mode
         scheduler = self._scheduler(sweep, trials, metric, mode)
-        address = self.address or sec.address
         runtime_env = {k: v for k, v in sec.runtime_env.model_dump().items() if v}
         ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env or None)
         try:
