@@ -91,6 +91,8 @@ def cmd_status(args) -> int:
         print(status.as_json(trials, seen))
     else:
         status.print_trials(sweep, trials, seen)
+        if note := provenance.mixed([state.read(t.run_dir / provenance.FILE) for t in trials]):
+            print(note)
         print(f"disk: {clean.human(clean.disk_use(sweep.dir)) if sweep.dir.is_dir() else 'nothing'} under {sweep.dir}")
     return 0
 
@@ -128,7 +130,7 @@ def cmd_table(args) -> int:
         rows = table.sort(rows, metric, objective.mode if metric == objective.metric else "min", args.best)
     out = table.render_grouped(rows, args.format) if args.grouped else render(rows, chosen(args, rows), args.format)
     sys.stdout.write(out)
-    if note := table.mixed_provenance(rows):
+    if note := provenance.mixed(rows):
         print(note, file=sys.stderr)
     for kind in args.plot:
         for sweep, trials in sweeps:

@@ -183,16 +183,6 @@ def plot(kind: str, sweep: Sweep, trials: list[Trial], table: list[dict[str, Any
 OUT_FORMATS = {".csv": "csv", ".json": "json", ".md": "md"}
 
 
-def mixed_provenance(table: list[dict[str, Any]]) -> str | None:
-    """One line when the rows' numbers come from different precisions or code versions, else None."""
-    differ = {k: sorted({str(r[k]) for r in table if r.get(k)}) for k in ("precision", "commit", "torch")}
-    differ = {k: v for k, v in differ.items() if len(v) > 1}
-    if not differ:
-        return None
-    said = "; ".join(f"{k} {', '.join(v)}" for k, v in differ.items())
-    return f"note: these trials' numbers come from different set-ups ({said}): compare within one"
-
-
 def write_out(table: list[dict[str, Any]], path: str, grouped: bool = False) -> Path:
     """``table --out FILE``: the table, atomically, in the format FILE's extension names.
 

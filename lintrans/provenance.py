@@ -23,6 +23,18 @@ if TYPE_CHECKING:
 
 FILE = "provenance.json"
 FIELDS = ("precision", "device", "torch", "cuda", "lintrans", "commit", "world_size", "compile")
+# The fields whose difference changes the digits of the same config: a table mixing them says so.
+DIGITS = ("precision", "commit", "torch")
+
+
+def mixed(made_by: list[dict]) -> str | None:
+    """One line when these runs' numbers come from different precisions or code versions, else None.
+
+    ``made_by``: one dict per run holding (some of) :data:`FIELDS`, a provenance record or a table row.
+    """
+    differ = {k: sorted({str(r[k]) for r in made_by if r.get(k)}) for k in DIGITS}
+    said = "; ".join(f"{k} {', '.join(v)}" for k, v in differ.items() if len(v) > 1)
+    return f"note: these trials' numbers come from different set-ups ({said}): compare within one" if said else None
 
 
 def collect(device: torch.device, bf16: bool, world_size: int) -> dict:

@@ -227,7 +227,9 @@ def test_every_trial_says_what_produced_its_numbers_and_the_table_says_when_they
     assert [list(r) for r in rows] == [["trial", "K", "precision", "device", "torch", "commit"]] * 2
     assert [(r["K"], r["precision"]) for r in rows] == [(2, "fp32"), (3, "bf16")]
     assert rows[0]["device"].startswith("cpu: ") and rows[0]["torch"] == torch.__version__
-    assert "note: these trials' numbers come from different set-ups (precision bf16, fp32)" in shown.stderr
+    note = "note: these trials' numbers come from different set-ups (precision bf16, fp32)"
+    assert note in shown.stderr
+    assert note in lintrans(tmp_path, "status", str(sweep)).stdout  # status says it too
     assert "| K |" in bf16.stdout and "precision" not in bf16.stdout  # the table `run` prints stays as it was
     bad = lintrans(tmp_path, "table", str(sweep), "--columns", "trial,precison")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
