@@ -18,6 +18,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -149,13 +150,13 @@ def md_table(header: list[str], rows: list[list]) -> str:
     return render([dict(zip(header, r, strict=True)) for r in rows], header)
 
 
-def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
-    """``bench/results/<name>.json`` and ``.md`` (written whole, then renamed)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(name: str, data: dict, markdown: str, folder: Path = RESULTS) -> tuple[Path, Path]:
+    """``bench/results/<name>.json`` and ``.md`` (written whole, then renamed; ``folder``: elsewhere)."""
+    folder.mkdir(parents=True, exist_ok=True)
     data = {"benchmark": name, "command": command_line(), **data}
     paths = []
     for suffix, text in ((".json", json.dumps(data, indent=2, default=str) + "\n"), (".md", markdown)):
-        path = RESULTS / f"{name}{suffix}"
+        path = folder / f"{name}{suffix}"
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -347,3 +348,42 @@ def untrained(config, device):
 
 def shares_text(shares: dict[str, float], digits: int = 1) -> str:
     return ", ".join(f"{k} {100 * v:.{digits}f}%" for k, v in shares.items())
+
+
+# --------------------------------------------------------------------------- the benchmarks' SLURM cluster
+
+# The test cluster of slurm/cluster.sh in its own folder, on ports of its own (the tests pick free ports
+# elsewhere and leave these alone), so a benchmark never disturbs a test's cluster or a real one.
+SLURM_DIR = "/tmp/bench-slurm"
+SLURM_PORTS = {
+    "LINTRANS_SLURMCTLD_PORT": "26817",
+    "LINTRANS_SLURMD_PORT": "26818",
+    "LINTRANS_SLURMDBD_PORT": "26819",
+    "LINTRANS_SLURM_MYSQL_PORT": "23306",
+}
+
+
+def slurm_cluster(*args: str, env: dict, check: bool = True) -> str:
+    """``slurm/cluster.sh ARGS /tmp/bench-slurm`` (``start``, ``stop``, ``node-kill n2``, ...); its output."""
+    cmd = ["bash", "slurm/cluster.sh", *args, SLURM_DIR]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=check).stdout
+
+
+def start_slurm(nodes: int, **settings: str) -> dict[str, str]:
+    """Start the benchmarks' cluster of ``nodes`` nodes (``settings``: cluster.sh's LINTRANS_SLURM_*
+    variables); the environment its client commands (sbatch, squeue, lintrans) need."""
+    env = dict(os.environ, **SLURM_PORTS, **settings)
+    slurm_cluster("start", "--nodes", str(nodes), env=env)
+    for line in slurm_cluster("env", env=env).splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value.strip("'\"")
+    return env
+
+
+def cancel_all(env: dict) -> int:
+    """``scancel`` every job on the cluster; how many array tasks and jobs were queued or running."""
+    before = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
+    subprocess.run(["scancel", "--user", os.environ.get("USER", "root") or "root"], env=env, capture_output=True)
+    subprocess.run(["scancel", "-u", "root"], env=env, capture_output=True)
+    return len(before)

@@ -55,13 +55,6 @@ PY = sys.executable
 LAUNCHER = [PY, "-m", "launchers"]  # what the `lintrans` command runs
 MNIST5K = "configs/mnist5k/default_mnist5k_configs.py"
 FORWARDS = ["heat", "identity", "constant_velocity", "constant_deceleration", "random_fixed_separable"]
-SLURM_DIR = "/tmp/bench-slurm"
-SLURM_PORTS = {
-    "LINTRANS_SLURMCTLD_PORT": "26817",
-    "LINTRANS_SLURMD_PORT": "26818",
-    "LINTRANS_SLURMDBD_PORT": "26819",
-    "LINTRANS_SLURM_MYSQL_PORT": "23306",
-}
 
 
 def parse() -> argparse.Namespace:
@@ -208,31 +201,13 @@ def part_dryrun(a, tmp: Path) -> dict:
     return res
 
 
-def cluster(command: str, env: dict, check: bool = True) -> str:
-    """``slurm/cluster.sh COMMAND`` on the benchmark's own test cluster; its output."""
-    args = ["bash", "slurm/cluster.sh", command, SLURM_DIR]
-    return subprocess.run(args, cwd=C.ROOT, env=env, capture_output=True, text=True, check=check).stdout
-
-
-def cancel_all(env: dict) -> int:
-    before = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
-    subprocess.run(["scancel", "--user", os.environ.get("USER", "root") or "root"], env=env, capture_output=True)
-    subprocess.run(["scancel", "-u", "root"], env=env, capture_output=True)
-    return len(before)
-
-
 def part_slurm(a, tmp: Path) -> dict:
     if not shutil.which("slurmctld"):
         return {"skipped": "SLURM is not installed (bash scripts/setup.sh installs it)"}
-    env = dict(os.environ, LINTRANS_SLURM_MAX_ARRAY_SIZE="1001", LINTRANS_SLURM_CPUS="2", **SLURM_PORTS)
     t0 = time.perf_counter()
-    cluster("start", env)
+    env = C.start_slurm(1, LINTRANS_SLURM_MAX_ARRAY_SIZE="1001", LINTRANS_SLURM_CPUS="2")
     start_s = time.perf_counter() - t0
-    for line in cluster("env", env).splitlines():
-        if line.startswith("export "):
-            key, _, value = line.removeprefix("export ").partition("=")
-            env[key] = value.strip("'\"")
-    res: dict = {"cluster_start_s": start_s, "trials": a.slurm_trials, "cluster_dir": SLURM_DIR}
+    res: dict = {"cluster_start_s": start_s, "trials": a.slurm_trials, "cluster_dir": C.SLURM_DIR}
     try:
         axes = axes_for(a.slurm_trials)
         extra = {"slurm": {"array_parallelism": 1, "max_requeues": 0}}
@@ -241,7 +216,7 @@ def part_slurm(a, tmp: Path) -> dict:
         res["dry_run_s"], _ = timed([*LAUNCHER, *args, "--dry-run"], env)
         res["submit_s"], out = timed([*LAUNCHER, *args], env)
         res["submit_output_tail"] = out.strip().splitlines()[-3:]
-        res["queued_after_submit"] = cancel_all(env)
+        res["queued_after_submit"] = C.cancel_all(env)
         print(
             f"slurm: dry run {res['dry_run_s']:.2f} s, submit of {a.slurm_trials} trials {res['submit_s']:.2f} s "
             f"({res['queued_after_submit']} tasks queued, cancelled)"
@@ -251,16 +226,16 @@ def part_slurm(a, tmp: Path) -> dict:
             prof_file = tmp / "slurm_submit.prof"
             args = cli_args(tmp / "slurm", "run", str(sweep2), "--backend", "slurm")
             res["profiled_submit_s"], _ = timed([PY, "-m", "cProfile", "-o", str(prof_file), *LAUNCHER[1:], *args], env)
-            cancel_all(env)
+            C.cancel_all(env)
             res["profile"] = profile_top(str(prof_file))
         # the pieces a submission is made of, measured on their own
         res["squeue_s"], _ = timed(["squeue", "-h", "-r", "-o", "%i"], env)
         res["scontrol_show_config_s"], _ = timed(["scontrol", "show", "config"], env)
         res["import_floor_s"] = import_floor("launchers.cli, launchers.backends.slurm, submitit", 1)
     finally:
-        cancel_all(env)
+        C.cancel_all(env)
         t0 = time.perf_counter()
-        cluster("stop", env, check=False)
+        C.slurm_cluster("stop", env=env, check=False)
         res["cluster_stop_s"] = time.perf_counter() - t0
     return res
 
