@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # before or after the command: `lintrans run X --runs-dir R`
     for parser_, default in ((p, None), (common, argparse.SUPPRESS)):
         parser_.add_argument("--runs-dir", default=default,
-                             help="root of run directories (default: runs/ or the sweep's runs_dir)")  # fmt: skip
+                             help="root of run directories (default: the sweep's runs_dir, else "
+                                  "$LINTRANS_RUNS_DIR, else runs/ beside the sweep file)")  # fmt: skip
         parser_.add_argument("--max-trials", type=int, default=MAX_TRIALS if default is None else default,
                              help=f"refuse larger sweeps (default {MAX_TRIALS:,})")  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
