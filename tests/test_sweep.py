@@ -290,6 +290,40 @@ def test_runs_go_by_flag_then_sweep_file_then_environment_then_beside_the_sweep_
     assert load(sweep, tmp_path / "flag", check_forwards=False).runs_dir == tmp_path / "flag"
 
 
+@pytest.fixture
+def _forget_init_project(monkeypatch):
+    """What loading an ``init`` project leaves in this process: its folder on sys.path, its module, its process."""
+    from lintrans.forward import FORWARD_PROCESSES
+
+    monkeypatch.setattr(sys, "path", [*sys.path])
+    yield
+    sys.modules.pop("my_processes", None)
+    FORWARD_PROCESSES.pop("edge_decay", None)
+
+
+@pytest.mark.usefixtures("_forget_init_project")
+def test_init_writes_a_project_that_validates_and_never_overwrites(tmp_path, capsys):
+    import torch
+
+    from lintrans.forward import create_forward
+
+    project = tmp_path / "myproj"
+    code, out, _ = run_cli(capsys, "init", str(project))
+    assert code == 0 and f"next: lintrans run {project / 'sweep.yaml'}" in out
+    assert sorted(p.name for p in project.iterdir()) == ["config.py", "my_processes.py", "sweep.yaml"]
+    sweep = load(project / "sweep.yaml")  # every check of `run`: the project's own process is registered
+    assert sweep.name == "myproj" and sweep.runs_dir == project / "runs"
+    assert [t.label for t in sweep.trials()] == ["forward=heat seed=0", "forward=edge_decay seed=0"]
+    process = create_forward("edge_decay", 5, (1, 4, 4))
+    x, k = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 3])
+    expected = torch.stack([process.matrix(int(level)) @ image.flatten() for level, image in zip(k, x)])
+    assert torch.allclose(process(x, k).flatten(1), expected)  # T(k) as forward applies it is matrix(k)
+    for target, why in ((project, "is not empty"), (project / "sweep.yaml", "exists and is not a folder")):
+        code, _, err = run_cli(capsys, "init", str(target))
+        assert_one_line(code, err, f"{target} {why}; give a new or empty folder")
+    assert (project / "sweep.yaml").read_text().startswith("# lintrans's heat process")
+
+
 def test_floats_in_scientific_notation_are_numbers(tmp_path):
     sweep = tmp_path / "sci.yaml"
     sweep.write_text(HEAD + "axes:\n  optim.lr: [1e-3, 2E-4]\n")
