@@ -337,7 +337,7 @@ def _python_path(lines: _Lines, entries: list[str], folder: Path) -> list[Path]:
     for i, entry in enumerate(entries):
         found = _beside(folder, entry).resolve()
         if not found.is_dir():
-            raise lines.error(("python_path", i), f"no such folder: {found} (relative to the sweep file's folder)")
+            raise lines.error(("python_path", i), f"no such folder: {entry} ({found}, against the sweep file's folder)")
         out.append(found)
     return out
 

@@ -9,8 +9,8 @@ redoes only the evaluations that have no record yet; a finished trial returns at
 trial can stop ends in a recorded state (:mod:`launchers.state`): done; preempted (a signal during
 training or the evaluations: checkpoint written, re-run to resume); failed with a reason (bad
 input, a corrupt checkpoint, CUDA missing, non-finite loss, any exception, the requeue limit);
-stopped (a scheduler such as ASHA ended it early). Under a multi-process launcher (torchrun, srun with
-several tasks) every rank trains, and rank 0 alone keeps the state and runs the evaluations.
+stopped (a scheduler such as ASHA ended it early). Under a multi-process launcher (torchrun, srun
+with several tasks) every rank trains, and rank 0 alone keeps the state and runs the evaluations.
 
 Exit codes: 0 done (or stopped), 1 failed (reason recorded), 2 bad trial spec, 73 the trial is
 already being run by another process, 75 preempted (checkpoint written, requeue me).

@@ -37,7 +37,7 @@ def load_file(path: str | Path, python_path: Sequence[str | Path] = ()) -> ml_co
     ``python_path``: folders put in front of ``sys.path`` first, in order, so that the file can
     import its author's modules (a sweep passes its own folder and ``python_path:``; the entry
     points pass the current directory, from which repository configs import ``configs.*``). They
-    stay there: a forward process registered by such a module is looked up again later.
+    stay there, as the current directory always did: what the config imported may import more later.
     """
     path = Path(path)
     if not path.is_file():
