@@ -1,5 +1,6 @@
-"""``lintrans run|status|cancel|clean|table`` (``python -m launchers``): one sweep file, any backend, one table.
+"""``lintrans run|status|cancel|clean|table|init`` (``python -m launchers``): one sweep file, any backend.
 
+    lintrans init myproject                    # a config, a forward process of one's own, a sweep over it
     lintrans run sweeps/quickstart.yaml --backend local
     lintrans status sweeps/quickstart.yaml
     lintrans table sweeps/quickstart.yaml --format md --plot k --plot curves
@@ -7,7 +8,8 @@
 This module parses the command line and dispatches, nothing more: ``run`` to
 :mod:`launchers.submission` (or :mod:`launchers.search` for an adaptive search) with the backend
 the registry (:mod:`launchers.backends`) builds from its own options, ``status`` to
-:mod:`launchers.status`, ``clean`` to :mod:`launchers.clean`, ``table`` to :mod:`launchers.table`.
+:mod:`launchers.status`, ``clean`` to :mod:`launchers.clean`, ``table`` to :mod:`launchers.table`,
+``init`` to :mod:`launchers.project`.
 ``run`` exits 1 when a trial of the sweep ended failed (``--allow-failures``: 0); bad input exits 2
 with one line naming the file, line and key.
 """
@@ -17,10 +19,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
-from launchers import backends, clean, state, status, submission, table
+from launchers import backends, clean, project, state, status, submission, table
 from launchers.search import listed_trials, run_optuna
 from launchers.sweep import MAX_TRIALS, load
 from lintrans import provenance
@@ -38,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # before or after the command: `lintrans run X --runs-dir R`
     for parser_, default in ((p, None), (common, argparse.SUPPRESS)):
         parser_.add_argument("--runs-dir", default=default,
-                             help="root of run directories (default: runs/ or the sweep's runs_dir)")  # fmt: skip
+                             help="root of run directories (default: the sweep's runs_dir, else "
+                                  "$LINTRANS_RUNS_DIR, else runs/ beside the sweep file)")  # fmt: skip
         parser_.add_argument("--max-trials", type=int, default=MAX_TRIALS if default is None else default,
                              help=f"refuse larger sweeps (default {MAX_TRIALS:,})")  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
@@ -70,7 +74,16 @@ def parser() -> argparse.ArgumentParser:
     tab.add_argument("--best", type=int, default=None, metavar="N", help="only the N best by --sort (or the objective)")
     tab.add_argument("--plot", action="append", default=[], metavar="KIND",
                      help=f"{', '.join(table.PLOTS)} (into <sweep>/plots/), or a .png path for 'k'")  # fmt: skip
+    init = sub.add_parser("init", help="write a minimal project of your own (config, forward process, sweep)")
+    init.add_argument("dir", help="a new or empty folder")
     return p
+
+
+def cmd_init(args) -> int:
+    sweep = project.init(Path(args.dir))
+    print(f"wrote {sweep.parent}: config.py, my_processes.py, sweep.yaml")
+    print(f"next: lintrans run {shlex.quote(str(sweep))}")
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -162,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     args = parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "status": cmd_status, "cancel": cmd_cancel, "clean": cmd_clean, "table": cmd_table}
+        commands = {"run": cmd_run, "status": cmd_status, "cancel": cmd_cancel, "clean": cmd_clean, "table": cmd_table,
+                    "init": cmd_init}  # fmt: skip
         return commands[args.command](args)
     except UsageError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)

@@ -28,6 +28,7 @@ RESERVED_SBATCH = {
 }  # fmt: skip
 
 
+SWEEP_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # a folder name under runs/sweeps/, and a job name
 HOSTLIST_OPTIONS = {"exclude", "nodelist"}
 MEMORY_OPTIONS = {"mem-per-cpu", "mem-per-gpu"}
 
@@ -213,17 +214,24 @@ class Distribution(Strict):
 
 
 class SweepFile(Strict):
-    """The whole file; ``axes``, ``overrides`` and ``evaluations`` are checked further against the config."""
+    """The whole file; ``axes``, ``overrides`` and ``evaluations`` are checked further against the config.
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] | None = None
+    Paths resolve against the sweep file's folder, never the working directory, so a sweep means
+    the same wherever lintrans runs: ``config`` (absolute or relative; a relative one that is not
+    there is looked up in lintrans's own root, where the repository's sweeps name ``configs/...``
+    from), ``python_path`` and ``runs_dir`` (:func:`launchers.sweep.runs_root`).
+    """
+
+    name: Annotated[str, Field(pattern=f"^{SWEEP_NAME}$")] | None = None
     config: str
+    python_path: list[str] = []  # more folders the config imports from (the sweep file's own is always there)
     axes: dict[str, list[Any] | Distribution]
     seeds: list[int] | None = None
     overrides: dict[str, Any] = {}
     evaluations: list[dict[str, Any]] = []
     resources: Resources = Resources()
     backend: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")] | None = None  # a registered backend (run checks)
-    runs_dir: str | None = None
+    runs_dir: str | None = None  # below --runs-dir, above $LINTRANS_RUNS_DIR and runs/ beside the sweep file
     slurm: SlurmSection = SlurmSection()
     ray: RaySection = RaySection()
     local: LocalSection = LocalSection()

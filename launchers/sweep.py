@@ -23,9 +23,16 @@ forward process that fits in ``model.max_dense_bytes``), every evaluation agains
 duplicate keys and values, reserved names and the size of the grid. Errors are one line,
 ``file:line: key: message``.
 
-A trial's id is a short stable hash of its base config and resolved overrides (seed included),
-so the same trial keeps its run directory ``runs/sweeps/<sweep>/<id>/`` across re-runs, edits
-that add axis values, and backends.
+Paths in a sweep file resolve against the sweep file's folder, so a sweep means the same from
+any working directory: ``config:`` (a relative one not found there is looked up in lintrans's own
+root, :data:`PACKAGE_ROOT`, where the repository's sweeps name ``configs/...`` from), the
+``python_path:`` folders, and ``runs_dir:`` (see :func:`runs_root` for the order of the other
+ways to name it). The config is imported with the sweep file's folder, the ``python_path:``
+folders and lintrans's root in front of ``sys.path``; every trial imports it the same way.
+
+A trial's id is a short stable hash of the ``config:`` value as written and the resolved overrides
+(seed included), so the same trial keeps its run directory ``runs/sweeps/<sweep>/<id>/`` across
+re-runs, edits that add axis values, backends and working directories.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -46,6 +54,7 @@ import yaml
 
 from launchers.schema import (
     MEMORY_OPTIONS,
+    SWEEP_NAME,
     Distribution,
     LocalSection,
     RaySection,
@@ -57,8 +66,13 @@ from launchers.schema import (
 from lintrans import config as cfg
 from lintrans.errors import UsageError, printable
 from lintrans.eval_spec import EvalSpec, SpecError
+from lintrans.records import RUNS_ENV
 
 MAX_TRIALS = 10_000
+# The folder holding lintrans's packages: the repository in a checkout, site-packages once installed
+# (lintrans's ``configs`` package lies there too). A relative ``config:`` that is not beside the sweep
+# file is looked up here, as the repository's own sweeps name theirs (``configs/mnist5k/...``).
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,9 @@ def _short(value: Any) -> str:
 class Sweep:
     path: Path
     name: str
-    config: Path
+    config: Path  # the config file found
+    config_as_written: str  # what trial ids hash: the same whichever folder lintrans runs from
+    python_path: tuple[Path, ...]  # absolute folders in front of sys.path when the config is imported
     base: ml_collections.ConfigDict
     axes: dict[str, list | Distribution]
     seeds: list[int]
@@ -117,7 +133,7 @@ class Sweep:
 
     def trial(self, values: dict[str, Any], seed: int, index: int) -> Trial:
         overrides = {**self.overrides, **values, "seed": seed}
-        tid = trial_id(self.config, overrides)
+        tid = trial_id(self.config_as_written, overrides)
         return Trial(tid, index, overrides, self.dir / tid, tuple(self.axes))
 
     def trials(self) -> list[Trial]:
@@ -140,8 +156,10 @@ def _draw(axis: list | Distribution, rng: random.Random) -> Any:
     return axis.sample(rng) if isinstance(axis, Distribution) else axis[rng.randrange(len(axis))]
 
 
-def trial_id(config: Path, overrides: dict[str, Any]) -> str:
-    blob = json.dumps({"config": config.as_posix(), "overrides": overrides}, sort_keys=True, default=str)
+def trial_id(config: str, overrides: dict[str, Any]) -> str:
+    """``config``: the sweep file's ``config:`` value as written (normalised by :class:`Path`), never the
+    file it was found at, so that a sweep's ids do not depend on the folder lintrans runs from."""
+    blob = json.dumps({"config": config, "overrides": overrides}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -262,16 +280,15 @@ def load(
         raise lines.error(("backend",), f"unknown backend {spec.backend!r}; valid: {', '.join(backends)}")
     if "seed" in spec.axes:
         raise lines.error(("axes", "seed"), "'seed' is reserved: list the seeds under the top-level 'seeds' key")
-    config_path = Path(spec.config)
-    if not config_path.is_file():
-        raise lines.error(("config",), f"config file not found: {config_path}")
+    config_path = _find_config(lines, spec.config, path.parent)
+    python_path = (path.parent.resolve(), *_python_path(lines, spec.python_path, path.parent), PACKAGE_ROOT)
     try:
-        base = cfg.load_file(config_path)
+        base = cfg.load_file(config_path, python_path)
     except UsageError as exc:
         raise lines.error(("config",), str(exc)) from None
     seeds = spec.seeds if spec.seeds is not None else [base.get("seed", 0)]
     name = spec.name or path.stem
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+    if not re.fullmatch(SWEEP_NAME, name):
         raise lines.error(("name",), f"the file name {path.stem!r} cannot name a sweep; give 'name:'")
     _check_values(lines, spec, base, config_path, check_forwards)
     _check_asha(lines, spec, base)
@@ -282,9 +299,10 @@ def load(
     _check_sbatch_options(lines, spec)
     evaluations = _check_evaluations(lines, spec, base)
     sweep = Sweep(
-        path=path, name=name, config=config_path, base=base, axes=dict(spec.axes), seeds=list(seeds),
-        overrides=dict(spec.overrides), evaluations=evaluations, resources=spec.resources, backend=spec.backend,
-        runs_dir=Path(runs_dir or spec.runs_dir or "runs"), slurm=spec.slurm, ray=spec.ray, local=spec.local,
+        path=path, name=name, config=config_path, config_as_written=Path(spec.config).as_posix(),
+        python_path=python_path, base=base, axes=dict(spec.axes), seeds=list(seeds), overrides=dict(spec.overrides),
+        evaluations=evaluations, resources=spec.resources, backend=spec.backend,
+        runs_dir=runs_root(runs_dir, spec.runs_dir, path.parent), slurm=spec.slurm, ray=spec.ray, local=spec.local,
         search=spec.search,
     )  # fmt: skip
     if sweep.size > max_trials:
@@ -293,6 +311,50 @@ def load(
     if check_forwards:
         _check_forward_memory(lines, sweep)
     return sweep
+
+
+def _beside(folder: Path, written: str | Path) -> Path:
+    """``written`` against ``folder`` (an absolute path stays itself), with ``..`` folded so that the
+    paths lintrans prints stay as short as the ones typed (``sweeps/../runs`` is ``runs``)."""
+    return Path(os.path.normpath(folder / written))
+
+
+def _find_config(lines: _Lines, written: str, folder: Path) -> Path:
+    """The file ``config:`` names: beside the sweep file, else (relative only) under :data:`PACKAGE_ROOT`."""
+    tried = [_beside(folder, written)] + ([] if Path(written).is_absolute() else [PACKAGE_ROOT / written])
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None and len(tried) == 1:
+        raise lines.error(("config",), f"config file not found: {written}")
+    if found is None:
+        raise lines.error(("config",), f"config file not found: {written}, neither against the sweep file's folder "
+                          f"({tried[0].resolve()}) nor against lintrans's root ({tried[1]})")  # fmt: skip
+    return found
+
+
+def _python_path(lines: _Lines, entries: list[str], folder: Path) -> list[Path]:
+    """The ``python_path:`` folders, absolute (the trial imports from them wherever it runs); each must exist."""
+    out = []
+    for i, entry in enumerate(entries):
+        found = _beside(folder, entry).resolve()
+        if not found.is_dir():
+            raise lines.error(("python_path", i), f"no such folder: {entry} ({found}, against the sweep file's folder)")
+        out.append(found)
+    return out
+
+
+def runs_root(flag: str | Path | None, in_file: str | None, folder: Path) -> Path:
+    """Where a sweep's runs go: ``--runs-dir``, else the sweep file's ``runs_dir:`` (against its folder),
+    else ``$LINTRANS_RUNS_DIR``, else ``runs/`` beside the sweep file.
+
+    The flag comes first because it is the most specific request (this command, now: an archived
+    copy, a scratch disk); the file's key says where its author keeps this sweep; the environment
+    variable is a default for every sweep of a session. None of them depends on the working directory.
+    """
+    if flag:
+        return Path(flag)
+    if in_file:
+        return _beside(folder, in_file)
+    return Path(os.environ[RUNS_ENV]) if os.environ.get(RUNS_ENV) else _beside(folder, "runs")
 
 
 def _check_values(

@@ -2,14 +2,15 @@
 
     python -m launchers.trial runs/sweeps/<sweep>/<trial id>
 
-A trial is a run directory holding ``trial.json`` (base config, overrides, evaluations,
-resources). Running it again resumes from ``checkpoints-meta`` and redoes only the evaluations
-that have no record yet; a finished trial returns at once. Every way a trial can stop ends in a
-recorded state (:mod:`launchers.state`): done; preempted (a signal during training or the
-evaluations: checkpoint written, re-run to resume); failed with a reason (bad input, a corrupt
-checkpoint, CUDA missing, non-finite loss, any exception, the requeue limit); stopped (a
-scheduler such as ASHA ended it early). Under a multi-process launcher (torchrun, srun with
-several tasks) every rank trains, and rank 0 alone keeps the state and runs the evaluations.
+A trial is a run directory holding ``trial.json`` (base config as an absolute path, the folders it
+imports from, overrides, evaluations, resources): every backend runs the same config with the same
+``sys.path``, whatever folder it starts in. Running it again resumes from ``checkpoints-meta`` and
+redoes only the evaluations that have no record yet; a finished trial returns at once. Every way a
+trial can stop ends in a recorded state (:mod:`launchers.state`): done; preempted (a signal during
+training or the evaluations: checkpoint written, re-run to resume); failed with a reason (bad
+input, a corrupt checkpoint, CUDA missing, non-finite loss, any exception, the requeue limit);
+stopped (a scheduler such as ASHA ended it early). Under a multi-process launcher (torchrun, srun
+with several tasks) every rank trains, and rank 0 alone keeps the state and runs the evaluations.
 
 Exit codes: 0 done (or stopped), 1 failed (reason recorded), 2 bad trial spec, 73 the trial is
 already being run by another process, 75 preempted (checkpoint written, requeue me).
@@ -71,6 +72,7 @@ def spec_of(sweep: Sweep, trial: Trial) -> dict[str, Any]:
         "sweep_file": str(sweep.path.resolve()),
         "cwd": str(Path.cwd().resolve()),
         "config": str(sweep.config.resolve()),
+        "python_path": [str(p) for p in sweep.python_path],  # as `run` imported the config, on every backend
         "overrides": overrides,
         "axes": list(trial.axes),
         "evaluations": evaluations,
@@ -152,7 +154,7 @@ def run_trial(trial_dir: str | Path, backend: str = "local", report: Callable | 
         if trial_dir.is_dir():
             state.write_status(trial_dir, "failed", reason=f"{state.SPEC} is missing or unreadable", resumable=False)
         raise UsageError(f"no trial spec: {trial_dir / state.SPEC} is missing or unreadable")
-    os.chdir(spec["cwd"])  # config files import configs.* relative to the launch directory
+    os.chdir(spec["cwd"])  # relative paths inside a config (data folders) mean what they meant where `run` ran
     os.environ[records.RUNS_ENV] = spec["runs_dir"]  # IHDM-style evaluation summaries beside the sweep
     if rank() != 0:  # other ranks only train; rank 0 owns state, records and evaluations
         return _train_only(spec, trial_dir)
@@ -170,7 +172,7 @@ def run_trial(trial_dir: str | Path, backend: str = "local", report: Callable | 
 def _train_only(spec: dict, trial_dir: Path) -> int:
     from lintrans.training_loop import train
 
-    config = cfg.load(spec["config"], spec["overrides"])
+    config = cfg.load(spec["config"], spec["overrides"], spec["python_path"])
     try:
         return train(config, trial_dir, config_file=spec["config"], overrides=spec["overrides"])
     except (NonFiniteLossError, UsageError):
@@ -201,7 +203,7 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
                                 f"{spec.get('max_requeues', 3)})", resumable=False)  # fmt: skip
         return EXIT_FAILED
     try:
-        config = cfg.load(spec["config"], spec["overrides"])
+        config = cfg.load(spec["config"], spec["overrides"], spec["python_path"])
         if previous.get("state") == "done" and not evaluations_missing(trial_dir, spec):
             print(f"trial {spec['id']} is done: {trial_dir}", flush=True)
             return 0

@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -103,7 +104,7 @@ def parse(
     if path is None and overridden:
         raise UsageError(f"--config.{overridden[0]} needs --config=FILE")
     if path is not None:
-        _override_flags(cfg.load_file(path), fv, argv)
+        _override_flags(cfg.load_file(path, [Path.cwd()]), fv, argv)  # as ever: the repository's configs.*
     try:
         extra = fv(argv)
     except (flags.Error, TypeError, ValueError) as exc:

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,20 @@ OPTIMIZERS = ("Adam", "SGD")
 # --------------------------------------------------------------------------- loading
 
 
-def load_file(path: str | Path) -> ml_collections.ConfigDict:
-    """Import a config file (which may register forward processes) and call its ``get_config()``."""
+def load_file(path: str | Path, python_path: Sequence[str | Path] = ()) -> ml_collections.ConfigDict:
+    """Import a config file (which may register forward processes) and call its ``get_config()``.
+
+    ``python_path``: folders put in front of ``sys.path`` first, in order, so that the file can
+    import its author's modules (a sweep passes its own folder and ``python_path:``; the entry
+    points pass the current directory, from which repository configs import ``configs.*``). They
+    stay there, as the current directory always did: what the config imported may import more later.
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
-    root = str(Path.cwd())
-    if root not in sys.path:  # config files import configs.* relative to the launch directory
-        sys.path.insert(0, root)
+    for folder in reversed([str(p) for p in python_path]):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     try:
         spec = importlib.util.spec_from_file_location(f"lintrans_config_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
@@ -67,9 +74,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
     return config
 
 
-def load(path: str | Path, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+def load(
+    path: str | Path, overrides: dict[str, Any] | None = None, python_path: Sequence[str | Path] = ()
+) -> ml_collections.ConfigDict:
     """:func:`load_file` then :func:`apply_overrides`, with bad overrides as one-line errors."""
-    config = load_file(path)
+    config = load_file(path, python_path)
     try:
         return apply_overrides(config, overrides or {})
     except KeyError as exc:

@@ -110,7 +110,7 @@ class Run:
             raise UsageError(f"cannot read the run's config {path}: {exc}") from None
         source = self.source().get("config_file")
         if config.model.forward not in FORWARD_PROCESSES and source and Path(source).is_file():
-            cfg.load_file(source)  # registers the process, as training did
+            cfg.load_file(source, [Path.cwd()])  # registers the process, as training did
         return config
 
     def check_matches(self, config: ml_collections.ConfigDict) -> None:

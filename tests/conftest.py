@@ -77,6 +77,19 @@ def lintrans(runs: Path, *args: str, timeout: float = 900, extra_env: dict | Non
                           timeout=timeout, **kw)  # fmt: skip
 
 
+def copy_tracked(dest: Path) -> None:
+    """The repository as a fresh clone would hold it: tracked (and new, not ignored) files."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    for name in filter(None, listed.stdout.split("\0")):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
 def status_of(trial: Path) -> dict:
     try:
         return json.loads((trial / "status.json").read_text())

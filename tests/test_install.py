@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI, ROOT
+from tests.conftest import IN_CI, ROOT, copy_tracked
 
 THROWAWAY_USER = "lintrans-install-test"
 PASS_ENV = ("LANG", "LC_ALL", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
@@ -104,19 +104,6 @@ class User:
                    PIP_NO_CACHE_DIR="1", PYTHONUNBUFFERED="1")  # fmt: skip
         cmd = [*self.prefix, "env", "-i", *(f"{k}={v}" for k, v in env.items()), *args]
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def copy_tracked(dest: Path) -> None:
-    """The repository as a fresh clone would hold it: tracked (and new, not ignored) files."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    for name in filter(None, listed.stdout.split("\0")):
-        src = ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
 
 
 def tail(result: subprocess.CompletedProcess, n: int = 3000) -> str:

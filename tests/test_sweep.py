@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ from hypothesis import strategies as st
 
 from launchers import cli, status
 from launchers.sweep import SHOWN_CHARS, Trial, load
-from tests.conftest import ROOT, assert_one_line, lintrans, run
+from launchers.trial import write_spec
+from lintrans.records import RUNS_ENV
+from tests.conftest import ROOT, assert_one_line, env, lintrans, run
 
 HEAD = "name: b\nconfig: tests/configs/tiny.py\n"
 BAD = {
@@ -83,6 +86,12 @@ BAD = {
         "name: b\nconfig: tests/configs/broken.py\naxes:\n  model.K: [2]\n",
         ":2: config: cannot load",
     ),
+    "missing config": (
+        "name: b\nconfig: nope/conf.py\naxes:\n  model.K: [2]\n",
+        f":2: config: config file not found: nope/conf.py, neither against the sweep file's folder "
+        f"(TMP/nope/conf.py) nor against lintrans's root ({ROOT}/nope/conf.py)",
+    ),
+    "missing python_path": (HEAD + "python_path: [lib]\naxes:\n  model.K: [2]\n", ":3: python_path.0: no such folder"),
 }
 
 
@@ -103,6 +112,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_sweep_files(tmp_path, capsys, case):
     text, needle = BAD[case]
+    needle = needle.replace("TMP", str(tmp_path.resolve()))  # where a relative path in the file was looked up
     sweep = tmp_path / "bad.yaml"
     sweep.write_text(text)
     for dry in ([], ["--dry-run"]):  # --dry-run runs every check a real run does
@@ -189,6 +199,129 @@ def test_shipped_sweeps_validate():
     for path in sorted((ROOT / "sweeps").glob("*.yaml")) + sorted((ROOT / "tests" / "sweeps").glob("*.yaml")):
         sweep = load(path)
         assert sweep.size >= 1, path
+
+
+# --------------------------------------------------------------------------- any working directory
+
+# Two rows of the README's quickstart table: the repository's sweeps keep the ids of their run folders.
+QUICKSTART_IDS = {"forward=heat K=10 seed=0": "d04838bc2b", "forward=constant_deceleration K=20 seed=0": "39cd3b03a9"}
+
+
+def test_the_repositorys_sweeps_keep_their_files_and_ids_from_any_directory(tmp_path, monkeypatch):
+    here = {t.label: t.id for t in load("sweeps/quickstart.yaml", check_forwards=False).trials()}
+    monkeypatch.chdir(tmp_path)
+    sweep = load(ROOT / "sweeps" / "quickstart.yaml", check_forwards=False)
+    assert {t.label: t.id for t in sweep.trials()} == here
+    assert {label: here[label] for label in QUICKSTART_IDS} == QUICKSTART_IDS
+    assert sweep.config == ROOT / "configs" / "mnist5k" / "default_mnist5k_configs.py"  # lintrans's root
+    assert sweep.runs_dir == ROOT / "runs"  # its runs_dir: ../runs, against the sweep file's folder
+
+
+OWN_CONFIG = """\
+import own_beside_sweep
+import own_library
+from configs.mnist5k import default_mnist5k_configs
+
+
+def get_config():
+    config = default_mnist5k_configs.get_config()
+    config.model.K = own_beside_sweep.K
+    config.model.model_channels = own_library.WIDTH
+    config.model.channel_mult = (1,)
+    config.model.attention_levels = ()
+    config.training.batch_size = 4
+    return config
+"""
+
+
+@pytest.fixture
+def own_project(tmp_path, monkeypatch) -> Iterator[Path]:
+    """A project outside the repository: a config beside the sweep file that imports a module beside the sweep
+    file and one from its python_path; the process imports nothing of it before the test (sys.path restored)."""
+    monkeypatch.setattr(sys, "path", [*sys.path])
+    project, lib = tmp_path / "project", tmp_path / "lib"
+    (project / "conf").mkdir(parents=True)
+    lib.mkdir()
+    (project / "own_beside_sweep.py").write_text("K = 4\n")
+    (lib / "own_library.py").write_text("WIDTH = 4\n")
+    (project / "conf" / "mine.py").write_text(OWN_CONFIG)
+    (project / "sweep.yaml").write_text(
+        "name: own\nconfig: conf/mine.py\npython_path: [../lib]\naxes:\n  model.forward: [heat]\n"
+        "overrides: {training.n_iters: 2, training.snapshot_freq_for_preemption: 2}\n"
+    )
+    yield project
+    for name in ("own_beside_sweep", "own_library"):
+        sys.modules.pop(name, None)
+
+
+def test_a_sweep_resolves_its_paths_against_its_folder_and_the_trial_imports_alike(own_project, tmp_path, monkeypatch):
+    """Loaded from elsewhere, the sweep finds its config, imports its modules and puts its runs beside itself;
+    the trial process, started from ``/`` with nothing of the project on its path, trains that same config."""
+    monkeypatch.chdir(tmp_path / "lib")
+    monkeypatch.delenv(RUNS_ENV, raising=False)
+    sweep = load(own_project / "sweep.yaml")
+    assert (sweep.config, sweep.runs_dir) == (own_project / "conf" / "mine.py", own_project / "runs")
+    assert (sweep.base.model.K, sweep.base.model.model_channels) == (4, 4)
+    (trial,) = sweep.trials()
+    monkeypatch.chdir(tmp_path)
+    assert load(Path("project/sweep.yaml")).trials()[0].id == trial.id  # the id does not depend on the cwd
+    write_spec(sweep, trial)
+    spec = json.loads((trial.run_dir / "trial.json").read_text())
+    assert spec["config"] == str((own_project / "conf" / "mine.py").resolve())
+    assert spec["python_path"] == [str(own_project.resolve()), str((tmp_path / "lib").resolve()), str(ROOT)]
+    done = subprocess.run([sys.executable, "-m", "launchers.trial", str(trial.run_dir)], cwd="/", env=env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trained = json.loads((trial.run_dir / "config.json").read_text())["model"]
+    assert (trained["K"], trained["model_channels"]) == (4, 4)
+
+
+def test_runs_go_by_flag_then_sweep_file_then_environment_then_beside_the_sweep_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "in" / "s.yaml"
+    sweep.parent.mkdir()
+    sweep.write_text(HEAD + "axes:\n  model.K: [2]\n")
+    monkeypatch.delenv(RUNS_ENV, raising=False)
+    assert load(sweep, check_forwards=False).runs_dir == tmp_path / "in" / "runs"
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path / "env"))
+    assert load(sweep, check_forwards=False).runs_dir == tmp_path / "env"
+    sweep.write_text(HEAD + "runs_dir: ../file\naxes:\n  model.K: [2]\n")
+    assert load(sweep, check_forwards=False).runs_dir == tmp_path / "file"
+    assert load(sweep, tmp_path / "flag", check_forwards=False).runs_dir == tmp_path / "flag"
+
+
+@pytest.fixture
+def _forget_init_project(monkeypatch):
+    """What loading an ``init`` project leaves in this process: its folder on sys.path, its module, its process."""
+    from lintrans.forward import FORWARD_PROCESSES
+
+    monkeypatch.setattr(sys, "path", [*sys.path])
+    yield
+    sys.modules.pop("my_processes", None)
+    FORWARD_PROCESSES.pop("edge_decay", None)
+
+
+@pytest.mark.usefixtures("_forget_init_project")
+def test_init_writes_a_project_that_validates_and_never_overwrites(tmp_path, capsys):
+    import torch
+
+    from lintrans.forward import create_forward
+
+    project = tmp_path / "myproj"
+    code, out, _ = run_cli(capsys, "init", str(project))
+    assert code == 0 and f"next: lintrans run {project / 'sweep.yaml'}" in out
+    assert sorted(p.name for p in project.iterdir()) == ["config.py", "my_processes.py", "sweep.yaml"]
+    sweep = load(project / "sweep.yaml")  # every check of `run`: the project's own process is registered
+    assert sweep.name == "myproj" and sweep.runs_dir == project / "runs"
+    assert [t.label for t in sweep.trials()] == ["forward=heat seed=0", "forward=edge_decay seed=0"]
+    process = create_forward("edge_decay", 5, (1, 4, 4))
+    x, k = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 3])
+    expected = torch.stack([process.matrix(int(level)) @ image.flatten() for level, image in zip(k, x)])
+    assert torch.allclose(process(x, k).flatten(1), expected)  # T(k) as forward applies it is matrix(k)
+    for target, why in ((project, "is not empty"), (project / "sweep.yaml", "exists and is not a folder")):
+        code, _, err = run_cli(capsys, "init", str(target))
+        assert_one_line(code, err, f"{target} {why}; give a new or empty folder")
+    assert (project / "sweep.yaml").read_text().startswith("# lintrans's heat process")
 
 
 def test_floats_in_scientific_notation_are_numbers(tmp_path):

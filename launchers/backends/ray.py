@@ -46,7 +46,7 @@ from launchers import state, status
 from launchers.backends import Backend
 from launchers.schema import Resources
 from launchers.state import Observation
-from launchers.sweep import Sweep, Trial
+from launchers.sweep import PACKAGE_ROOT, Sweep, Trial
 from launchers.trial import Stopped, run_trial
 from lintrans import records
 from lintrans.errors import UsageError
@@ -58,7 +58,6 @@ LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # Metrics every training report carries: the only ones ASHA can compare trials on.
 TRAINING_METRICS = ("eval_loss", "train_loss")
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 # --------------------------------------------------------------------------- what a Tune trial runs
@@ -209,7 +208,7 @@ class _Rank:
         return _where()
 
     def run(self, trial_dir: str, env: dict[str, str], threads: int) -> int:
-        path = os.pathsep.join([PACKAGE_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
+        path = os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
         child_env = {
             **os.environ,
             **env,
