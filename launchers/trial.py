@@ -172,7 +172,7 @@ def run_trial(trial_dir: str | Path, backend: str = "local", report: Callable | 
 def _train_only(spec: dict, trial_dir: Path) -> int:
     from lintrans.training_loop import train
 
-    config = cfg.load(spec["config"], spec["overrides"], spec["python_path"])
+    config = cfg.load(spec["config"], spec["overrides"], spec.get("python_path", ()))
     try:
         return train(config, trial_dir, config_file=spec["config"], overrides=spec["overrides"])
     except (NonFiniteLossError, UsageError):
@@ -203,7 +203,7 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
                                 f"{spec.get('max_requeues', 3)})", resumable=False)  # fmt: skip
         return EXIT_FAILED
     try:
-        config = cfg.load(spec["config"], spec["overrides"], spec["python_path"])
+        config = cfg.load(spec["config"], spec["overrides"], spec.get("python_path", ()))
         if previous.get("state") == "done" and not evaluations_missing(trial_dir, spec):
             print(f"trial {spec['id']} is done: {trial_dir}", flush=True)
             return 0
