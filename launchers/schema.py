@@ -74,6 +74,15 @@ class Resources(Strict):
         return self.nodes * self.tasks
 
 
+class Container(Strict):
+    """The image a trial runs in: ``apptainer``/``singularity`` wrap the interpreter (``KIND exec ARGS
+    IMAGE PYTHON``); ``pyxis`` goes through ``srun --container-image=IMAGE ARGS``."""
+
+    kind: Literal["apptainer", "singularity", "pyxis"]
+    image: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,:=/+@%#-]+$")]  # a path, docker://..., or pyxis's host#image
+    args: list[Token] = []  # --nv, --bind=/scratch (apptainer); --container-mounts=/data:/data (pyxis)
+
+
 class SlurmSection(Strict):
     partition: Token | None = None
     account: Token | None = None
@@ -87,6 +96,20 @@ class SlurmSection(Strict):
     # null drops the option, a default of submitit's (wckey) included.
     additional: dict[OptionName, bool | Token | HostList | int | None] = {}
     srun_args: list[Token] = []
+    # The command that starts the trial's Python on the nodes, as a list or one string of tokens:
+    # /opt/envs/lt/bin/python, or "conda run -n lt python" (default: the Python that runs `lintrans run`).
+    python: list[Token] | None = None
+    container: Container | None = None
+    modules: list[Token] = []  # `module load` lines, before the author's setup lines
+
+    @field_validator("python", mode="before")
+    @classmethod
+    def _split_command(cls, command: Any) -> Any:
+        if isinstance(command, str):
+            command = command.split()
+        if isinstance(command, list) and not command:
+            raise ValueError("an empty command: give the interpreter, or a prefix such as conda run -n ENV python")
+        return command
 
     @field_validator("setup")
     @classmethod

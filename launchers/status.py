@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,8 @@ def view(trial_dir: Path, observation: Observation | None = None) -> TrialView:
     elif unanswered and ln.get("script"):
         now, reason = "written", f"not submitted yet; submit with: sbatch {ln['script']}"
     elif unanswered and ended:
-        now, reason = "failed", f"{job} ended {ended} before the trial started"
+        said = job_said(ln.get("log"))  # the job script's own word: a setup line, a missing interpreter
+        now, reason = "failed", f"{job} ended {ended} before the trial started" + (f": {said}" if said else "")
     elif unanswered and observation is None:
         now, reason = "queued", None  # submitted; nobody asked the scheduler
     elif now == "preempted" and ended and ended.split()[0] in ABNORMAL_ENDS and not ln.get("cancelled"):
@@ -92,6 +94,18 @@ def view(trial_dir: Path, observation: Observation | None = None) -> TrialView:
         reason = (f"{job} ended {ended} without the trial recording a state" if ended
                   else f"process {st.get('pid')} on {st.get('host')} died without recording a state")  # fmt: skip
     return _view(st, ln, now, reason)
+
+
+def job_said(log: str | None) -> str | None:
+    """The last ``lintrans: ...`` line of a job's log (its tail): why the job script stopped before the trial."""
+    try:
+        with open(log or "", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    said = [line.removeprefix("lintrans: ") for line in tail.splitlines() if line.startswith("lintrans: ")]
+    return said[-1].strip() if said else None
 
 
 def _view(st: dict, ln: dict, now: str, reason: str | None, resumable: bool | None = None) -> TrialView:

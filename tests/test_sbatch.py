@@ -82,6 +82,51 @@ def test_the_sbatch_surface_booleans_dropped_defaults_host_lists_memory_per_gpu(
     assert params["additional_parameters"]["exclusive"] is True
 
 
+INTERPRETER = "tests/sweeps/cluster_interpreter.yaml"
+
+
+def test_the_interpreter_and_container_of_a_trial(tmp_path):
+    """apptainer wraps the interpreter (a conda prefix here) on both paths; pyxis goes through srun."""
+    sweep = load(INTERPRETER, tmp_path)
+    check("cluster_interpreter.sbatch", normalised(SbatchBackend().dry_run(sweep, sweep.trials()), tmp_path))
+    check("cluster_interpreter.submitit.sbatch", normalised(SlurmBackend().dry_run(sweep, sweep.trials()), tmp_path))
+    assert SlurmBackend().executor(sweep).python == (
+        "apptainer exec --nv --bind=/scratch /scratch/images/lintrans.sif conda run -n lt python"
+    )
+    pyxis = tmp_path / "pyxis.yaml"
+    pyxis.write_text(
+        (ROOT / INTERPRETER)
+        .read_text()
+        .replace("name: cluster_interpreter", "name: pyxis")
+        .replace(
+            '{kind: apptainer, image: /scratch/images/lintrans.sif, args: [--nv, "--bind=/scratch"]}',
+            '{kind: pyxis, image: "nvcr.io#nvidia/pytorch:24.01-py3", args: ["--container-mounts=/data:/data"]}',
+        )
+    )
+    sweep = load(str(pyxis), tmp_path)
+    check("cluster_pyxis.sbatch", normalised(SbatchBackend().dry_run(sweep, sweep.trials()), tmp_path))
+    assert submitit_parameters(sweep)["srun_args"] == [
+        "--container-image=nvcr.io#nvidia/pytorch:24.01-py3",
+        "--container-mounts=/data:/data",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("slurm", "needle"),
+    [
+        ("{container: {kind: docker, image: x.sif}}", "kind: Input should be 'apptainer', 'singularity' or 'pyxis'"),
+        ('{python: ""}', "an empty command"),
+        ('{python: "python; rm -rf ~"}', "slurm.python.0: String should match pattern"),
+    ],
+)
+def test_bad_interpreters_and_containers_are_refused(tmp_path, capsys, slurm, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"name: bad\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [3]\nslurm: {slurm}\n")
+    code = cli.main(["--runs-dir", str(tmp_path / "runs"), "run", str(path), "--dry-run", "--backend", "sbatch"])
+    assert_one_line(code, capsys.readouterr().err, needle)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     ("resources", "additional", "needle"),
     [

@@ -169,6 +169,28 @@ def test_failures_are_recorded_with_the_schedulers_reason(tmp_path, cluster):
     assert gpu_again.returncode == 1 and "failed  " in gpu_again.stderr and "CUDA unavailable" in gpu_again.stderr
 
 
+def test_trials_run_through_the_interpreter_prefix_and_a_missing_one_fails_at_once(tmp_path, cluster):
+    """slurm.python as a command prefix (a shim that logs its argv, then runs the real interpreter, as
+    `conda run` or `apptainer exec` would); a prefix that is not there fails the job before the trial,
+    and the next `status` names it."""
+    shim, log = tmp_path / "shim.sh", tmp_path / "shim.log"
+    shim.write_text(f'#!/bin/bash\necho "task $SLURM_ARRAY_TASK_ID: $*" >> {log}\nexec "$@"\n')
+    shim.chmod(0o755)
+    tiny = "axes:\n  model.K: [3, 4]\noverrides: {training.n_iters: 3}\n"
+    shimmed = sweep_file(tmp_path, "shimmed", f"{tiny}slurm: {{python: [{shim}, {sys.executable}]}}\n")
+    missing = sweep_file(tmp_path, "noprefix", f"{tiny}slurm: {{python: /nonexistent/bin/python}}\n")
+    for path in (shimmed, missing):
+        assert run(cluster, tmp_path, "run", path, "--backend", "slurm").returncode == 0
+    assert all(r["status"] == "done" for r in wait_final(cluster, tmp_path, shimmed, 2))
+    lines = sorted(log.read_text().splitlines())
+    assert [line.split(":")[0] for line in lines] == ["task 0", "task 1"], lines  # both tasks went through it
+    assert all(f"{sys.executable} -u -m submitit.core._submit" in line for line in lines), lines
+    rows = wait_final(cluster, tmp_path, missing, 2)
+    assert all(r["status"] == "failed" for r in rows), rows
+    assert all(r["reason"].endswith("before the trial started: interpreter not found: /nonexistent/bin/python")
+               for r in rows), rows  # fmt: skip
+
+
 def test_bad_cluster_input_is_one_line(tmp_path, cluster):
     part = sweep_file(tmp_path, "nopart", "axes:\n  model.K: [3]\nslurm: {partition: nosuch}\n")
     result = run(cluster, tmp_path, "run", part, "--backend", "slurm")

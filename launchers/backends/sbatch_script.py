@@ -67,17 +67,55 @@ def options(sweep: Sweep, n: int, output: str) -> dict[str, Any]:
     }
 
 
+def interpreter(sweep: Sweep) -> list[str]:
+    """The command that starts the trial's Python on a node: ``slurm.python`` (default: the Python that
+    runs ``lintrans``, or ``python3`` inside a container), wrapped by an apptainer/singularity image."""
+    s = sweep.slurm
+    python = list(s.python or ([sys.executable] if s.container is None else ["python3"]))
+    if s.container is not None and s.container.kind in ("apptainer", "singularity"):
+        return [s.container.kind, "exec", *s.container.args, s.container.image, *python]
+    return python
+
+
+def srun_args(sweep: Sweep) -> list[str]:
+    """The sweep's srun arguments, and pyxis's container options (pyxis is an srun plugin)."""
+    c = sweep.slurm.container
+    return [*sweep.slurm.srun_args, *([f"--container-image={c.image}", *c.args] if c and c.kind == "pyxis" else [])]
+
+
+def _present(test: str, what: str) -> str:
+    """A line that ends the job at once, saying why in its log (``status`` shows that line), unless ``test``."""
+    return f'{test} || {{ echo "lintrans: {what}" >&2; exit 127; }}'
+
+
+def _checks(sweep: Sweep) -> list[str]:
+    """A missing interpreter or image fails the job before the trial, with its name, not an srun error later.
+
+    Only what this node can check: the interpreter inside a pyxis image is not there before srun.
+    """
+    s, command = sweep.slurm, interpreter(sweep)[0]
+    lines = []
+    if s.python or (s.container and s.container.kind != "pyxis"):
+        lines.append(_present(f"command -v {shlex.quote(command)} >/dev/null", f"interpreter not found: {command}"))
+    if s.container and s.container.kind != "pyxis" and "://" not in s.container.image:
+        image = s.container.image
+        lines.append(_present(f"[ -e {shlex.quote(image)} ]", f"container image not found: {image}"))
+    return lines
+
+
 def setup_lines(sweep: Sweep) -> list[str]:
-    """The author's setup lines, run with ``set -e`` so that one failing fails the job before the trial."""
-    if not sweep.slurm.setup:
-        return []
-    return [
+    """``module load`` lines and the author's setup lines, run with ``set -e`` so that one failing fails
+    the job before the trial, then the interpreter checks. Each failure leaves one ``lintrans:`` line
+    in the job's log, the last one, which ``status`` gives as the reason."""
+    lines = [*(f"module load {m}" for m in sweep.slurm.modules), *sweep.slurm.setup]
+    guarded = [
         "set -e  # a failing setup line fails the job (the trial has not started)",
         "trap 'echo \"lintrans: setup line failed (exit $?): $BASH_COMMAND\" >&2' ERR",
-        *sweep.slurm.setup,
+        *lines,
         "trap - ERR",
         "set +e",
     ]
+    return [*(guarded if lines else []), *_checks(sweep)]
 
 
 def render(opts: dict[str, Any], setup: list[str], body: list[str]) -> str:
@@ -89,7 +127,7 @@ def render(opts: dict[str, Any], setup: list[str], body: list[str]) -> str:
 
 def array_body(sweep: Sweep, manifest: Path) -> list[str]:
     """A plain array task: its trial directory from the manifest, the trial under srun, requeued on exit 75."""
-    srun = shlex.join(["srun", *sweep.slurm.srun_args, sys.executable, "-m", "launchers.trial"])
+    srun = shlex.join(["srun", *srun_args(sweep), *interpreter(sweep), "-m", "launchers.trial"])
     sig = PREEMPT_SIGNAL
     return [
         "set -uo pipefail",
@@ -125,6 +163,6 @@ def submitit_parameters(sweep: Sweep) -> dict[str, Any]:
         "signal_delay_s": sweep.slurm.signal_delay_s,  # submitit's signal is USR2, as ours
         "stderr_to_stdout": True,
         "setup": setup_lines(sweep),
-        "srun_args": list(sweep.slurm.srun_args),
+        "srun_args": srun_args(sweep),
         "additional_parameters": opts,
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,7 +27,14 @@ from pathlib import Path
 
 from launchers import state
 from launchers.backends import Backend
-from launchers.backends.sbatch_script import options, render, setup_lines, submitit_parameters
+from launchers.backends.sbatch_script import (
+    interpreter,
+    options,
+    render,
+    setup_lines,
+    srun_args,
+    submitit_parameters,
+)
 from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
 from launchers.trial import record_crash
@@ -147,7 +155,11 @@ class SlurmBackend(Backend):
     def executor(self, sweep: Sweep):
         import submitit
 
-        ex = submitit.SlurmExecutor(folder=sweep.dir / "slurm" / "%j", max_num_timeout=sweep.slurm.max_requeues)
+        ex = submitit.SlurmExecutor(
+            folder=sweep.dir / "slurm" / "%j",
+            max_num_timeout=sweep.slurm.max_requeues,
+            python=shlex.join(interpreter(sweep)),  # submitit's worker, and the trial it starts, run in it
+        )
         ex.update_parameters(**submitit_parameters(sweep))
         return ex
 
@@ -171,11 +183,12 @@ class SlurmBackend(Backend):
     def dry_run(self, sweep: Sweep, trials: list[Trial]) -> str:
         """The job the array is, from the one script writer; submitit adds its own srun line that runs the tasks."""
         logs = sweep.dir.resolve() / "slurm" / "%A_%a" / "%A_%a_0_log.out"
-        srun = " ".join(["srun", "--unbuffered", "--output", "<task log>", *sweep.slurm.srun_args])
+        srun = " ".join(["srun", "--unbuffered", "--output", "<task log>", *srun_args(sweep), *interpreter(sweep)])
         wckey = "" if "wckey" in sweep.slurm.additional else "--wckey=submitit and "  # given, or dropped with null
         body = [
             f"# submitit adds {wckey}its own srun line for each task, as the command:",
-            f"# {srun} <submitit's worker>, which calls SlurmTrial on the task's trial directory",
+            f"# {srun} -u -m submitit.core._submit <folder> (submitit's worker), which calls SlurmTrial",
+            "# on the task's trial directory",
         ]
         text = render(options(sweep, max(1, len(trials)), str(logs)), setup_lines(sweep), body)
         return f"# SLURM job submitit would submit for {len(trials)} trial(s):\n{text}"
