@@ -7,6 +7,7 @@ Layout (IHDM's)::
     <workdir>/checkpoints-meta/checkpoint.pth latest state, rewritten for preemption ("checkpoint 0")
     <workdir>/checkpoints/checkpoint_N.pth    numbered snapshots
     <workdir>/records/                        evaluation records (lintrans.records)
+    <workdir>/gaussian_prior.pt               sampling.prior=gaussian: N(mu, Sigma) of T(K) u_0
     <workdir>/samples/ tensorboard/
 
 A checkpoint holds model, EMA (and its update count), optimizer, step, the config (JSON) and
@@ -32,9 +33,11 @@ from lintrans import checkpoint_files
 from lintrans import config as cfg
 from lintrans.atomic import write_atomic, write_json, write_text
 from lintrans.errors import UsageError
+from lintrans.gaussian_prior import GaussianFit
 
 CONFIG = "config.json"
 SOURCE = "source.json"
+PRIOR = "gaussian_prior.pt"
 
 
 class CorruptCheckpointError(UsageError):
@@ -156,6 +159,35 @@ class Run:
     def step(self) -> int:
         """The step of ``checkpoints-meta``, or 0 when there is none."""
         return int(self.load(self.meta, mmap=True)["step"]) if self.meta.is_file() else 0
+
+    # ---------------------------------------------------------------- the Gaussian prior
+
+    def save_prior(self, fit: GaussianFit) -> Path:
+        return write_atomic(self.workdir / PRIOR, lambda f: torch.save(fit.state(), f))
+
+    def load_prior(self) -> GaussianFit | None:
+        """The stored Gaussian prior, or ``None`` where the run has none (a ``data``-prior run)."""
+        path = self.workdir / PRIOR
+        if not path.is_file():
+            return None
+        try:
+            return GaussianFit.from_state(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - truncated zips, garbage and foreign pickles all land here
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            fix = "delete it and resume training to fit it again"
+            raise UsageError(f"the Gaussian prior {path} cannot be read ({detail}); {fix}") from None
+
+    def configured_prior(self, config: ml_collections.ConfigDict) -> GaussianFit | None:
+        """The stored fit where ``config.sampling.prior`` is ``gaussian`` (it must exist), else ``None`` (``data``)."""
+        if cfg.sampling_prior(config) != "gaussian":
+            return None
+        fit = self.load_prior()
+        if fit is None:
+            raise UsageError(
+                f"{self.workdir} samples from a Gaussian prior (config.sampling.prior=gaussian) but "
+                f"{self.workdir / PRIOR} is missing; resume training to fit it (train.py --workdir {self.workdir})"
+            )
+        return fit
 
     def remove_temp_files(self) -> list[Path]:
         """Temp files of atomic writes killed mid-way (``.<name>.*.tmp``); call when nothing else writes here."""
