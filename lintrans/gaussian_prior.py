@@ -151,8 +151,10 @@ def nystrom(sketch: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
     ``test^T A test`` is safely positive definite, factor it once, and remove the shift from the
     eigenvalues.
     """
-    nu = torch.finfo(torch.float64).eps * math.sqrt(sketch.shape[0]) * torch.linalg.matrix_norm(sketch).item()
-    nu = max(nu, torch.finfo(torch.float64).tiny)
+    norm = torch.linalg.matrix_norm(sketch).item()
+    if norm == 0.0:  # A test = 0, so the approximation is 0 (T(K) = 0 gives exactly this)
+        return torch.zeros(test.shape[1], dtype=torch.float64, device=test.device), test
+    nu = torch.finfo(torch.float64).eps * math.sqrt(sketch.shape[0]) * norm
     shifted = sketch + nu * test
     core = test.T @ shifted
     chol = torch.linalg.cholesky((core + core.T) / 2, upper=True)
