@@ -109,54 +109,54 @@ def fit_gaussian(batches: Iterable[Tensor], dim: int, rank: int | None = None) -
     memory ``d (r + OVERSAMPLE)`` float64s instead of ``d^2``.
     """
     width = dim if rank is None else min(dim, rank + OVERSAMPLE)
-    test = None
+    omega = None
     if rank is not None:
         gen = torch.Generator().manual_seed(SKETCH_SEED)
-        test = torch.linalg.qr(torch.randn(dim, width, generator=gen, dtype=torch.float64)).Q
+        omega = torch.linalg.qr(torch.randn(dim, width, generator=gen, dtype=torch.float64)).Q
     shift, count, total, trace_sum, products = None, 0, None, 0.0, None
     for batch in batches:
         x = batch.reshape(len(batch), dim).double()
         if shift is None:
             shift = x.mean(0)
-            test = None if test is None else test.to(x.device)
+            omega = None if omega is None else omega.to(x.device)
             total = torch.zeros(dim, dtype=torch.float64, device=x.device)
             products = torch.zeros(dim, width, dtype=torch.float64, device=x.device)
         y = x - shift
         count += len(y)
         total += y.sum(0)
         trace_sum += y.pow(2).sum().item()
-        products += y.T @ (y if test is None else y @ test)
+        products += y.T @ (y if omega is None else y @ omega)
     if shift is None:
         raise ValueError("fit_gaussian needs at least one image")
     centre = total / count
     mean = shift + centre
     # Covariance (times Omega) from the shifted sums: E[y y^T] - E[y] E[y]^T.
-    cov_test = products / count - torch.outer(centre, centre if test is None else centre @ test)
+    cov_omega = products / count - torch.outer(centre, centre if omega is None else centre @ omega)
     trace = trace_sum / count - centre.pow(2).sum().item()
-    if test is None:
-        eigvals, basis = torch.linalg.eigh((cov_test + cov_test.T) / 2)
+    if omega is None:
+        eigvals, basis = torch.linalg.eigh((cov_omega + cov_omega.T) / 2)
         eigvals, basis = eigvals.flip(0).clamp_min(0.0), basis.flip(1)
         return GaussianFit(mean, basis, eigvals, 0.0, count)
-    eigvals, basis = nystrom(cov_test, test)
+    eigvals, basis = nystrom(cov_omega, omega)
     eigvals, basis = eigvals[:rank], basis[:, :rank]
     rest = dim - len(eigvals)
     residual = max(trace - eigvals.sum().item(), 0.0) / rest if rest else 0.0
     return GaussianFit(mean, basis, eigvals, residual, count)
 
 
-def nystrom(sketch: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenpairs (descending) of the Nystrom approximation of a PSD ``A`` from ``sketch = A test``.
+def nystrom(sketch: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs (descending) of the Nystrom approximation of a PSD ``A`` from ``sketch = A Omega``.
 
     Tropp et al.'s stabilised form: shift by a tiny ``nu`` so that the small core matrix
-    ``test^T A test`` is safely positive definite, factor it once, and remove the shift from the
+    ``Omega^T A Omega`` is safely positive definite, factor it once, and remove the shift from the
     eigenvalues.
     """
     norm = torch.linalg.matrix_norm(sketch).item()
-    if norm == 0.0:  # A test = 0, so the approximation is 0 (T(K) = 0 gives exactly this)
-        return torch.zeros(test.shape[1], dtype=torch.float64, device=test.device), test
+    if norm == 0.0:  # A Omega = 0, so the approximation is 0 (T(K) = 0 gives exactly this)
+        return torch.zeros(omega.shape[1], dtype=torch.float64, device=omega.device), omega
     nu = torch.finfo(torch.float64).eps * math.sqrt(sketch.shape[0]) * norm
-    shifted = sketch + nu * test
-    core = test.T @ shifted
+    shifted = sketch + nu * omega
+    core = omega.T @ shifted
     chol = torch.linalg.cholesky((core + core.T) / 2, upper=True)
     factor = torch.linalg.solve_triangular(chol, shifted, upper=True, left=False)
     basis, singular, _ = torch.linalg.svd(factor, full_matrices=False)
