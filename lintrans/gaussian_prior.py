@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lintrans.datasets import in_batches
+
 if TYPE_CHECKING:
     from lintrans.forward import ForwardProcess
 
@@ -188,9 +190,7 @@ def fit_limit(
     Dense where ``d^2`` float64s fit ``max_bytes`` (``config.model.max_dense_bytes``), else the
     top-``rank`` form (``config.sampling.prior_rank``).
     """
-    n = len(train_set)
-    images = (train_set.batch(torch.arange(start, min(start + batch_size, n))) for start in range(0, n, batch_size))
-    dim = process.dim
+    images, dim = in_batches(train_set, batch_size), process.dim
     return fit_gaussian(pushed_limit(process, images, device), dim, None if dense_fits(dim, max_bytes) else rank)
 
 
