@@ -36,6 +36,7 @@ from lintrans.run import Run
 from lintrans.step import TrainStep
 
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+FIT_BATCH = 256  # images per batch of the one-pass fits before training
 
 
 class Preemption:
@@ -258,6 +259,8 @@ def train(
     process = create_forward(**cfg.forward_args(config))  # bad input fails before any process group exists
     train_set, eval_set = datasets.load(config)
     info, device = distributed.init(config.device)
+    if process.fitted_to_data:
+        fit_forward(run, process, train_set, info.rank)
     settings = loop_settings(config, device)
     gaussian = None  # rank 0 draws the sample grids, so only it needs the prior
     if info.rank == 0:
@@ -275,6 +278,21 @@ def train(
         distributed.cleanup()
 
 
+def fit_forward(run: Run, process: ForwardProcess, train_set, rank: int) -> None:
+    """Give a process fitted to the data its state: the run's stored one, else rank 0 fits and stores it.
+
+    Collective where it fits: every rank then takes rank 0's state, so all train the same ``T``
+    even where their floating point would differ, and a resumed run never refits.
+    """
+    state = run.load_forward_state()
+    if state is None:
+        if rank == 0:
+            process.fit_data(datasets.in_batches(train_set, FIT_BATCH))
+            run.save_forward_state(process)
+        state = distributed.all_gather_object(process.state_dict() if rank == 0 else None)[0]
+    process.load_state_dict(state)
+
+
 def fit_and_save_prior(
     run: Run, process: ForwardProcess, train_set, config: ml_collections.ConfigDict, device: torch.device
 ) -> GaussianFit:
@@ -283,7 +301,7 @@ def fit_and_save_prior(
     Before: the fit depends only on the process and the data, and ``sample.py`` and the sample grids
     need it from the first checkpoint on. A resumed run loads the stored one instead.
     """
-    fit = fit_limit(process, train_set, device=device, **cfg.prior_fit_args(config))
+    fit = fit_limit(process, train_set, device=device, batch_size=FIT_BATCH, **cfg.prior_fit_args(config))
     run.save_prior(fit)
     return fit
 
