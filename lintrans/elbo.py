@@ -208,7 +208,7 @@ class _BoundSums:
         self.applications += len(train_x0)
         return MixturePrior(torch.cat(pushed), self.delta)
 
-    def add(self, x: Tensor, theta: Tensor | None, prior: MixturePrior, quantised: bool) -> None:
+    def add(self, x: Tensor, theta: Tensor | None, mixture: MixturePrior, quantised: bool) -> None:
         """Every term of the bound for the test images ``x``, added to the sums."""
         if quantised:
             x = dequantize(x, self._draw(torch.rand, x.shape))
@@ -227,7 +227,7 @@ class _BoundSums:
             total += term
             previous = current
             self.bar.update(1)
-        terms = {"data": prior.kl_bound(previous, self.c)}
+        terms = {"data": mixture.kl_bound(previous, self.c)}
         if self.gaussian is not None:
             terms["gaussian"] = kl_to_prior(self.gaussian, previous, self.sigma, self.delta)
         for kind, term in terms.items():
@@ -333,9 +333,9 @@ def negative_elbo(
         bound = _BoundSums(model, process, sigma=sigma, delta=delta, dtype=dtype, device=device, gen=gen, bar=bar,
                            prior=prior, gaussian=gaussian)  # fmt: skip
         for theta, batch_ids in groups:
-            prior = bound.prior(train_x0, theta, batch_size)
+            mixture = bound.prior(train_x0, theta, batch_size)
             for batch in batch_ids:
                 x = test_x0[batch * batch_size : (batch + 1) * batch_size].to(device=device, dtype=dtype)
-                bound.add(x, theta, prior, quantised)
-            del prior
+                bound.add(x, theta, mixture, quantised)
+            del mixture
     return _summary(bound, len(train_x0), len(test_x0), quantised, thetas, len(groups))
