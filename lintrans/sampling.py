@@ -76,9 +76,10 @@ class GaussianPrior:
 def prior_for(
     process: ForwardProcess, delta: float, device: torch.device, *, fit: GaussianFit | None, train_set, seed: int
 ) -> DataPrior | GaussianPrior:
-    """The Gaussian prior where there is a ``fit``, else IHDM's over ``train_set`` in the order ``seed`` draws."""
+    """The Gaussian prior where there is a ``fit`` (moved to ``device`` once), else IHDM's over ``train_set`` in
+    the order ``seed`` draws."""
     if fit is not None:
-        return GaussianPrior(fit, process.shape, delta)
+        return GaussianPrior(fit.to(device), process.shape, delta)
     return DataPrior(process, train_set, delta, seed, device)
 
 
