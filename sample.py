@@ -4,6 +4,7 @@
     python sample.py --workdir runs/mnist5k/default --interpolate --num_points=20
 
 The network is rebuilt from the run directory's own config (``--config``, if given, must agree).
+The prior is the run's ``config.sampling.prior``: a ``gaussian`` run reads its stored fit and no data set.
 Writes ``samples.png`` (final grid), ``prior.png`` (u_K), ``process.gif`` (reverse process) and
 ``samples.npz`` into ``--outdir`` (default ``<workdir>/samples/sample_<mode>_ckpt<N>``).
 """
@@ -53,21 +54,21 @@ def main(argv: list[str]) -> int:
     from lintrans import datasets, images, sampling
     from lintrans.atomic import write_atomic
     from lintrans.config import sampling_delta
-    from lintrans.run import load_model
+    from lintrans.run import Run, load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(fv.workdir, fv.checkpoint, device, ema=not fv.raw, config=args.config)
     process = loaded.process
-    train_set, _ = datasets.load(loaded.config)
+    fit = Run(fv.workdir).configured_prior(loaded.config)
+    train_set = None if fit is not None else datasets.load(loaded.config)[0]  # a Gaussian prior needs no data
     delta = sampling_delta(loaded.config) if fv.delta is None else fv.delta
+    prior = sampling.prior_for(process, delta, device, fit=fit, train_set=train_set, seed=fv.seed)
 
     gen = torch.Generator(device=device).manual_seed(fv.seed)
-    pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(fv.seed))
     draws = 2 if fv.interpolate else (1 if fv.same_init else n)
     # A stochastic process: one theta per sample, shared along an interpolation path and by a shared u_K.
     theta = sampling.draw_theta(process, n, gen, share=fv.interpolate or fv.same_init)
-    prior_theta = None if theta is None else theta[:draws]
-    u_K = sampling.prior(process, train_set.batch(pick[:draws]).to(device), delta, gen, prior_theta)
+    u_K = prior.draw(draws, gen, None if theta is None else theta[:draws])
     if fv.interpolate:
         u_K = sampling.interpolate(u_K[0], u_K[1], n)
     elif fv.same_init:

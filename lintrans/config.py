@@ -26,6 +26,8 @@ from lintrans.errors import UsageError, choices
 PRECISIONS = ("auto", "no", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("Adam", "SGD")
+PRIORS = ("data", "gaussian")  # sampling.prior: IHDM's mixture over the training set, or a fitted Gaussian
+DEFAULT_PRIOR_RANK = 256  # sampling.prior_rank where a config lacks it
 
 
 # --------------------------------------------------------------------------- loading
@@ -124,6 +126,10 @@ def validate(config: ml_collections.ConfigDict, forward: bool = True) -> None:
     _need(_is_number(m.sigma) and m.sigma >= 0, "model.sigma", "a finite number >= 0", m.sigma)
     delta = config.sampling.get("delta", None)
     _need(delta is None or (_is_number(delta) and delta >= 0), "sampling.delta", "a finite number >= 0", delta)
+    prior, prior_rank = sampling_prior(config), config.sampling.get("prior_rank", DEFAULT_PRIOR_RANK)
+    if prior not in PRIORS:
+        raise UsageError(f"unknown config.sampling.prior '{prior}'; valid: {choices(PRIORS)}")
+    _need(_is_int(prior_rank) and prior_rank >= 1, "sampling.prior_rank", "an integer >= 1", prior_rank)
     _need(_is_number(m.ema_rate) and 0 <= m.ema_rate < 1, "model.ema_rate", "in [0, 1)", m.ema_rate)
     _need(_is_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
     for key in ("model_channels", "num_res_blocks"):
@@ -217,6 +223,16 @@ def optim_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Keyword arguments of :func:`lintrans.model.make_optimizer`."""
     o = config.optim
     return {"optimizer": o.optimizer, "lr": o.lr, "beta1": o.beta1, "eps": o.eps, "weight_decay": o.weight_decay}
+
+
+def sampling_prior(config: ml_collections.ConfigDict) -> str:
+    """``config.sampling.prior``: ``data`` (IHDM's, and what runs from before the key used) or ``gaussian``."""
+    return config.sampling.get("prior", "data")
+
+
+def prior_fit_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments of :func:`lintrans.gaussian_prior.fit_limit` for this config (besides process and data)."""
+    return {"max_bytes": config.model.max_dense_bytes, "rank": config.sampling.get("prior_rank", DEFAULT_PRIOR_RANK)}
 
 
 def sampling_delta(config: ml_collections.ConfigDict) -> float:

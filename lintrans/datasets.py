@@ -143,6 +143,13 @@ def load(config) -> tuple[Dataset, Dataset]:
     return train, test
 
 
+def in_batches(dataset, batch_size: int) -> Iterator[Tensor]:
+    """Every image of ``dataset`` once, in order, ``batch_size`` at a time: for one pass of a fit."""
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        yield dataset.batch(torch.arange(start, min(start + batch_size, n)))
+
+
 class GlobalBatchSampler:
     """Yields this rank's share of each global batch, from batch ``step`` on (0; set it to resume), forever.
 

@@ -4,12 +4,15 @@ The model, for a forward process ``T`` with ``K`` levels (``d`` = pixels per ima
 
 * inference, factorised as in IHDM: ``q(u_k | u_0) = N(T(k) u_0, sigma^2 I)`` independently for
   ``k = 1..K``;
-* generation: ``p(u_K) = (1/N) sum_i N(T(K) x_i, delta^2 I)`` over the ``N`` training images ``x_i``,
-  ``p(u_{k-1} | u_k) = N(u_k + f(u_k, k), delta^2 I)`` for ``k = K..1`` (``k = 1`` is the decoder).
+* generation: ``p(u_K) = (1/N) sum_i N(T(K) x_i, delta^2 I)`` over the ``N`` training images ``x_i``
+  (IHDM's, ``prior="data"``) or ``p(u_K) = N(mu, Sigma + delta^2 I)`` with ``mu, Sigma`` the mean and
+  covariance of ``T(K) u_0`` over the training set (``prior="gaussian"``, :mod:`lintrans.gaussian_prior`),
+  then ``p(u_{k-1} | u_k) = N(u_k + f(u_k, k), delta^2 I)`` for ``k = K..1`` (``k = 1`` is the decoder).
 
 Then ``-log p(u_0) <= L_K + sum_{k=2..K} L_k + L_1`` with
 
-* ``L_K = KL(q(u_K | u_0) || p(u_K))``, bounded in closed form (below);
+* ``L_K = KL(q(u_K | u_0) || p(u_K))``, bounded in closed form for the mixture (below), exact for the
+  Gaussian (:func:`lintrans.gaussian_prior.kl_to_prior`: both are Gaussians);
 * ``L_k = E_{u_k} KL(N(T(k-1) u_0, sigma^2 I) || N(u_k + f(u_k, k), delta^2 I))``
   ``= c + E ||T(k-1) u_0 - u_k - f(u_k, k)||^2 / (2 delta^2)``,
   ``c = d/2 (sigma^2/delta^2 - 1 + log(delta^2/sigma^2))``, for every ``k = 2..K``, each once
@@ -26,11 +29,16 @@ optimal variational weights over components), which here is
 (all components coincide, the prior is ``N(0, delta^2 I)`` and ``L_K = c``), and never looser than
 the nearest-component bound. ``T(K) x_i`` is computed once per evaluation and kept on the device,
 centred, so that the squared distances (expanded as ``|a|^2 + |b|^2 - 2 a.b``) lose no precision to
-the common mean.
+the common mean. The Gaussian's ``L_K`` is ``c`` too when ``T(K) = 0`` (``mu = 0``, ``Sigma = 0``): the two
+priors agree where both are ``N(0, delta^2 I)``. Given a Gaussian fit, both priors' ``L_K`` are
+computed for every test image (the mixture's needs the training set, which the bound has anyway),
+the chosen one enters the bound, and their difference says how far the limit distribution is from
+a Gaussian, seen from the test images.
 
 Stochastic processes (``T_theta`` with ``theta ~ p(theta)`` independent of ``u_0``): the generative
-model draws ``theta`` from ``p(theta)``, then ``u_K`` from the mixture over ``T_theta(K) x_i``, then
-the reverse chain ``f(u_k, k, theta)``; taking ``q(theta | u_0) = p(theta)`` (exact, since ``theta`` is
+model draws ``theta`` from ``p(theta)``, then ``u_K`` from the mixture over ``T_theta(K) x_i`` (or from
+the Gaussian, fitted marginally over ``theta``, independently of it), then the reverse chain
+``f(u_k, k, theta)``; taking ``q(theta | u_0) = p(theta)`` (exact, since ``theta`` is
 independent of ``u_0``) makes ``KL(q(theta) || p(theta)) = 0`` and
 ``-log p(u_0) <= E_theta[L(u_0 | theta)]``, the bound above with ``T = T_theta`` averaged over
 ``theta``. Estimator: one ``theta`` per *test batch* (drawn first from ``generator``), unbiased for
@@ -53,9 +61,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from lintrans.config import PRIORS
 from lintrans.datasets import dequantize
-from lintrans.errors import UsageError
+from lintrans.errors import UsageError, choices
 from lintrans.forward import ForwardProcess
+from lintrans.gaussian_prior import GaussianFit, kl_to_prior
 from lintrans.loss import Model
 
 # Rows of the pushed-forward training set per log-sum-exp chunk: bounds the (batch, chunk) matrix.
@@ -127,9 +137,18 @@ def _default_device(model: Callable, x: Tensor) -> torch.device:
     return tensors[0].device if tensors else x.device
 
 
-def _check_inputs(process: ForwardProcess, train_x0: Tensor, test_x0: Tensor, sigma: float, delta: float) -> None:
+def _check_inputs(
+    process: ForwardProcess, train_x0: Tensor, test_x0: Tensor, sigma: float, delta: float, prior: str,
+    gaussian: GaussianFit | None,
+) -> None:  # fmt: skip
     if sigma <= 0 or delta <= 0:
         raise UsageError(f"sigma and delta must be positive, got sigma={sigma!r}, delta={delta!r}")
+    if prior not in PRIORS:
+        raise UsageError(f"unknown prior '{prior}'; valid: {choices(PRIORS)}")
+    if prior == "gaussian" and gaussian is None:
+        raise UsageError("prior='gaussian' needs the Gaussian fit (gaussian=)")
+    if gaussian is not None and gaussian.dim != process.dim:
+        raise UsageError(f"the Gaussian fit has {gaussian.dim} dimensions, the process {process.dim}")
     for name, x in (("train_x0", train_x0), ("test_x0", test_x0)):
         if not x.is_floating_point() or tuple(x.shape[1:]) != tuple(process.shape) or len(x) == 0:
             raise UsageError(
@@ -160,16 +179,17 @@ class _BoundSums:
 
     def __init__(
         self, model: Model, process: ForwardProcess, *, sigma: float, delta: float, dtype: torch.dtype,
-        device: torch.device, gen: torch.Generator, bar: tqdm,
+        device: torch.device, gen: torch.Generator, bar: tqdm, prior: str, gaussian: GaussianFit | None,
     ) -> None:  # fmt: skip
         self.model, self.process, self.sigma, self.delta = model, process, sigma, delta
         self.dtype, self.device, self.gen, self.bar = dtype, device, gen, bar
+        self.prior_kind, self.gaussian = prior, None if gaussian is None else gaussian.to(device)
         self.c = gaussian_kl_constant(process.dim, sigma, delta)
         self.decoder_constant = 0.5 * process.dim * math.log(2.0 * math.pi * delta**2)
         self.applications = 0  # images pushed through T
         self.level_sums = torch.zeros(process.K + 1, dtype=torch.float64, device=device)  # sum of L_k over images
         self.mse_sums = torch.zeros(process.K + 1, dtype=torch.float64, device=device)
-        self.prior_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.prior_sums = {kind: torch.zeros((), dtype=torch.float64, device=device) for kind in PRIORS}  # of L_K
         self.total_moments = torch.zeros(2, dtype=torch.float64, device=device)  # sum and sum of squares
 
     def _draw(self, draw: Callable, shape: torch.Size) -> Tensor:
@@ -188,7 +208,7 @@ class _BoundSums:
         self.applications += len(train_x0)
         return MixturePrior(torch.cat(pushed), self.delta)
 
-    def add(self, x: Tensor, theta: Tensor | None, prior: MixturePrior, quantised: bool) -> None:
+    def add(self, x: Tensor, theta: Tensor | None, mixture: MixturePrior, quantised: bool) -> None:
         """Every term of the bound for the test images ``x``, added to the sums."""
         if quantised:
             x = dequantize(x, self._draw(torch.rand, x.shape))
@@ -207,9 +227,12 @@ class _BoundSums:
             total += term
             previous = current
             self.bar.update(1)
-        prior_term = prior.kl_bound(previous, self.c)
-        self.prior_sum += prior_term.sum()
-        total += prior_term
+        terms = {"data": mixture.kl_bound(previous, self.c)}
+        if self.gaussian is not None:
+            terms["gaussian"] = kl_to_prior(self.gaussian, previous, self.sigma, self.delta)
+        for kind, term in terms.items():
+            self.prior_sums[kind] += term.sum()
+        total += terms[self.prior_kind]
         self.total_moments += torch.stack([total.sum(), total.pow(2).sum()])
 
 
@@ -219,6 +242,8 @@ def _summary(bound: _BoundSums, n_train: int, n_test: int, quantised: bool, thet
     levels_mean = (bound.level_sums / n_test).tolist()
     mse_mean = (bound.mse_sums / n_test).tolist()
     mean, second = (bound.total_moments / n_test).tolist()
+    prior_means = {kind: total.item() / n_test for kind, total in bound.prior_sums.items()}
+    gaussian = prior_means["gaussian"] if bound.gaussian is not None else None
     stderr = math.sqrt(max(second - mean**2, 0.0) / max(n_test - 1, 1))
     bits = 1.0 / (d * math.log(2.0))
     continuous_bpd = mean * bits
@@ -228,7 +253,11 @@ def _summary(bound: _BoundSums, n_train: int, n_test: int, quantised: bool, thet
         "bpd": (mean + d * math.log(255.0)) * bits if quantised else continuous_bpd,
         "nll_bpd_continuous": continuous_bpd,
         "dequantization": DEQUANTIZATION_8BIT if quantised else DEQUANTIZATION_CONTINUOUS,
-        "L_K": bound.prior_sum.item() / n_test,
+        "L_K": prior_means[bound.prior_kind],
+        "prior": bound.prior_kind,
+        "L_K_data": prior_means["data"],
+        "L_K_gaussian": gaussian,
+        "prior_gap_nats": None if gaussian is None else prior_means["data"] - gaussian,
         "L_1": levels_mean[1],
         "L_levels": [None, None, *levels_mean[2:]],
         "L_mid_total": sum(levels_mean[2:]),
@@ -258,18 +287,24 @@ def negative_elbo(
     device: torch.device | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    prior: str = "data",
+    gaussian: GaussianFit | None = None,
 ) -> dict:
     """The negative ELBO of ``test_x0``, per image, and its breakdown (see the module docstring).
 
     ``model(u, k, theta)`` returns the residual ``f`` (``k`` a ``LongTensor (B,)``, ``theta`` the
-    process's per-sample parameter or ``None``); ``train_x0`` defines the prior mixture. Computation
+    process's per-sample parameter or ``None``); ``train_x0`` defines the prior mixture, ``gaussian`` (a
+    fit of ``T(K) u_0``, optional with ``prior="data"``) the Gaussian prior, and ``prior`` which of the two
+    enters the bound. Computation
     runs in ``test_x0``'s float dtype on ``device`` (default: the model's); ``process`` is moved
     there. ``theta``, the noise (and the dequantisation of 8-bit data) come from ``generator``
     (default: seed 0 on ``device``), so a call is reproducible.
 
     Returns plain floats/ints/lists: ``nll_nats`` (= ``L_K + L_mid_total + L_1``, mean per image) and
     its standard error over the test images ``nll_nats_stderr``, ``bpd`` and ``nll_bpd_continuous``
-    (the convention is in ``dequantization``), ``L_K`` (the prior term), ``L_1`` (the decoder),
+    (the convention is in ``dequantization``), ``L_K`` (the prior term of ``prior``), ``L_K_data`` and
+    ``L_K_gaussian`` (each prior's; ``None`` without a fit) and ``prior_gap_nats`` (data minus Gaussian),
+    ``L_1`` (the decoder),
     ``L_levels`` (index ``k`` = mean ``L_k`` for ``k = 2..K``, where ``L_levels[K]`` is the ``K -> K-1``
     transition, not the prior; ``None`` at 0 and 1), ``L_mid_total``, ``mse_per_level`` (index ``k`` =
     mean ``|T(k-1) u_0 - u_k - f(u_k, k)|^2`` summed over pixels, index 1 the decoder's, ``None`` at 0),
@@ -280,7 +315,7 @@ def negative_elbo(
     ``K * num_test`` (``T(k) u_0`` for ``k = 1..K``, each reused as the target ``T(k-1) u_0`` of level
     ``k + 1``, and ``T(K) u_0`` for the prior term).
     """
-    _check_inputs(process, train_x0, test_x0, sigma, delta)
+    _check_inputs(process, train_x0, test_x0, sigma, delta, prior, gaussian)
     device = torch.device(device) if device is not None else _default_device(model, test_x0)
     process, dtype = process.to(device), test_x0.dtype
     gen = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
@@ -295,11 +330,12 @@ def negative_elbo(
 
     # Every level of every test image, batch by batch, against its group's prior.
     with _eval_mode(model), tqdm(total=bar_total, desc="elbo", disable=not progress, dynamic_ncols=True) as bar:
-        bound = _BoundSums(model, process, sigma=sigma, delta=delta, dtype=dtype, device=device, gen=gen, bar=bar)
+        bound = _BoundSums(model, process, sigma=sigma, delta=delta, dtype=dtype, device=device, gen=gen, bar=bar,
+                           prior=prior, gaussian=gaussian)  # fmt: skip
         for theta, batch_ids in groups:
-            prior = bound.prior(train_x0, theta, batch_size)
+            mixture = bound.prior(train_x0, theta, batch_size)
             for batch in batch_ids:
                 x = test_x0[batch * batch_size : (batch + 1) * batch_size].to(device=device, dtype=dtype)
-                bound.add(x, theta, prior, quantised)
-            del prior
+                bound.add(x, theta, mixture, quantised)
+            del mixture
     return _summary(bound, len(train_x0), len(test_x0), quantised, thetas, len(groups))

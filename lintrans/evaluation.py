@@ -6,6 +6,12 @@ sampling helps nobody), evaluates the EMA weights, writes the record into the ru
 into IHDM's ``runs/<dataset>/evaluation_results/<experiment>/`` folder
 (:mod:`lintrans.records`), and returns it.
 
+Samples come from the run's ``config.sampling.prior``: IHDM's mixture over the training images, or
+the run's stored Gaussian fit (no data set needed to generate). The ELBO record holds both priors'
+``L_K`` and their gap, and what ``T(K)`` leaves of the data (:func:`lintrans.gaussian_prior.limit_summary`,
+from the stored fit, or for a ``data`` run one fitted here the same way): breakdown terms, so
+``elbo.limit_rank_99`` and the like are table columns outside the brief view.
+
 ``metric="auto"`` picks ``fid_mnist_features`` for mnist5k (offline, the project's digit
 features) unless clean-fid reference statistics are named with ``dataset_name_cleanfid``, and
 ``fid_inception`` otherwise.
@@ -31,9 +37,10 @@ import torch
 from torch import Tensor
 
 from lintrans import datasets, records, sampling
-from lintrans.config import sampling_delta, to_json
+from lintrans.config import prior_fit_args, sampling_delta, sampling_prior, to_json
 from lintrans.eval_spec import EvalSpec
 from lintrans.forward import ForwardProcess
+from lintrans.gaussian_prior import GaussianFit, fit_limit, limit_summary
 from lintrans.run import Run, load_model
 
 # --------------------------------------------------------------------------- the two metrics
@@ -47,22 +54,19 @@ def subset(dataset, n: int | None, seed: int) -> Tensor:
     return dataset.batch(idx)
 
 
-def sample_producer(model, process: ForwardProcess, train_set, delta: float, seed: int, device: torch.device):
-    """``produce(n)``: ``n`` samples of the reverse process from IHDM's prior over training images.
+def sample_producer(
+    model, process: ForwardProcess, prior: sampling.DataPrior | sampling.GaussianPrior, delta: float, seed: int,
+    device: torch.device,
+):  # fmt: skip
+    """``produce(n)``: ``n`` samples of the reverse process from ``prior`` (the run's ``sampling.prior``).
 
     A stochastic process draws one ``theta`` per sample, used by its prior and its whole reverse path.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
-    position = 0
 
     def produce(n: int) -> Tensor:
-        nonlocal position
-        idx = order[(position + torch.arange(n)) % len(order)]
-        position += n
         theta = sampling.draw_theta(process, n, gen)
-        u_K = sampling.prior(process, train_set.batch(idx).to(device), delta, gen, theta)
-        final, _ = sampling.reverse(model, u_K, process.K, delta, gen, theta=theta)
+        final, _ = sampling.reverse(model, prior.draw(n, gen, theta), process.K, delta, gen, theta=theta)
         return final
 
     return produce
@@ -100,10 +104,15 @@ def run_memorisation(samples: Tensor, train_set, metric: str, mode: str, batch_s
     return metrics, breakdown
 
 
-def run_fid(model, process, train_set, test_set, spec: EvalSpec, delta: float, resolution: int, device) -> tuple:
+def run_fid(
+    model, process, train_set, test_set, spec: EvalSpec, delta: float, resolution: int, device,
+    gaussian: GaussianFit | None = None,
+) -> tuple:  # fmt: skip
+    """FID of samples from the run's prior (``gaussian``, else IHDM's over ``train_set``) and memorisation."""
     from lintrans import fid
 
-    produce = sample_producer(model, process, train_set, delta, spec.seed, device)
+    prior = sampling.prior_for(process, delta, device, fit=gaussian, train_set=train_set, seed=spec.seed)
+    produce = sample_producer(model, process, prior, delta, spec.seed, device)
     keep = min(spec.memorisation_samples, spec.num_gen)
     stream = fid.BatchStream(produce, spec.num_gen, spec.batch_size, desc="generate", keep=keep)
     if spec.metric == "fid_mnist_features":
@@ -125,7 +134,11 @@ def run_fid(model, process, train_set, test_set, spec: EvalSpec, delta: float, r
     return {spec.metric: score, **memorised}, {"num_gen": spec.num_gen, **breakdown, "memorisation": memorisation}
 
 
-def run_elbo(model, process, train_set, test_set, spec: EvalSpec, sigma: float, delta: float, device) -> tuple:
+def run_elbo(
+    model, process, train_set, test_set, spec: EvalSpec, sigma: float, delta: float, device, *, prior: str,
+    gaussian: GaussianFit,
+) -> tuple:  # fmt: skip
+    """The bound under ``prior``, both priors' ``L_K``, and what ``T(K)`` leaves of the data (from ``gaussian``)."""
     from lintrans.elbo import negative_elbo
 
     result = negative_elbo(
@@ -139,8 +152,11 @@ def run_elbo(model, process, train_set, test_set, spec: EvalSpec, sigma: float, 
         device=device,
         generator=torch.Generator().manual_seed(spec.seed),
         progress=True,
+        prior=prior,
+        gaussian=gaussian,
     )
-    return {"nll_bpd": result["bpd"], "nll_nats": result["nll_nats"]}, result
+    breakdown = {**result, **limit_summary(gaussian, delta)}
+    return {"nll_bpd": result["bpd"], "nll_nats": result["nll_nats"]}, breakdown
 
 
 def _check_fid_files(spec: EvalSpec, resolution: int) -> dict:
@@ -184,14 +200,20 @@ def evaluate(
     path = run.checkpoint_path(spec.checkpoint)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(run.workdir, spec.checkpoint, device, config=config)
+    gaussian = run.configured_prior(own)
     train_set, test_set = datasets.load(own)
+    model, process = loaded.model, loaded.process
 
     if spec.mode == "fid":
-        metrics, breakdown = run_fid(loaded.model, loaded.process, train_set, test_set, spec, delta, resolution, device)
+        metrics, breakdown = run_fid(model, process, train_set, test_set, spec, delta, resolution, device, gaussian)
         evaluation = {"metric": spec.metric, "num_gen": spec.num_gen, **reference}
     else:
-        sigma = float(own.model.sigma)
-        metrics, breakdown = run_elbo(loaded.model, loaded.process, train_set, test_set, spec, sigma, delta, device)
+        sigma, prior = float(own.model.sigma), sampling_prior(own)
+        # A data-prior run has no stored fit: fit one here, from the whole training set as training would.
+        gaussian = gaussian or fit_limit(process, train_set, device=device, **prior_fit_args(own))
+        metrics, breakdown = run_elbo(
+            model, process, train_set, test_set, spec, sigma, delta, device, prior=prior, gaussian=gaussian
+        )
         evaluation = {"metric": "nll_bpd", "num_train": breakdown["num_train"], "num_test": breakdown["num_test"]}
 
     record = {

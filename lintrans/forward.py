@@ -100,6 +100,9 @@ class ForwardProcess(nn.Module):
     name: str = ""
     config_keys: tuple[str, ...] = ()  # keyword arguments of __init__, read from config.model
     theta_dim: int = 0  # size of the per-sample parameter theta; 0: deterministic
+    # True: the maps come from the training set (fit_data), once per run; the fitted state is the
+    # module's state_dict, which the run directory keeps (lintrans.run), so T is fixed afterwards.
+    fitted_to_data: bool = False
 
     def __init__(self, K: int, shape: tuple[int, int, int]) -> None:
         super().__init__()
@@ -118,6 +121,10 @@ class ForwardProcess(nn.Module):
     def sample_theta(self, n: int, generator: torch.Generator) -> Tensor | None:
         """``(n, theta_dim)`` draws from ``p(theta)`` on the generator's device; ``None`` (no draw) here."""
         return None
+
+    def fit_data(self, images: Iterable[Tensor]) -> None:  # pragma: no cover - only fitted_to_data processes
+        """Fit the maps to batches of training images (one pass); only where ``fitted_to_data``."""
+        raise NotImplementedError
 
     def forward(self, x: Tensor, k: Tensor, theta: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -268,6 +275,21 @@ def blur_schedule(K: int, sigma_min: float, sigma_max: float) -> Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.float64), s])
 
 
+def heat_rates(H: int, W: int) -> Tensor:
+    """Heat's damping rate of DCT coefficient ``(i, j)``: ``pi^2 (i^2/H^2 + j^2/W^2)``, ``(H, W)`` float64."""
+    fy = (math.pi * torch.arange(H, dtype=torch.float64) / H) ** 2
+    fx = (math.pi * torch.arange(W, dtype=torch.float64) / W) ** 2
+    return fy[:, None] + fx[None, :]
+
+
+def diffusion_times(name: str, K: int, blur_sigma_min: float, blur_sigma_max: float) -> Tensor:
+    """``s_k^2 / 2`` for IHDM's blur widths (:func:`blur_schedule`), after checking them (``name`` asks)."""
+    lo, hi = blur_sigma_min, blur_sigma_max
+    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo <= hi < math.inf):
+        raise UsageError(f"{name} needs 0 < blur_sigma_min <= blur_sigma_max, got {lo!r} and {hi!r}")
+    return blur_schedule(K, lo, hi) ** 2 / 2
+
+
 @register_forward("heat")
 class Heat(ForwardProcess):
     """IHDM's heat dissipation: DCT coefficient ``(i, j)`` times ``exp(-pi^2 (i^2/H^2 + j^2/W^2) s_k^2 / 2)``."""
@@ -276,14 +298,9 @@ class Heat(ForwardProcess):
 
     def __init__(self, K: int, shape: tuple[int, int, int], blur_sigma_min: float, blur_sigma_max: float) -> None:
         super().__init__(K, shape)
-        lo, hi = blur_sigma_min, blur_sigma_max
-        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo <= hi < math.inf):
-            raise UsageError(f"heat needs 0 < blur_sigma_min <= blur_sigma_max, got {lo!r} and {hi!r}")
         _, H, W = self.shape
-        fy = (math.pi * torch.arange(H, dtype=torch.float64) / H) ** 2
-        fx = (math.pi * torch.arange(W, dtype=torch.float64) / W) ** 2
-        self.register_buffer("freq2", (fy[:, None] + fx[None, :]).float(), persistent=False)
-        t = blur_schedule(self.K, lo, hi) ** 2 / 2
+        self.register_buffer("freq2", heat_rates(H, W).float(), persistent=False)
+        t = diffusion_times(self.name, K, blur_sigma_min, blur_sigma_max)
         self.register_buffer("t", t.float(), persistent=False)
 
     @classmethod
@@ -352,6 +369,79 @@ class HeatRandomScale(StochasticProcess, Heat):
     def times(self, k: Tensor, theta: Tensor | None) -> Tensor:
         scale = self.theta_of(theta, len(k))[:, 0].to(self.t)
         return self.t[k] * scale**2
+
+
+@register_forward("pca_heat")
+class PCAHeat(ForwardProcess):
+    """Heat in the data's own basis: ``T(k) = V diag(exp(-lambda_i s_k^2 / 2)) V^T``.
+
+    ``V``'s columns are the principal components of the training images, most variance first, and
+    ``lambda_i`` is heat's ``i``-th smallest rate (its DCT rates over all ``C x H x W`` coefficients,
+    sorted): the rates grow with a component's rank as heat's grow with frequency, and the widths
+    ``s_k`` are heat's (``blur_sigma_min``, ``blur_sigma_max``). Heat is the special case ``V`` = the DCT
+    basis ordered by frequency, which is what an unfitted process holds, so ``pca_heat`` before
+    :meth:`fit_data` is ``heat``; the DCT basis is close to the principal components of stationary
+    images, and ``pca_heat`` replaces it with the components of this data set.
+
+    The components are those of the uncentred second moment ``E[u u^T]``: ``T`` must stay linear, and
+    the first of them, which gets heat's DC rate 0 and is never damped, is then (nearly) the mean
+    image's direction, as heat's DC coefficient carries the mean brightness. The limit ``T(K) u_0`` is
+    that component plus the next few that ``s_K`` leaves, a low-dimensional distribution.
+
+    :meth:`fit_data` is deterministic (one float64 pass over the images, then ``eigh``): no seed. The
+    basis is the module's one persistent buffer, so the run directory stores it as a state dict
+    and every later use loads it instead of refitting. Storage: the ``d x d`` basis, dense.
+    """
+
+    config_keys = ("blur_sigma_min", "blur_sigma_max")
+    fitted_to_data = True
+
+    def __init__(self, K: int, shape: tuple[int, int, int], blur_sigma_min: float, blur_sigma_max: float) -> None:
+        super().__init__(K, shape)
+        C, H, W = self.shape
+        rates = heat_rates(H, W).reshape(-1).repeat(C)  # coefficient (c, i, j) in row-major order
+        order = torch.sort(rates, stable=True).indices
+        dct_basis = torch.block_diag(*([torch.kron(dct_matrix(H), dct_matrix(W)).T] * C))  # columns: coefficients
+        self.register_buffer("rates", rates[order].float(), persistent=False)
+        self.register_buffer("basis", dct_basis[:, order].float())
+        self.register_buffer("t", diffusion_times(self.name, K, blur_sigma_min, blur_sigma_max).float(),
+                             persistent=False)  # fmt: skip
+
+    @classmethod
+    def storage_bytes(cls, K: int, shape: tuple[int, int, int], **params) -> int:
+        d = math.prod(shape)
+        return 4 * (K + 1) + 4 * d + 4 * d * d
+
+    def fit_data(self, images: Iterable[Tensor]) -> None:
+        """Principal components of the uncentred second moment of the images, most variance first."""
+        from lintrans.gaussian_prior import fit_gaussian
+
+        fit = fit_gaussian(images, self.dim)
+        second_moment = fit.covariance() + torch.outer(fit.mean, fit.mean)
+        _, vectors = torch.linalg.eigh((second_moment + second_moment.T) / 2)
+        self.basis.copy_(vectors.flip(1).to(self.basis))
+
+    def _damped(self, coeffs: Tensor, k: Tensor) -> Tensor:
+        """Coefficients ``(B, d)`` times each sample's multipliers, back in pixels, in the input's shape."""
+        masks = torch.exp(-self.rates * self.t[k][:, None]).to(coeffs.dtype)
+        return (coeffs * masks) @ self.basis.T.to(coeffs.dtype)
+
+    def forward(self, x: Tensor, k: Tensor, theta: Tensor | None = None) -> Tensor:
+        xf = x.float() if x.dtype in _REDUCED_PRECISION else x
+        coeffs = xf.reshape(len(x), -1) @ self.basis.to(xf.dtype)
+        return self._damped(coeffs, k).reshape(x.shape).to(x.dtype)
+
+    def pair(self, x: Tensor, k: Tensor, theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One projection onto the basis, two masks, one product back over both."""
+        xf = x.float() if x.dtype in _REDUCED_PRECISION else x
+        coeffs = xf.reshape(len(x), -1) @ self.basis.to(xf.dtype)
+        both = self._damped(coeffs.repeat(2, 1), torch.cat([k, k - 1])).reshape(2 * len(x), *x.shape[1:])
+        return both[: len(x)].to(x.dtype), both[len(x) :].to(x.dtype)
+
+    def matrix(self, k: int, theta: Tensor | None = None) -> Tensor:
+        V = self.basis.double().cpu()
+        m = torch.exp(-self.rates.double().cpu() * float(self.t[k]))
+        return (V * m) @ V.T
 
 
 # --------------------------------------------------------------------------- random maps

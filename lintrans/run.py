@@ -7,6 +7,8 @@ Layout (IHDM's)::
     <workdir>/checkpoints-meta/checkpoint.pth latest state, rewritten for preemption ("checkpoint 0")
     <workdir>/checkpoints/checkpoint_N.pth    numbered snapshots
     <workdir>/records/                        evaluation records (lintrans.records)
+    <workdir>/gaussian_prior.pt               sampling.prior=gaussian: N(mu, Sigma) of T(K) u_0
+    <workdir>/forward_state.pt                a forward process fitted to the data (pca_heat): its state
     <workdir>/samples/ tensorboard/
 
 A checkpoint holds model, EMA (and its update count), optimizer, step, the config (JSON) and
@@ -32,9 +34,12 @@ from lintrans import checkpoint_files
 from lintrans import config as cfg
 from lintrans.atomic import write_atomic, write_json, write_text
 from lintrans.errors import UsageError
+from lintrans.gaussian_prior import GaussianFit
 
 CONFIG = "config.json"
 SOURCE = "source.json"
+PRIOR = "gaussian_prior.pt"
+FORWARD_STATE = "forward_state.pt"
 
 
 class CorruptCheckpointError(UsageError):
@@ -157,6 +162,46 @@ class Run:
         """The step of ``checkpoints-meta``, or 0 when there is none."""
         return int(self.load(self.meta, mmap=True)["step"]) if self.meta.is_file() else 0
 
+    # ---------------------------------------------------------------- what is fitted to the data
+
+    def save_forward_state(self, process: nn.Module) -> Path:
+        return write_atomic(self.workdir / FORWARD_STATE, lambda f: torch.save(process.state_dict(), f))
+
+    def load_forward_state(self) -> dict | None:
+        """A fitted forward process's state dict, or ``None`` where the run has none yet."""
+        return self._load_fitted(FORWARD_STATE, "forward process state")
+
+    def _load_fitted(self, name: str, what: str) -> dict | None:
+        path = self.workdir / name
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated zips, garbage and foreign pickles all land here
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            fix = "delete it and resume training to fit it again"
+            raise UsageError(f"the {what} {path} cannot be read ({detail}); {fix}") from None
+
+    def save_prior(self, fit: GaussianFit) -> Path:
+        return write_atomic(self.workdir / PRIOR, lambda f: torch.save(fit.state(), f))
+
+    def load_prior(self) -> GaussianFit | None:
+        """The stored Gaussian prior, or ``None`` where the run has none (a ``data``-prior run)."""
+        state = self._load_fitted(PRIOR, "Gaussian prior")
+        return None if state is None else GaussianFit.from_state(state)
+
+    def configured_prior(self, config: ml_collections.ConfigDict) -> GaussianFit | None:
+        """The stored fit where ``config.sampling.prior`` is ``gaussian`` (it must exist), else ``None`` (``data``)."""
+        if cfg.sampling_prior(config) != "gaussian":
+            return None
+        fit = self.load_prior()
+        if fit is None:
+            raise UsageError(
+                f"{self.workdir} samples from a Gaussian prior (config.sampling.prior=gaussian) but "
+                f"{self.workdir / PRIOR} is missing; resume training to fit it (train.py --workdir {self.workdir})"
+            )
+        return fit
+
     def remove_temp_files(self) -> list[Path]:
         """Temp files of atomic writes killed mid-way (``.<name>.*.tmp``); call when nothing else writes here."""
         stale = [p for p in self.workdir.rglob(".*.tmp") if p.is_file()]
@@ -199,5 +244,11 @@ def load_model(
     state = run.load(path, device)
     model = build_model(cfg.model_args(own), own.seed, device)
     load_weights(model, state["ema"] if ema else state["model"], path)
-    process = create_forward(**cfg.forward_args(own)).to(device)
-    return Loaded(own, model.eval(), process, path, int(state["step"]))
+    process = create_forward(**cfg.forward_args(own))
+    if process.fitted_to_data:
+        fitted = run.load_forward_state()
+        if fitted is None:
+            raise UsageError(f"forward process '{process.name}' of {run.workdir} was fitted to the data, but "
+                             f"{run.workdir / FORWARD_STATE} is missing; resume training to fit it")  # fmt: skip
+        process.load_state_dict(fitted)
+    return Loaded(own, model.eval(), process.to(device), path, int(state["step"]))

@@ -1,13 +1,20 @@
 """The reverse process: ``u_{k-1} = u_k + f(u_k, k) + delta * eps`` for ``k = K..1``.
 
-Sampling starts from IHDM's prior ``u_K = T(K) u_0' + delta * eps`` with ``u_0'`` a training
-image, and returns the last mean (no noise after ``k = 1``). ``share_noise`` uses one noise draw
-per step for the whole batch; a shared initial state (``--same_init``) is expressed by passing a
-prior that repeats one state.
+Sampling starts from the prior (``config.sampling.prior``) and returns the last mean (no noise
+after ``k = 1``):
+
+* ``data``, IHDM's: ``u_K = T(K) u_0' + delta * eps`` with ``u_0'`` a training image
+  (:class:`DataPrior`);
+* ``gaussian``: ``u_K ~ N(mu, Sigma + delta^2 I)``, fitted to ``T(K) u_0`` over the training set
+  and stored with the run (:class:`GaussianPrior`, :mod:`lintrans.gaussian_prior`): no data set.
+
+``share_noise`` uses one noise draw per step for the whole batch; a shared initial state
+(``--same_init``) is expressed by passing a prior that repeats one state.
 
 A stochastic forward process needs one ``theta`` per sample: :func:`draw_theta` draws it from
-``p(theta)`` (``None`` for a deterministic process), and the same ``theta`` goes into the prior
-``T_theta(K) u_0'`` and into every step of the reverse path, ``f(u_k, k, theta)``.
+``p(theta)`` (``None`` for a deterministic process), and the same ``theta`` goes into the data
+prior ``T_theta(K) u_0'`` and into every step of the reverse path, ``f(u_k, k, theta)``. The
+Gaussian prior is one density for every ``theta`` (fitted marginally over it), so it ignores it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lintrans.forward import ForwardProcess
+from lintrans.gaussian_prior import GaussianFit, sample_prior
 from lintrans.loss import Model
 
 
@@ -38,6 +46,41 @@ def prior(
     """``T(K) u_0' + delta * eps`` (``T_theta(K)`` for a stochastic process) for training images ``u_0'``."""
     k = process.levels(process.K, len(x0), x0.device)
     return process(x0, k, theta) + delta * torch.randn(x0.shape, generator=generator, device=x0.device)
+
+
+class DataPrior:
+    """IHDM's prior over the training images in a seeded order (``seed``), cycled: ``draw(n, generator, theta)``."""
+
+    def __init__(self, process: ForwardProcess, train_set, delta: float, seed: int, device: torch.device) -> None:
+        self.process, self.train_set, self.delta, self.device = process, train_set, delta, device
+        self.order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
+        self.position = 0
+
+    def draw(self, n: int, generator: torch.Generator, theta: Tensor | None = None) -> Tensor:
+        idx = self.order[(self.position + torch.arange(n)) % len(self.order)]
+        self.position += n
+        return prior(self.process, self.train_set.batch(idx).to(self.device), self.delta, generator, theta)
+
+
+class GaussianPrior:
+    """``N(mu, Sigma + delta^2 I)`` from a stored fit, as images of ``shape``: ``draw(n, generator, theta)``."""
+
+    def __init__(self, fit: GaussianFit, shape: tuple[int, ...], delta: float) -> None:
+        self.fit, self.shape, self.delta = fit, shape, delta
+
+    def draw(self, n: int, generator: torch.Generator, theta: Tensor | None = None) -> Tensor:
+        """``theta`` is not used: ``u_K`` is drawn independently of it (see the module docstring)."""
+        return sample_prior(self.fit, n, self.delta, generator).float().view(n, *self.shape)
+
+
+def prior_for(
+    process: ForwardProcess, delta: float, device: torch.device, *, fit: GaussianFit | None, train_set, seed: int
+) -> DataPrior | GaussianPrior:
+    """The Gaussian prior where there is a ``fit`` (moved to ``device`` once), else IHDM's over ``train_set`` in
+    the order ``seed`` draws."""
+    if fit is not None:
+        return GaussianPrior(fit.to(device), process.shape, delta)
+    return DataPrior(process, train_set, delta, seed, device)
 
 
 def interpolate(a: Tensor, b: Tensor, num_points: int) -> Tensor:

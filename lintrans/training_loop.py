@@ -27,6 +27,7 @@ from lintrans.device import use_bf16
 from lintrans.ema import EMA
 from lintrans.errors import NonFiniteLossError
 from lintrans.forward import ForwardProcess, create_forward
+from lintrans.gaussian_prior import GaussianFit, fit_limit
 from lintrans.loss import per_sample_loss, sample_levels
 from lintrans.model import build_model, load_weights, make_optimizer
 from lintrans.monitor import Report
@@ -35,6 +36,7 @@ from lintrans.run import Run
 from lintrans.step import TrainStep
 
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+FIT_BATCH = 256  # images per batch of the one-pass fits before training
 
 
 class Preemption:
@@ -93,13 +95,17 @@ def held_out_loss(
 
 def write_samples(
     ema_model, process: ForwardProcess, train_set, folder: Path, *, n: int, delta: float, seed: int,
-    device: torch.device, log: monitor.Monitor, step: int,
+    device: torch.device, log: monitor.Monitor, step: int, gaussian: GaussianFit | None,
 ) -> None:  # fmt: skip
-    """Sample grid, prior grid and reverse-process GIF from the EMA model; the grid goes to TensorBoard too."""
+    """Sample grid, prior grid and reverse-process GIF from the EMA model; the grid goes to TensorBoard too.
+
+    The prior is ``gaussian`` where given, else IHDM's over ``train_set``.
+    """
     gen = torch.Generator(device=device).manual_seed(seed + 777)
-    idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed + 778))[:n]
-    theta = sampling.draw_theta(process, len(idx), gen)
-    u_K = sampling.prior(process, train_set.batch(idx).to(device), delta, gen, theta)
+    prior = sampling.prior_for(process, delta, device, fit=gaussian, train_set=train_set, seed=seed + 778)
+    n = min(n, len(train_set))  # a grid of at most one sample per training image, as IHDM's
+    theta = sampling.draw_theta(process, n, gen)
+    u_K = prior.draw(n, gen, theta)
     final, frames = sampling.reverse(ema_model, u_K, process.K, delta, gen, num_frames=40, theta=theta)
     images.save_grid(folder / "samples.png", final.cpu())
     images.save_grid(folder / "prior.png", u_K.cpu())
@@ -253,18 +259,51 @@ def train(
     process = create_forward(**cfg.forward_args(config))  # bad input fails before any process group exists
     train_set, eval_set = datasets.load(config)
     info, device = distributed.init(config.device)
+    if process.fitted_to_data:
+        fit_forward(run, process, train_set, info.rank)
     settings = loop_settings(config, device)
+    gaussian = None  # rank 0 draws the sample grids, so only it needs the prior
     if info.rank == 0:
         run.remove_temp_files()
         run.write_config(config, config_file, overrides)
         write_json(run.workdir / provenance.FILE, provenance.collect(device, settings["bf16"], info.world_size))
+        if cfg.sampling_prior(config) == "gaussian":
+            gaussian = run.load_prior() or fit_and_save_prior(run, process.to(device), train_set, config, device)
     try:
         return training_loop(
             run=run, process=process.to(device), train_set=train_set, eval_set=eval_set, rank=info.rank,
-            world=info.world_size, device=device, report=report, **settings,
+            world=info.world_size, device=device, report=report, gaussian=gaussian, **settings,
         )  # fmt: skip
     finally:
         distributed.cleanup()
+
+
+def fit_forward(run: Run, process: ForwardProcess, train_set, rank: int) -> None:
+    """Give a process fitted to the data its state: the run's stored one, else rank 0 fits and stores it.
+
+    Collective where it fits: every rank then takes rank 0's state, so all train the same ``T``
+    even where their floating point would differ, and a resumed run never refits.
+    """
+    state = run.load_forward_state()
+    if state is None:
+        if rank == 0:
+            process.fit_data(datasets.in_batches(train_set, FIT_BATCH))
+            run.save_forward_state(process)
+        state = distributed.all_gather_object(process.state_dict() if rank == 0 else None)[0]
+    process.load_state_dict(state)
+
+
+def fit_and_save_prior(
+    run: Run, process: ForwardProcess, train_set, config: ml_collections.ConfigDict, device: torch.device
+) -> GaussianFit:
+    """Fit ``sampling.prior=gaussian``'s ``N(mu, Sigma)`` to ``T(K) u_0`` once, before training, and store it.
+
+    Before: the fit depends only on the process and the data, and ``sample.py`` and the sample grids
+    need it from the first checkpoint on. A resumed run loads the stored one instead.
+    """
+    fit = fit_limit(process, train_set, device=device, batch_size=FIT_BATCH, **cfg.prior_fit_args(config))
+    run.save_prior(fit)
+    return fit
 
 
 def training_loop(
@@ -277,6 +316,7 @@ def training_loop(
     snapshot_freq_for_preemption: int,
     eval_batch_size: int, eval_num_batches: int, num_samples: int, delta: float,  # held-out loss, samples
     rank: int, world: int, device: torch.device, report: Report | None = None,  # this process
+    gaussian: GaussianFit | None = None,  # the samples' prior (None: IHDM's over the training set)
 ) -> int:  # fmt: skip
     """Train ``run`` from its checkpoint (or from scratch) to ``n_iters``; returns EXIT_OK or EXIT_PREEMPTED.
 
@@ -312,7 +352,8 @@ def training_loop(
 
     def sample(done: int) -> None:
         log.write(write_samples, net.ema.model, process, train_set, run.workdir / "samples" / f"iter_{done}",
-                  n=num_samples, delta=delta, seed=seed, device=device, log=log, step=done)  # fmt: skip
+                  n=num_samples, delta=delta, seed=seed, device=device, log=log, step=done,
+                  gaussian=gaussian)  # fmt: skip
 
     def checkpoint(done: int) -> None:
         save_checkpoint(run, net, done, numbered=when.numbered(done), steps_per_epoch=sampler.steps_per_epoch,

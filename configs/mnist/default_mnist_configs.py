@@ -28,6 +28,10 @@ def get_default_configs():
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.delta = placeholder(float)  # sampling noise; None means 1.25 * model.sigma
+    # u_K's prior: "data" (IHDM: T(K) u_0' for a training image u_0') or "gaussian" (N(mu, Sigma + delta^2 I)
+    # fitted to T(K) u_0 once, stored in the run directory: sampling then needs no data set)
+    sampling.prior = "data"
+    sampling.prior_rank = 256  # gaussian, where d^2 float64s exceed model.max_dense_bytes: top eigenpairs kept
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 256
