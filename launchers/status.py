@@ -30,7 +30,10 @@ from lintrans.errors import UsageError
 STATES = ("pending", "written", "queued", "running", "preempted", "stopped", "failed", "done")
 FINAL = ("done", "failed", "stopped")
 # How a job ends when something went wrong (a job that ends COMPLETED did what its trial said).
-ABNORMAL_ENDS = ("CANCELLED", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+# Job ends after which nothing resumes the trial by itself; VANISHED: it left the queue and no accounting
+# says how (launchers.backends.slurm.accounting).
+ABNORMAL_ENDS = ("CANCELLED", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
+                 "VANISHED")  # fmt: skip
 SUBMITTED = ("submit", "resume")  # the plans that submit a trial
 
 

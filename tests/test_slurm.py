@@ -191,6 +191,35 @@ def test_trials_run_through_the_interpreter_prefix_and_a_missing_one_fails_at_on
                for r in rows), rows  # fmt: skip
 
 
+def test_without_accounting_status_tells_the_truth_from_squeue_and_the_records(tmp_path, cluster):
+    """slurmdbd down, as on a site without accounting: `status` still answers, says so in one line, and a
+    job that vanished is never shown running (its trial is failed), while finished trials stay done."""
+    done = sweep_file(tmp_path, "noacct", "axes:\n  model.K: [3]\noverrides: {training.n_iters: 3}\n")
+    long_ = sweep_file(tmp_path, "vanish", "axes:\n  model.K: [3]\noverrides:\n  training.n_iters: 200\n"
+                       "  training.snapshot_freq_for_preemption: 10\n")  # fmt: skip
+    assert run(cluster, tmp_path, "run", done, "--backend", "slurm").returncode == 0
+    assert [r["status"] for r in wait_final(cluster, tmp_path, done, 1)] == ["done"]
+    assert run(cluster, tmp_path, "run", long_, "--backend", "slurm").returncode == 0
+    (trial,) = trial_dirs(tmp_path, "vanish")
+    wait_until("the trial training", lambda: (status_of(trial).get("step") or 0) >= 10, 600)
+    dbd = int((cluster.dir / "run" / "slurmdbd.pid").read_text())
+    os.kill(dbd, signal.SIGTERM)
+    try:
+        wait_until("slurmdbd to stop", lambda: not Path(f"/proc/{dbd}").exists(), 60)
+        cluster.run("scancel", "--signal=KILL", json.loads((trial / "launch.json").read_text())["job_id"])
+        wait_until("the job to leave the queue", lambda: not cluster.queued("lintrans-vanish"), 120)
+        for path, state_ in ((done, "done"), (long_, "failed")):
+            shown = run(cluster, tmp_path, "status", path, "--format", "json")
+            assert shown.returncode == 0, shown.stderr
+            assert shown.stderr.count("warning: no SLURM accounting") == 1, shown.stderr  # said once
+            (row,) = json.loads(shown.stdout)
+            assert row["state"] == state_, row
+        assert "left the queue; no accounting record" in row["reason"], row
+    finally:
+        restarted = cluster.script("start")  # slurmdbd again, for the module's other tests
+        assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+
+
 def test_bad_cluster_input_is_one_line(tmp_path, cluster):
     part = sweep_file(tmp_path, "nopart", "axes:\n  model.K: [3]\nslurm: {partition: nosuch}\n")
     result = run(cluster, tmp_path, "run", part, "--backend", "slurm")

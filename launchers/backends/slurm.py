@@ -15,6 +15,7 @@ call, and submitit requeues the task; ``scontrol requeue`` (SIGTERM) does the sa
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -47,6 +48,8 @@ CHECKPOINT_WAIT_S = 300
 
 
 REACH_TIMEOUT_S = 10  # a controller that does not answer `scontrol show config` in this time is unreachable
+ACCOUNTING_TIMEOUT_S = 30  # sacct that has not answered by then (slurmdbd down, hanging): no accounting
+log = logging.getLogger(__name__)
 
 
 def slurm_command(*args: str, timeout: float = 60) -> str:
@@ -213,13 +216,14 @@ class SlurmBackend(Backend):
         ended = [j for j in jobs if jobs[j] not in out]
         if not ended:
             return out
-        for job, st, exit_code in job_records("sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode",
-                                               "-j", ",".join(arrays(ended))):  # fmt: skip
+        for job, st, exit_code in accounting(ended):
             st = st.split()[0] if st else st  # "CANCELLED by 0"
             for task in array_tasks(job):
                 if task in jobs and jobs[task] not in out:
                     phase = "queued" if st in QUEUED else "running" if st in RUNNING else "ended"
                     out[jobs[task]] = Observation(phase, f"{st} (exit {exit_code})" if phase == "ended" else st)
+        for job in ended:  # not in squeue, and sacct has no word of it (no accounting): it left the queue
+            out.setdefault(jobs[job], Observation("ended", "VANISHED (left the queue; no accounting record)"))
         return out
 
     def cancel(self, trials: list[Trial]) -> int:
@@ -261,6 +265,26 @@ def job_records(*command: str, timeout: float = 60) -> list[tuple[str, str, str]
             return []
         raise
     return [tuple([*line.split("|"), "", ""][:3]) for line in text.splitlines() if line.strip()]
+
+
+_no_accounting: list[str] = []  # said once per command
+
+
+def accounting(jobs: list[str]) -> list[tuple[str, str, str]]:
+    """``sacct``'s records of jobs that left ``squeue``; none where the site keeps no accounting.
+
+    Without accounting (``sacct`` missing, storage disabled, slurmdbd down or silent) a job that left
+    the queue has ended, how is unknown: the trial's own records say whether it finished, and a trial
+    that says it runs but holds no lock is failed, never shown running. That is said once, in one line.
+    """
+    try:
+        return job_records("sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode", "-j", ",".join(arrays(jobs)),
+                           timeout=ACCOUNTING_TIMEOUT_S)  # fmt: skip
+    except UsageError as exc:
+        if not _no_accounting:
+            _no_accounting.append(str(exc))
+            log.warning("no SLURM accounting (%s): jobs that left the queue are judged by their trials' records", exc)
+        return []
 
 
 def scancel(jobs: dict[Path, str]) -> int:
