@@ -103,7 +103,12 @@ def signals_preempt() -> Iterator[None]:
         yield
         return
 
+    stopping: list[int] = []
+
     def handler(signum, frame):
+        if stopping:  # a second stop signal (the launcher and `cancel` both send one) while recording the first
+            return
+        stopping.append(signum)
         raise Preempted(f"signal {signal.Signals(signum).name}")
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
@@ -254,17 +259,22 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
         distributed.cleanup()
 
 
-def record_crash(trial_dir: Path, returncode: int) -> str | None:
+def record_crash(trial_dir: Path, returncode: int, asked_to_stop: bool = False) -> str | None:
     """After the trial process ended: if it never recorded an ending, record it failed with how it ended.
 
     Called by the parent that watched it (the local launcher, or the SLURM task's submitit
     process), which knows the exit status. Returns how it crashed (``"killed by SIGKILL"``), or None.
+    ``asked_to_stop``: the parent sent it SIGTERM itself (Ctrl-C, ``cancel``); a trial killed by that
+    signal before it could install its handler (during start-up) was interrupted, not failed.
     """
     st, ln = state.status(trial_dir), state.launch(trial_dir)
     answered = st.get("updated", "") >= ln.get("submitted", "")  # the trial wrote since it was started
     if (answered and st.get("state") != "running") or state.is_running(trial_dir):
         return None
     how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit {returncode}"
+    if asked_to_stop and returncode == -signal.SIGTERM:
+        state.write_status(trial_dir, "preempted", reason="stopped by SIGTERM during start-up", resumable=True)
+        return None
     hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if returncode == -signal.SIGKILL else ""
     state.write_status(trial_dir, "failed", reason=f"trial process {how}{hint} without recording a state",
                        resumable=True)  # fmt: skip

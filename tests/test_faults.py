@@ -224,3 +224,20 @@ def test_a_full_disk_fails_the_trial_with_the_reason_and_a_rerun_resumes(tmp_pat
     again = lintrans(runs, "run", sweep, "--backend", "local")
     assert again.returncode == 0, again.stdout + again.stderr
     assert status_of(trial)["state"] == "done" and status_of(trial)["resumed_from"] == kept["step"]
+
+
+def test_a_second_stop_signal_while_the_first_is_recorded_is_not_a_crash():
+    """`cancel` and the launcher both send SIGTERM: the second one, arriving while the trial records the
+    first as preempted, used to raise again inside the handler and end the trial failed (exit 1)."""
+    from launchers.trial import Preempted, signals_preempt
+
+    recorded = []
+    with signals_preempt():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises at the next bytecode
+        except Preempted as first:
+            os.kill(os.getpid(), signal.SIGTERM)  # the second, while the first is handled
+            time.sleep(0.2)
+            recorded.append(str(first))
+    assert recorded == ["signal SIGTERM"]

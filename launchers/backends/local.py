@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
 from launchers.trial import record_crash
 from lintrans.errors import UsageError
-from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, die_with_parent, same_process
+from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, die_with_parent, process_start, same_process
 
 GPU_ID = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-zA-Z/-]+)$")
 
@@ -127,8 +128,15 @@ class LocalBackend(Backend):
         return out
 
     def cancel(self, trials: list[Trial]) -> int:
-        """SIGTERM the running trials (they checkpoint and exit 75: resumable), each checked first to be
-        the very process its ``status.json`` names, on this machine; what it skips, it says."""
+        """Stop the launchers that run ``trials`` (SIGTERM: they start nothing more, and their running
+        trials checkpoint and exit 75, resumable), then SIGTERM any running trial directly (an orphan
+        whose launcher died). Each process is checked first to be the very one its record names, on this
+        machine; what it skips, it says. Returns how many trials were running."""
+        launchers = {tuple(ln["launcher"]) for t in trials if (ln := state.launch(t.run_dir)).get("launcher")}
+        for host, pid, start in sorted(launchers, key=str):
+            if same_process(host, pid, start):
+                os.kill(pid, signal.SIGTERM)
+                self.say(f"local: stopped the launcher (pid {pid}): it starts no more trials")
         stopped = 0
         for t in trials:
             st = state.status(t.run_dir)
@@ -192,7 +200,9 @@ class LocalBackend(Backend):
         with open(log, "a") as out:
             proc = subprocess.Popen(command(trial, tasks), stdout=out, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=die_with_parent)  # fmt: skip
-        state.write_launch(trial.run_dir, "local", str(proc.pid), str(log))
+        me = os.getpid()  # the launcher: `cancel` stops it, with its queue, not only the trials it started
+        state.write_launch(trial.run_dir, "local", str(proc.pid), str(log), launcher=[socket.gethostname(), me,
+                           process_start(me)])  # fmt: skip
         self.say(f"  started  {trial.id} {trial.label} (pid {proc.pid}, log {log})")
         return Running(trial, proc, gpus)
 
@@ -202,7 +212,7 @@ class LocalBackend(Backend):
             queue.append(trial)  # another process holds it (e.g. an exiting orphan): retry
             time.sleep(1)
             return
-        crash = record_crash(trial.run_dir, code)
+        crash = record_crash(trial.run_dir, code, asked_to_stop=stopping)
         if crash and not stopping:
             restarts[trial.id] = restarts.get(trial.id, 0) + 1
             if restarts[trial.id] <= sweep.local.max_restarts:
