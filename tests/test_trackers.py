@@ -15,7 +15,20 @@ import pytest
 import train
 from launchers import cli
 from lintrans import cmdline
-from tests.conftest import CANARIES, IN_CI, TINY, assert_no_canary, assert_one_line, lintrans, status_of, trial_dirs
+from tests.conftest import (
+    CANARIES,
+    IN_CI,
+    ROOT,
+    TINY,
+    assert_no_canary,
+    assert_one_line,
+    env,
+    lintrans,
+    run,
+    status_of,
+    train_args,
+    trial_dirs,
+)
 
 # Three trials of SGD: two learn (and are evaluated), one diverges at once (failed, with no evaluation).
 SWEEP = """name: trackers
@@ -147,6 +160,26 @@ def test_no_secret_reaches_the_tracker_stores(sweep):
     stores = [t / name for t in [*sweep["done"], sweep["failed"]] for name in ("mlruns", "wandb")]
     assert all(store.is_dir() for store in stores)
     assert_no_canary(*stores, sweep["runs"])
+
+
+def test_a_resumed_run_and_evaluate_py_log_into_the_run_its_training_opened(tmp_path):
+    """Training to step 5, resuming to 10, then ``evaluate.py``: one MLflow run with every step and the NLL."""
+    require_trackers()
+    from mlflow.tracking import MlflowClient
+
+    backends = "--config.logging.backends=('tensorboard','mlflow')"
+    for n_iters in (5, 10):
+        result = run(train_args(tmp_path, backends, f"--config.training.n_iters={n_iters}"))
+        assert result.returncode == 0, result.stderr[-3000:]
+    evaluate = [sys.executable, "evaluate.py", f"--workdir={tmp_path}", "--mode=elbo", "--num_test=4", "--num_train=20"]
+    result = subprocess.run(evaluate, cwd=ROOT, env=env(LINTRANS_RUNS_DIR=str(tmp_path / "runs")), capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    (run_,) = client.search_runs([client.get_experiment_by_name("lintrans").experiment_id])
+    assert sorted(m.step for m in client.get_metric_history(run_.info.run_id, "train/loss")) == [5, 10]
+    assert run_.data.metrics["nll_bpd"] == pytest.approx(record_metrics(tmp_path)["nll_bpd"])
 
 
 # ------------------------------------------------------------------------------------------ bad input
