@@ -253,7 +253,7 @@ def open_training(
     params: Mapping[str, Any],
     purge_step: int,
 ) -> Trackers:
-    """The trackers a training logs to: ``backends`` (the config's), in the runs ``trackers.json`` names.
+    """The trackers a training logs to: ``backends`` (the config's), in the runs that ``trackers.json`` names.
 
     A backend the run has no tracker run in yet (a new run, or one resumed with another backend
     or MLflow store) starts one, labelled ``label`` and given ``params`` (the resolved config,
