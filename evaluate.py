@@ -20,7 +20,8 @@ Compute nodes without internet: fetch clean-fid's Inception weights (and named s
 
 Each evaluation writes ``<workdir>/records/<mode>-<experiment>-<param>-ckpt<N>.json`` and adds a
 row to ``runs/<dataset_name>/evaluation_results/<experiment>/summary.{csv,md}`` (runs root:
-``$LINTRANS_RUNS_DIR``). Exit codes: 0 done, 2 bad input (one line on stderr).
+``$LINTRANS_RUNS_DIR``); the run's trackers (``config.logging.backends``) get every metric of its
+records as its final metrics. Exit codes: 0 done, 2 bad input (one line on stderr).
 """
 
 import sys
@@ -103,8 +104,11 @@ def main(argv: list[str]) -> int:
         record = evaluate(fv.workdir, spec, config=args.config)
     except SpecError as exc:
         raise UsageError(f"--{exc.field}: {exc}") from None
-    metrics = ", ".join(f"{k}={v:.6g}" for k, v in record["metrics"].items())
+    from lintrans import records, trackers
+
     run = record["run"]
+    trackers.summarise(fv.workdir, run["overrides"], records.metrics(fv.workdir), run["steps"])
+    metrics = ", ".join(f"{k}={v:.6g}" for k, v in record["metrics"].items())
     print(f"{metrics} (checkpoint {run['checkpoint']}, step {run['steps']}, {record['wall_s']:.1f} s)")
     return 0
 

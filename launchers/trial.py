@@ -36,12 +36,14 @@ from launchers import state
 from launchers.sweep import Sweep, Trial
 from launchers.trial_records import evaluations_missing, job_id
 from lintrans import config as cfg
-from lintrans import records
+from lintrans import records, trackers
 from lintrans.atomic import disk_full, write_json
 from lintrans.errors import NonFiniteLossError, UsageError
 from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, rank
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+# A finished trial's state as the number its trackers show beside its metrics (HParams metric ``state``).
+STATE_METRIC = {"done": 0.0, "stopped": 1.0, "failed": 2.0}
 
 
 class Preempted(Exception):
@@ -226,7 +228,8 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
                 report(step, metrics)
 
         phase = "training"
-        code = train(config, trial_dir, config_file=spec["config"], overrides=spec["overrides"], report=progress)
+        code = train(config, trial_dir, config_file=spec["config"], overrides=spec["overrides"], report=progress,
+                     label=trackers.Label(spec["sweep"], spec["id"]))  # fmt: skip
         if code == EXIT_PREEMPTED:
             finish(
                 "preempted", step=Run(trial_dir).step(), preemptions=preemptions + 1, reason="signal during training"
@@ -238,7 +241,7 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
         for ev in evaluations_missing(trial_dir, spec):
             finish("running", step=config.training.n_iters, evaluating=f"{ev.mode} ({ev.param_name})")
             evaluate(trial_dir, ev)
-        write_hparams(trial_dir, spec)
+        write_summary(trial_dir, spec, "done")
         finish("done", step=config.training.n_iters, evaluating=None, eta_s=None)
         print(f"trial {spec['id']} done: {trial_dir}", flush=True)
         return 0
@@ -247,6 +250,7 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
         return EXIT_PREEMPTED
     except Stopped as exc:
         finish("stopped", reason=str(exc), step=state.status(trial_dir).get("step"), resumable=False)
+        summary_after(trial_dir, spec, "stopped")
         return 0
     except Exception as exc:  # noqa: BLE001 - a failed trial is recorded, never fatal to the sweep
         if not isinstance(exc, UsageError):
@@ -254,6 +258,7 @@ def _run_locked(spec: dict, trial_dir: Path, backend: str, report: Callable | No
         reason, resumable = failure(exc)
         print(f"trial {spec['id']} failed: {reason}", file=sys.stderr, flush=True)
         finish("failed", reason=reason, resumable=resumable, evaluating=None)
+        summary_after(trial_dir, spec, "failed")
         return EXIT_FAILED
     finally:
         distributed.cleanup()
@@ -281,14 +286,21 @@ def record_crash(trial_dir: Path, returncode: int, asked_to_stop: bool = False) 
     return how
 
 
-def write_hparams(trial_dir: Path, spec: dict) -> None:
-    """TensorBoard HParams summary, so ``tensorboard --logdir runs/sweeps/<sweep>`` shows the sweep."""
-    from torch.utils.tensorboard import SummaryWriter
+def write_summary(trial_dir: Path, spec: dict, ended: str) -> None:
+    """The trial's overrides and final metrics (every evaluation metric, ``eval_loss``, ``state``) into its
+    trackers: TensorBoard HParams in the trial's own run, so ``tensorboard --logdir runs/sweeps/<sweep>``
+    shows the sweep as a table, failed and stopped trials beside the done ones."""
+    st = state.status(trial_dir)
+    metrics = {**records.metrics(trial_dir), "eval_loss": st.get("eval_loss"), "state": STATE_METRIC[ended]}
+    trackers.summarise(trial_dir, spec["overrides"], metrics, st.get("step") or 0)
 
-    hparams = {k: v for k, v in spec["overrides"].items() if isinstance(v, (int, float, str, bool))}
-    metrics = {k: v for k, v in records.metrics(trial_dir).items() if isinstance(v, (int, float))}
-    with SummaryWriter(str(trial_dir / "tensorboard")) as writer:
-        writer.add_hparams(hparams, metrics or {"done": 1.0}, run_name="hparams")
+
+def summary_after(trial_dir: Path, spec: dict, ended: str) -> None:
+    """:func:`write_summary` once the state is recorded: a tracker that fails now is a warning, not a new state."""
+    try:
+        write_summary(trial_dir, spec, ended)
+    except Exception as exc:  # noqa: BLE001 - the trial has ended; its state and records stand
+        print(f"warning: trial {spec['id']}: no tracker summary: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 
 import ml_collections
 
+from lintrans import trackers
 from lintrans.errors import UsageError, choices
 
 PRECISIONS = ("auto", "no", "bf16")
@@ -163,13 +164,42 @@ def validate(config: ml_collections.ConfigDict, forward: bool = True) -> None:
         _need(_is_int(d[key]) and d[key] >= 1, f"data.{key}", "an integer >= 1", d[key])
     theta = m.get("condition_on_theta", False)
     _need(isinstance(theta, bool), "model.condition_on_theta", "true or false", theta)
+    _check_logging(config)
     if forward:
         from lintrans.forward import check_forward
 
         check_forward(**forward_args(config))
 
 
+def _check_logging(config: ml_collections.ConfigDict) -> None:
+    """``logging.backends``: known trackers whose library is installed (checked before any training)."""
+    section = config.get("logging", None) or {}
+    backends, uri = section.get("backends", trackers.DEFAULT_BACKENDS), section.get("mlflow_uri", None)
+    _need(isinstance(backends, (tuple, list)), "logging.backends", "a list of tracker names", backends)
+    for name in backends:
+        if name not in trackers.BACKENDS:
+            valid = choices(trackers.BACKENDS)
+            raise UsageError(f"unknown tracker '{name}' in config.logging.backends; valid: {valid}")
+    missing = trackers.not_installed(backends)
+    if missing:
+        raise UsageError(f"config.logging.backends names {missing}, which is not installed: "
+                         f"pip install 'lintrans[{missing}]'")  # fmt: skip
+    _need(uri is None or (isinstance(uri, str) and uri != ""), "logging.mlflow_uri", "a URI or None", uri)
+
+
 # --------------------------------------------------------------------------- plain values
+
+
+def logging_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``backends`` (a tuple of tracker names) and ``mlflow_uri`` (None: a store in the run directory).
+
+    A run from before trackers existed has no ``logging`` section: it logs to TensorBoard, as it did.
+    """
+    section = config.get("logging", None) or {}
+    return {
+        "backends": tuple(section.get("backends", trackers.DEFAULT_BACKENDS)),
+        "mlflow_uri": section.get("mlflow_uri", None),
+    }
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from lintrans.atomic import write_atomic
@@ -40,8 +39,3 @@ def save_gif(path: str | Path, frames: list[Tensor], nrow: int | None = None, ms
     buf = io.BytesIO()
     pics[0].save(buf, format="GIF", save_all=True, append_images=pics[1:], duration=durations, loop=0)
     return write_atomic(path, lambda f: f.write(buf.getvalue()))
-
-
-def to_tensorboard(images: Tensor, nrow: int | None = None) -> Tensor:
-    """A ``(C, H, W)`` float grid for ``SummaryWriter.add_image``."""
-    return torch.from_numpy(grid(images, nrow)).permute(2, 0, 1).float() / 255.0

@@ -1,4 +1,4 @@
-"""Rank 0's voice: progress bar, log lines, TensorBoard, reports, files; other ranks get a silent stand-in.
+"""Rank 0's voice: progress bar, log lines, trackers, reports, files; other ranks get a silent stand-in.
 
 As in DiT, the loop calls the same methods on every rank and only rank 0 writes anything, so the
 loop itself needs no ``if rank == 0`` guards: files only one process may write (checkpoints, sample
@@ -11,35 +11,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from torch import Tensor
+import numpy as np
+
+from lintrans import trackers
 
 T = TypeVar("T")
 Report = Callable[[int, dict], None]
 
 
 class Monitor:
-    """Progress bar over ``total`` steps from ``start``, TensorBoard under ``<workdir>/tensorboard``.
+    """Progress bar over ``total`` steps from ``start``; scalars and images to the run's trackers.
 
     ``report(step, metrics)``, if given, is the launcher's callback (a sweep's trial records them).
     """
 
-    def __init__(self, workdir: Path, start: int, total: int, report: Report | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, tracked: trackers.Trackers, start: int, total: int, report: Report | None = None) -> None:
         from tqdm import tqdm
 
         self._report = report
-        self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start)
+        self.trackers = tracked
         self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
 
     def info(self, message: str) -> None:
         self.bar.write(message)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        self.trackers.scalars(values, step)
 
-    def image(self, tag: str, image: Tensor, step: int) -> None:
-        self.writer.add_image(tag, image, step)
+    def image(self, tag: str, grid: np.ndarray, step: int) -> None:
+        """``grid``: ``(H, W, C)`` uint8, as :func:`lintrans.images.grid` makes it."""
+        self.trackers.image(tag, grid, step)
 
     def report(self, step: int, metrics: dict) -> None:
         if self._report is not None:
@@ -56,7 +57,7 @@ class Monitor:
 
     def close(self) -> None:
         self.bar.close()
-        self.writer.close()
+        self.trackers.close()
 
 
 class SilentMonitor:
@@ -66,5 +67,11 @@ class SilentMonitor:
         return lambda *args, **kwargs: None
 
 
-def create(rank: int, workdir: Path, start: int, total: int, report: Report | None = None) -> Monitor | SilentMonitor:
-    return Monitor(workdir, start, total, report) if rank == 0 else SilentMonitor()
+def create(
+    rank: int, workdir: Path, start: int, total: int, tracking: dict[str, Any], report: Report | None = None
+) -> Monitor | SilentMonitor:
+    """Rank 0's :class:`Monitor`, its trackers opened by :func:`lintrans.trackers.open_training` with
+    ``tracking`` (the purge step is ``start``); a :class:`SilentMonitor` elsewhere."""
+    if rank != 0:
+        return SilentMonitor()
+    return Monitor(trackers.open_training(workdir, purge_step=start, **tracking), start, total, report)

@@ -7,6 +7,7 @@ held-out evaluation, samples, checkpoints and preemption.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lintrans import config as cfg
-from lintrans import datasets, distributed, images, monitor, provenance, sampling
+from lintrans import datasets, distributed, images, monitor, provenance, sampling, trackers
 from lintrans.atomic import write_json
 from lintrans.device import use_bf16
 from lintrans.ema import EMA
@@ -97,7 +98,7 @@ def write_samples(
     ema_model, process: ForwardProcess, train_set, folder: Path, *, n: int, delta: float, seed: int,
     device: torch.device, log: monitor.Monitor, step: int, gaussian: GaussianFit | None,
 ) -> None:  # fmt: skip
-    """Sample grid, prior grid and reverse-process GIF from the EMA model; the grid goes to TensorBoard too.
+    """Sample grid, prior grid and reverse-process GIF from the EMA model; the grid goes to the trackers too.
 
     The prior is ``gaussian`` where given, else IHDM's over ``train_set``.
     """
@@ -110,7 +111,7 @@ def write_samples(
     images.save_grid(folder / "samples.png", final.cpu())
     images.save_grid(folder / "prior.png", u_K.cpu())
     images.save_gif(folder / "process.gif", frames)
-    log.image("samples", images.to_tensorboard(final.cpu()), step)
+    log.image("samples", images.grid(final.cpu()), step)
 
 
 @dataclass(frozen=True)
@@ -222,10 +223,12 @@ class Throughput:
         return ips
 
 
-def loop_settings(config: ml_collections.ConfigDict, device: torch.device) -> dict:
-    """The plain values :func:`training_loop` takes from a validated config."""
+def loop_settings(config: ml_collections.ConfigDict, device: torch.device, label: trackers.Label) -> dict:
+    """The plain values :func:`training_loop` takes from a validated config (and the trackers' ``label``)."""
     t, m, d = config.training, config.model, config.data
+    resolved = json.loads(cfg.to_json(config))
     return {
+        "tracking": {**cfg.logging_args(config), "label": label, "params": cfg.flatten(resolved)},
         "model_args": cfg.model_args(config), "optim_args": cfg.optim_args(config), "config_json": cfg.to_json(config),
         "seed": config.seed, "ema_rate": m.ema_rate, "sigma": m.sigma, "batch_size": t.batch_size,
         "warmup": config.optim.warmup, "grad_clip": config.optim.grad_clip, "bf16": use_bf16(t.mixed_precision, device),
@@ -244,12 +247,14 @@ def train(
     config_file: str | Path,
     overrides: dict,
     report: Report | None = None,
+    label: trackers.Label | None = None,
 ) -> int:
     """Train (or resume) in ``workdir``; returns an exit code (see :mod:`lintrans.procenv`).
 
     This is the edge: the config is validated here, once, and the loop gets plain values.
     ``report(step, metrics)`` is called on rank 0 at every log step, evaluation and checkpoint;
-    ``metrics`` always holds the latest ``eval_loss`` and the ``n_iters`` to reach.
+    ``metrics`` always holds the latest ``eval_loss`` and the ``n_iters`` to reach. ``label`` names
+    the run in MLflow and W&B (a sweep's trial passes its sweep and id).
     """
     cfg.validate(config)
     run = Run(Path(workdir))
@@ -261,7 +266,7 @@ def train(
     info, device = distributed.init(config.device)
     if process.fitted_to_data:
         fit_forward(run, process, train_set, info.rank)
-    settings = loop_settings(config, device)
+    settings = loop_settings(config, device, label or trackers.Label())
     gaussian = None  # rank 0 draws the sample grids, so only it needs the prior
     if info.rank == 0:
         run.remove_temp_files()
@@ -315,6 +320,7 @@ def training_loop(
     n_iters: int, log_freq: int, eval_freq: int, sampling_freq: int, snapshot_freq: int,  # the schedule
     snapshot_freq_for_preemption: int,
     eval_batch_size: int, eval_num_batches: int, num_samples: int, delta: float,  # held-out loss, samples
+    tracking: dict,  # the trackers: lintrans.trackers.open_training's keywords
     rank: int, world: int, device: torch.device, report: Report | None = None,  # this process
     gaussian: GaussianFit | None = None,  # the samples' prior (None: IHDM's over the training set)
 ) -> int:  # fmt: skip
@@ -336,7 +342,7 @@ def training_loop(
     # Resume from checkpoints-meta: weights, EMA, optimizer, step, every rank's RNG state.
     start = sampler.step = resume(run, net, rank=rank, world=world, device=device)
     batches = datasets.batches(train_set, sampler, num_workers)
-    log = monitor.create(rank, run.workdir, start, n_iters, report)
+    log = monitor.create(rank, run.workdir, start, n_iters, tracking, report)
     if start:
         log.info(f"resuming from {run.meta} at step {start}")
 

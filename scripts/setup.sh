@@ -25,7 +25,7 @@ if [ ! -x .venv/bin/python ]; then
   fi
   "$python" -m venv .venv
 fi
-if ! .venv/bin/python -c "import lintrans, torch, ml_collections, submitit, ray, cleanfid, pydantic" 2>/dev/null \
+if ! .venv/bin/python -c "import lintrans, torch, ml_collections, submitit, ray, cleanfid, pydantic, mlflow, wandb" 2>/dev/null \
    || [ ! -x .venv/bin/lintrans ] || [ requirements.txt -nt .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt

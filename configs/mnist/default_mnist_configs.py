@@ -74,6 +74,10 @@ def get_default_configs():
     # skip(x) + h. lintrans builds that function; True divides each ResBlock's output by sqrt(2).
     model.rescale_resblocks = False
 
+    config.logging = logging = ml_collections.ConfigDict()
+    logging.backends = ("tensorboard",)  # experiment trackers, any of: tensorboard, mlflow, wandb
+    logging.mlflow_uri = placeholder(str)  # None: a file store in the run directory (<workdir>/mlruns)
+
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = "Adam"
     optim.weight_decay = 0.0
