@@ -69,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
     tab.add_argument("--columns", default=None, metavar="A,B,C", help="these columns, in this order")
     tab.add_argument("--out", default=None, metavar="FILE", help="also write the table to FILE (.csv, .json or .md)")
     tab.add_argument("--grouped", action="store_true", help="mean ± std over seeds")
-    tab.add_argument("--all", action="store_true", help="also trials of older versions of the sweep file")
+    tab.add_argument("--include-stale", "--all", action="store_true",
+                     help="also run folders of older versions of the sweep's trials (stale)")  # fmt: skip
     tab.add_argument("--sort", default=None, metavar="METRIC", help="order by a metric (best first)")
     tab.add_argument("--best", type=int, default=None, metavar="N", help="only the N best by --sort (or the objective)")
     tab.add_argument("--plot", action="append", default=[], metavar="KIND",
@@ -100,10 +101,11 @@ def cmd_status(args) -> int:
     sweep = load(args.sweep, args.runs_dir, args.max_trials, check_forwards=False)
     trials = listed_trials(sweep)
     seen = status.views(trials, status.observe(trials))
+    stale = status.stale(sweep, trials)
     if args.format == "json":
-        print(status.as_json(trials, seen))
+        print(status.as_json(trials, seen, stale))
     else:
-        status.print_trials(sweep, trials, seen)
+        status.print_trials(sweep, trials, seen, stale_folders=stale)
         if note := provenance.mixed([state.read(t.run_dir / provenance.FILE) for t in trials]):
             print(note)
         print(f"disk: {clean.human(clean.disk_use(sweep.dir)) if sweep.dir.is_dir() else 'nothing'} under {sweep.dir}")
@@ -135,7 +137,7 @@ def cmd_table(args) -> int:
     for path in args.sweeps:
         sweep = load(path, args.runs_dir, args.max_trials, check_forwards=False)
         trials = listed_trials(sweep)
-        rows += table.rows(sweep, trials, status.observe(trials), stale=args.all)
+        rows += table.rows(sweep, trials, status.observe(trials), include_stale=args.include_stale)
         sweeps.append((sweep, trials))
     objective = sweeps[0][0].search.objective
     if args.sort or args.best:

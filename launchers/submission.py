@@ -32,7 +32,7 @@ def submission_lock(sweep: Sweep) -> state.Lock:
 def dry_run(sweep: Sweep, trials: list[Trial], backend: Backend) -> int:
     seen = status.views(trials)
     planned = status.plan(trials, seen)
-    status.print_trials(sweep, trials, seen, planned)
+    status.print_trials(sweep, trials, seen, planned, status.stale(sweep, trials))
     todo = [t for t in trials if planned[t.id] in status.SUBMITTED]
     print(backend.dry_run(sweep, todo))
     print(f"dry run: {len(todo)} of {status.plural(len(trials), 'trial')} would be submitted to {backend.name}")

@@ -33,7 +33,7 @@ from lintrans import config as cfg
 from lintrans.atomic import write_atomic, write_json, write_text
 from lintrans.errors import UsageError
 
-CONFIG = "config.json"
+CONFIG = cfg.RUN_CONFIG
 SOURCE = "source.json"
 
 
