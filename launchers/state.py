@@ -81,6 +81,16 @@ def trial_folders(sweep_dir: Path, skip: frozenset[str] = frozenset()) -> list[t
     return out
 
 
+def set_aside(trial_dir: Path) -> Path:
+    """Rename a trial's folder to ``<id>.old-N``, N the first free number: ``rerun --from-scratch``
+    keeps what it discards, and nothing reads it as the trial's again (:func:`trial_folders`)."""
+    n = 1
+    while (kept := trial_dir.with_name(f"{trial_dir.name}{ARCHIVED}{n}")).exists():
+        n += 1
+    trial_dir.rename(kept)
+    return kept
+
+
 def status(trial_dir: Path) -> dict[str, Any]:
     return read(trial_dir / STATUS)
 
