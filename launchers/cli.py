@@ -29,6 +29,7 @@ from launchers import backends, clean, project, state, status, submission, table
 from launchers.search import listed_trials, run_optuna
 from launchers.sweep import MAX_TRIALS, Sweep, load
 from lintrans import provenance
+from lintrans import sweeps as ls
 from lintrans.atomic import disk_full
 from lintrans.errors import UsageError, choices, printable
 from lintrans.procenv import EXIT_FAILED, EXIT_USAGE
@@ -164,11 +165,11 @@ def cmd_table(args) -> int:
         if kind not in table.PLOTS and not kind.endswith(".png"):
             raise UsageError(f"unknown --plot '{kind}'; valid: {choices(table.PLOTS)}, or a .png path")
     rows, sweeps = [], []
-    for path in args.sweeps:
-        sweep = load(path, args.runs_dir, args.max_trials, check_forwards=False)
-        trials = listed_trials(sweep)
-        rows += table.rows(sweep, trials, status.observe(trials), include_stale=args.include_stale)
-        sweeps.append((sweep, trials))
+    for path in args.sweeps:  # the rows of the Python API (lintrans.sweeps), so both show the same
+        sweep = ls.load(path, args.runs_dir, args.max_trials)
+        trials = sweep.listed()
+        rows += sweep.rows(args.include_stale, trials)
+        sweeps.append((sweep.spec, trials))
     objective = sweeps[0][0].search.objective
     if args.sort or args.best:
         metric = args.sort or objective.metric
