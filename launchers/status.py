@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,7 @@ def others(sweep: Sweep, trials: list[Trial]) -> list[Other]:
         if of is not None and ran:
             differs = _changes(ran, of.resolved)
             if "resolved_config" in spec and spec.get("forward_source") != of.forward_source:
-                differs[FORWARD_SOURCE] = ("edited", "")
+                differs[FORWARD_SOURCE] = (spec.get("forward_source"), of.forward_source)  # the two digests
         out.append(Other(folder, spec, of, differs))
     return out
 
@@ -206,6 +207,8 @@ def describe(other: Other) -> str:
     """What ``status`` says of a stale folder: whose older version it is, and what changed since."""
     if other.differs is None:
         return f"older version of {other.of.id} (it recorded no config)"
+    if not other.differs:  # named by the earlier id scheme beside its trial's current folder, say
+        return f"older version of {other.of.id}; no recorded key differs"
     shown = [k if k == FORWARD_SOURCE else f"{k} {short(a)}→{short(b)}" for k, (a, b) in other.differs.items()]
     more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
     return f"older version of {other.of.id}; differs: {', '.join(shown[:3])}{more}"
@@ -236,7 +239,7 @@ def print_trials(
     trials: list[Trial],
     seen: dict[str, TrialView],
     planned: dict[str, str] | None = None,
-    stale_folders: list[Other] = (),
+    stale_folders: Sequence[Other] = (),
 ) -> None:
     """The table of ``status``: one line per trial, one per stale folder, then the count in each state."""
     width = max((len(t.label) for t in trials), default=10)
@@ -258,7 +261,7 @@ def print_trials(
     print(f"sweep {sweep.name}: {plural(len(trials), 'trial')} ({total}){old}")
 
 
-def as_json(trials: list[Trial], seen: dict[str, TrialView], stale_folders: list[Other] = ()) -> str:
+def as_json(trials: list[Trial], seen: dict[str, TrialView], stale_folders: Sequence[Other] = ()) -> str:
     """``status --format json``: every trial's view with its values in full (the table shortens them),
     then each stale folder with the trial it is an older version of and every differing key."""
     rows = [{"trial": t.id, "values": t.overrides, **dataclasses.asdict(seen[t.id])} for t in trials]
