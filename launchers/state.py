@@ -29,6 +29,7 @@ from lintrans.errors import UsageError
 from lintrans.procenv import process_start
 
 SPEC, STATUS, LAUNCH, LOCK = "trial.json", "status.json", "launch.json", ".lock"
+ARCHIVED = ".old-"  # ``<id>.old-N``: a trial's folder that ``rerun --from-scratch`` set aside
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,28 @@ def _unreadable(path: Path, why: str) -> Unreadable:
 
 def spec(trial_dir: Path) -> dict[str, Any]:
     return read(trial_dir / SPEC)
+
+
+def trial_folders(sweep_dir: Path, skip: frozenset[str] = frozenset()) -> list[tuple[Path, dict[str, Any]]]:
+    """Every trial folder under a sweep folder with its spec, by name, except the folders named in
+    ``skip`` and those set aside by ``rerun --from-scratch``; a damaged spec is a warning (:func:`read`
+    says it once), not a row."""
+    out = []
+    for spec_path in sorted(sweep_dir.glob(f"*/{SPEC}")):
+        name = spec_path.parent.name
+        if name not in skip and ARCHIVED not in name and (found := read(spec_path)):
+            out.append((spec_path.parent, found))
+    return out
+
+
+def set_aside(trial_dir: Path) -> Path:
+    """Rename a trial's folder to ``<id>.old-N``, N the first free number: ``rerun --from-scratch``
+    keeps what it discards, and nothing reads it as the trial's again (:func:`trial_folders`)."""
+    n = 1
+    while (kept := trial_dir.with_name(f"{trial_dir.name}{ARCHIVED}{n}")).exists():
+        n += 1
+    trial_dir.rename(kept)
+    return kept
 
 
 def status(trial_dir: Path) -> dict[str, Any]:

@@ -4,7 +4,10 @@ A command builds the views once (:func:`views`): each trial's files (:mod:`launc
 lock, and what the scheduler that launched it says (:func:`observe`, one backend at a time), merged
 into a :class:`TrialView` whose state is one of ``pending, written, queued, running, preempted,
 stopped, failed, done`` (*written*: an sbatch script nobody submitted yet); a trial whose process
-or job ended without saying so is *failed*, with the scheduler's account as its reason. From the
+or job ended without saying so is *failed*, with the scheduler's account as its reason. A run
+folder that no trial of the current file owns but that has a trial's axis values and seed ran an
+older version of it (an edited config or forward process): it is *stale* (:func:`stale`), shown
+with the keys that differ; its trial, under its new id, is a trial like any other. From the
 views, :func:`plan` says what ``run`` does with each trial, :func:`print_trials` prints the table
 of ``status`` (and of ``run --dry-run``), and :func:`report_failures` the failed ones. ``run``,
 ``status``, ``cancel``, ``table`` and the Optuna driver (:mod:`launchers.search`) all go through
@@ -18,13 +21,16 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from launchers import backends, state
 from launchers.state import Observation
-from launchers.sweep import Sweep, Trial
+from launchers.sweep import Sweep, Trial, short
 from launchers.trial_records import records_complete
+from lintrans import config as cfg
 from lintrans.errors import UsageError
 
 STATES = ("pending", "written", "queued", "running", "preempted", "stopped", "failed", "done")
@@ -161,6 +167,70 @@ def views(trials: list[Trial], observations: dict[str, Observation] | None = Non
     return {t.id: view(t.run_dir, observations.get(t.id)) for t in trials}
 
 
+@dataclass(frozen=True)
+class Other:
+    """A run folder of the sweep that no trial of the current file owns: an older version of the sweep's trials."""
+
+    folder: Path
+    spec: dict[str, Any]
+    of: Trial | None  # the current trial with the same axis values and seed: this folder is a stale version of it
+    differs: dict[str, tuple[Any, Any]] | None  # key -> (its value, the current trial's); None: it recorded none
+
+
+FORWARD_SOURCE = "forward process source"  # what ``differs`` names when a user's forward process was edited
+
+
+def others(sweep: Sweep, trials: list[Trial]) -> list[Other]:
+    """The sweep's run folders that no trial owns, each with the trial it is an older version of (the
+    one with its axis values and seed) and what differs between what it ran and what that trial runs."""
+    keys = (*sweep.axes, "seed")
+
+    def values(overrides: dict[str, Any]) -> str:
+        return json.dumps([overrides.get(k) for k in keys], default=str)
+
+    current = {values(t.overrides): t for t in trials}
+    out = []
+    for folder, spec in state.trial_folders(sweep.dir, frozenset(t.run_dir.name for t in trials)):
+        of = current.get(values(spec.get("overrides", {})))
+        # What it ran: its spec's record, else (a folder of the earlier id scheme) its trainer's config.json.
+        ran = spec.get("resolved_config") or state.read(folder / cfg.RUN_CONFIG)
+        differs = None
+        if of is not None and ran:
+            differs = _changes(ran, of.resolved)
+            if "resolved_config" in spec and spec.get("forward_source") != of.forward_source:
+                differs[FORWARD_SOURCE] = (spec.get("forward_source"), of.forward_source)  # the two digests
+        out.append(Other(folder, spec, of, differs))
+    return out
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two nested configs, with both values (absent: None)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out[f"{prefix}{key}"] = (a, b)
+    return out
+
+
+def stale(sweep: Sweep, trials: list[Trial]) -> list[Other]:
+    """The folders ``status`` shows as ``stale``: older versions of a trial of the current file."""
+    return [o for o in others(sweep, trials) if o.of is not None]
+
+
+def describe(other: Other) -> str:
+    """What ``status`` says of a stale folder: whose older version it is, and what changed since."""
+    if other.differs is None:
+        return f"older version of {other.of.id} (it recorded no config)"
+    if not other.differs:  # named by the earlier id scheme beside its trial's current folder, say
+        return f"older version of {other.of.id}; no recorded key differs"
+    shown = [k if k == FORWARD_SOURCE else f"{k} {short(a)}→{short(b)}" for k, (a, b) in other.differs.items()]
+    more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+    return f"older version of {other.of.id}; differs: {', '.join(shown[:3])}{more}"
+
+
 def plan(
     trials: list[Trial], seen: dict[str, TrialView], retry_failed: bool = False, resume_stopped: bool = False
 ) -> dict[str, str]:
@@ -182,9 +252,13 @@ def plan(
 
 
 def print_trials(
-    sweep: Sweep, trials: list[Trial], seen: dict[str, TrialView], planned: dict[str, str] | None = None
+    sweep: Sweep,
+    trials: list[Trial],
+    seen: dict[str, TrialView],
+    planned: dict[str, str] | None = None,
+    stale_folders: Sequence[Other] = (),
 ) -> None:
-    """The table of ``status``: one line per trial, then the count in each state."""
+    """The table of ``status``: one line per trial, one per stale folder, then the count in each state."""
     width = max((len(t.label) for t in trials), default=10)
     print(f"{'trial':<10}  {'values':<{width}}  {'state':<9} {'step':>13} {'eta':>6} {'try':>3}  job / log / reason")
     counts: dict[str, int] = {}
@@ -197,13 +271,19 @@ def print_trials(
         step = "" if st.step is None else f"{st.step}/{st.n_iters}" if st.n_iters else st.step
         eta = duration(st.eta_s) if st.eta_s else ""
         print(f"{t.id:<10}  {t.label:<{width}}  {st.state:<9} {step!s:>13} {eta:>6} {st.attempt:>3}  {note}")
+    for o in stale_folders:
+        print(f"{o.folder.name:<10}  {o.of.label:<{width}}  {'stale':<9} {'':>13} {'':>6} {'':>3}  {describe(o)}")
     total = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    print(f"sweep {sweep.name}: {plural(len(trials), 'trial')} ({total})")
+    old = f"; {plural(len(stale_folders), 'stale folder')} (table --include-stale)" if stale_folders else ""
+    print(f"sweep {sweep.name}: {plural(len(trials), 'trial')} ({total}){old}")
 
 
-def as_json(trials: list[Trial], seen: dict[str, TrialView]) -> str:
-    """``status --format json``: every trial's view with its values in full (the table shortens them)."""
+def as_json(trials: list[Trial], seen: dict[str, TrialView], stale_folders: Sequence[Other] = ()) -> str:
+    """``status --format json``: every trial's view with its values in full (the table shortens them),
+    then each stale folder with the trial it is an older version of and every differing key."""
     rows = [{"trial": t.id, "values": t.overrides, **dataclasses.asdict(seen[t.id])} for t in trials]
+    rows += [{"trial": o.folder.name, "values": o.spec.get("overrides", {}), "state": "stale", "stale_of": o.of.id,
+              "differs": o.differs} for o in stale_folders]  # fmt: skip
     return json.dumps(rows, indent=1, default=str)
 
 

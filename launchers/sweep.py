@@ -30,21 +30,27 @@ root, :data:`PACKAGE_ROOT`, where the repository's sweeps name ``configs/...`` f
 ways to name it). The config is imported with the sweep file's folder, the ``python_path:``
 folders and lintrans's root in front of ``sys.path``; every trial imports it the same way.
 
-A trial's id is a short stable hash of the ``config:`` value as written and the resolved overrides
-(seed included), so the same trial keeps its run directory ``runs/sweeps/<sweep>/<id>/`` across
-re-runs, edits that add axis values, backends and working directories.
+A trial's id is a short stable hash of what it runs (:func:`trial_id`): its fully resolved config
+(base config, overrides, axis values, seed and device, as ``config.json`` records it) and the source
+of the forward process it uses where that was registered from outside lintrans. The same trial
+keeps its run directory ``runs/sweeps/<sweep>/<id>/`` across re-runs, edits that add axis values,
+backends, working directories and renamed config files; editing a value it runs with gives a new
+trial. Run folders named by the earlier scheme (:func:`legacy_trial_id`) stay the trial's folder
+while they hold what it runs (:meth:`Sweep.trial`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import json
 import math
 import os
 import random
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,17 +90,19 @@ class Trial:
     overrides: dict[str, Any]
     run_dir: Path
     axes: tuple[str, ...] = ()
+    resolved: dict[str, Any] = field(default_factory=dict)  # the config it runs, as its config.json records it
+    forward_source: str | None = None  # digest of its forward process's module, where the user registered it
 
     @property
     def label(self) -> str:
         """The values that tell this trial apart, e.g. ``forward=heat K=20 seed=0``."""
-        return " ".join(f"{k.split('.')[-1]}={_short(self.overrides[k])}" for k in (*self.axes, "seed"))
+        return " ".join(f"{k.split('.')[-1]}={short(self.overrides[k])}" for k in (*self.axes, "seed"))
 
 
 SHOWN_CHARS = 40  # an axis value longer than this is cut, with an ellipsis, in a trial's label
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
     """A value as one short line of a table: control characters escaped, long ones cut with an ellipsis."""
     text = printable(f"{value:.4g}" if isinstance(value, float) else str(value))
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
@@ -105,7 +113,7 @@ class Sweep:
     path: Path
     name: str
     config: Path  # the config file found
-    config_as_written: str  # what trial ids hash: the same whichever folder lintrans runs from
+    config_as_written: str  # what legacy trial ids hashed (legacy_trial_id)
     python_path: tuple[Path, ...]  # absolute folders in front of sys.path when the config is imported
     base: ml_collections.ConfigDict
     axes: dict[str, list | Distribution]
@@ -119,6 +127,7 @@ class Sweep:
     ray: RaySection
     local: LocalSection
     search: Search
+    forward_sources: dict[str, str] = field(default_factory=dict)  # user-registered process -> digest of its module
 
     @property
     def dir(self) -> Path:
@@ -131,10 +140,24 @@ class Sweep:
             return math.prod(len(v) for v in self.axes.values()) * len(self.seeds)
         return self.search.n_trials * len(self.seeds)
 
+    def run_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """What a trial's config is loaded with: its overrides and the device its resources ask for
+        (a trial that asked for GPUs must get CUDA, and one that asked for none must not take one)."""
+        return {"device": "cuda" if self.resources.gpus else "cpu", **overrides}
+
     def trial(self, values: dict[str, Any], seed: int, index: int) -> Trial:
+        """The trial of these axis values and seed. Its folder is named by :func:`trial_id`, unless only
+        a folder of its :func:`legacy_trial_id` exists and ran the same config: that one stays its folder,
+        so that run folders made before ids hashed the resolved config are neither orphaned nor renamed
+        (their evaluation records and any job still queued name that folder)."""
         overrides = {**self.overrides, **values, "seed": seed}
-        tid = trial_id(self.config_as_written, overrides)
-        return Trial(tid, index, overrides, self.dir / tid, tuple(self.axes))
+        resolved = cfg.resolved(cfg.apply_overrides(self.base, self.run_overrides(overrides)))
+        source = self.forward_sources.get(resolved["model"]["forward"])
+        tid = trial_id(resolved, source)
+        legacy = self.dir / legacy_trial_id(self.config_as_written, overrides)
+        if not (self.dir / tid).exists() and _runs(legacy, resolved):
+            tid = legacy.name
+        return Trial(tid, index, overrides, self.dir / tid, tuple(self.axes), resolved, source)
 
     def trials(self) -> list[Trial]:
         """Grid: the Cartesian product of the axes (file order) times the seeds. Random: ``n_trials``
@@ -156,11 +179,53 @@ def _draw(axis: list | Distribution, rng: random.Random) -> Any:
     return axis.sample(rng) if isinstance(axis, Distribution) else axis[rng.randrange(len(axis))]
 
 
-def trial_id(config: str, overrides: dict[str, Any]) -> str:
-    """``config``: the sweep file's ``config:`` value as written (normalised by :class:`Path`), never the
-    file it was found at, so that a sweep's ids do not depend on the folder lintrans runs from."""
+def trial_id(resolved: dict[str, Any], forward_source: str | None = None) -> str:
+    """What a trial runs, hashed: its resolved config (:func:`lintrans.config.resolved`) and, for a
+    forward process registered from outside lintrans, the digest of its module's source. Never a
+    path, so renaming or moving a config file keeps every id, and editing a value gives new ones."""
+    what = {"config": resolved, **({"forward_source": forward_source} if forward_source else {})}
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def legacy_trial_id(config: str, overrides: dict[str, Any]) -> str:
+    """The id run folders were named by before :func:`trial_id`: the ``config:`` value as written and
+    the overrides. Only looked up, never given to a new folder (see :meth:`Sweep.trial`)."""
     blob = json.dumps({"config": config, "overrides": overrides}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def _runs(folder: Path, resolved: dict[str, Any]) -> bool:
+    """``folder`` is a trial's run folder that ran ``resolved``, or has not trained yet (its next start
+    runs the current config). Reads only ``config.json``, which its trainer wrote."""
+    if not folder.is_dir():
+        return False
+    try:
+        return json.loads((folder / cfg.RUN_CONFIG).read_text()) == resolved
+    except FileNotFoundError:
+        return True
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # damaged: it cannot show that it ran this config, so it is not taken for this trial
+
+
+def user_forward_sources() -> dict[str, str]:
+    """Each forward process registered from outside lintrans, by name: a digest of its module's source.
+
+    Registering one imports :mod:`lintrans.forward`; where nothing imported it, nothing was registered
+    (and torch stays unimported, as ``status`` and ``table`` want)."""
+    forward = sys.modules.get("lintrans.forward")
+    if forward is None:
+        return {}
+    return {name: hashlib.sha1(_module_text(c).encode()).hexdigest() for name, c in forward.FORWARD_PROCESSES.items()
+            if c.__module__.split(".")[0] != "lintrans"}  # fmt: skip
+
+
+def _module_text(cls: type) -> str:
+    """The source of the module defining ``cls``, read from its file now (not a cached copy)."""
+    path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    try:
+        return Path(path).read_text() if path else inspect.getsource(cls)
+    except (OSError, TypeError):  # defined where no source is kept (typed into an interpreter): its name stands in
+        return f"{cls.__module__}.{cls.__qualname__}"
 
 
 # --------------------------------------------------------------------------- YAML with line numbers
@@ -303,7 +368,7 @@ def load(
         python_path=python_path, base=base, axes=dict(spec.axes), seeds=list(seeds), overrides=dict(spec.overrides),
         evaluations=evaluations, resources=spec.resources, backend=spec.backend,
         runs_dir=runs_root(runs_dir, spec.runs_dir, path.parent), slurm=spec.slurm, ray=spec.ray, local=spec.local,
-        search=spec.search,
+        search=spec.search, forward_sources=user_forward_sources(),
     )  # fmt: skip
     if sweep.size > max_trials:
         raise lines.error(("axes",), f"{sweep.size:,} trials is more than --max-trials={max_trials:,}; "

@@ -28,6 +28,7 @@ from lintrans.table_format import render
 
 FIXED = ["sweep", "trial", "status", "reason", "steps"]
 TAIL = ["wall_s", "backend", "job_id"]
+STALE = ["stale", "stale_of", "differs"]  # rows of older versions of a trial (table --include-stale)
 # What produced each trial's numbers (lintrans.provenance, from the trainer): in the full table and
 # --columns, not in the brief one.
 PROVENANCE = list(provenance.FIELDS)
@@ -62,38 +63,32 @@ def row(trial_dir: Path, spec: dict[str, Any], observation: state.Observation | 
     return out
 
 
-def rows(sweep: Sweep, trials: list[Trial], observations: dict | None = None, stale: bool = False) -> list[dict]:
-    """Rows of ``trials`` (their spec is known even if ``trial.json`` is damaged), plus, with ``stale``,
-    run directories of the sweep that no trial of the current file owns (older versions of it)."""
+def rows(
+    sweep: Sweep, trials: list[Trial], observations: dict | None = None, include_stale: bool = False
+) -> list[dict]:
+    """Rows of ``trials`` (their spec is known even if ``trial.json`` is damaged), plus, with
+    ``include_stale``, the run folders of the sweep that no trial of the current file owns (older
+    versions of it: ``stale``, with ``stale_of`` the current trial where its axis values still are)."""
     from launchers.trial import spec_of
 
     observations = observations or {}
     out = [row(t.run_dir, spec_of(sweep, t), observations.get(t.id)) for t in trials]
-    if stale:
-        current = {t.run_dir.name for t in trials}
-        for spec_path in sorted(sweep.dir.glob(f"*/{state.SPEC}")):
-            if spec_path.parent.name in current:
-                continue
-            spec = state.read(spec_path)
-            if not spec:
-                log.warning("skipping %s: %s is unreadable", spec_path.parent, state.SPEC)
-                continue
-            out.append({**row(spec_path.parent, spec), "stale": True})
+    if include_stale:
+        for other in status.others(sweep, trials):
+            differs = "" if other.differs is None else ", ".join(other.differs)
+            stale_of = other.of.id if other.of else None
+            out.append({**row(other.folder, other.spec), "stale": True, "stale_of": stale_of, "differs": differs})
     return sorted(out, key=lambda r: (r.get("stale", False), r["index"]))
 
 
 def scan(sweep_dir: Path) -> list[dict]:
     """Rows of every trial directory under a sweep folder, without its sweep file (the shared table)."""
     out = []
-    for spec_path in sorted(sweep_dir.glob(f"*/{state.SPEC}")):
-        spec = state.read(spec_path)
-        if not spec:
-            log.warning("skipping %s: %s is unreadable", spec_path.parent, state.SPEC)
-            continue
+    for folder, spec in state.trial_folders(sweep_dir):
         try:
-            out.append(row(spec_path.parent, spec))
+            out.append(row(folder, spec))
         except (OSError, ValueError, TypeError) as exc:
-            log.warning("skipping %s: %s", spec_path.parent, exc)
+            log.warning("skipping %s: %s", folder, exc)
     return sorted(out, key=lambda r: r["index"])
 
 
@@ -102,10 +97,10 @@ def columns(table: list[dict[str, Any]]) -> list[str]:
     for r in table:
         seen += [k for k in r if k not in seen]
     axes = [k for k in seen if k in AXIS_NAMES.values() or k.split(".")[0] in CONFIG_SECTIONS]
-    metrics = [k for k in seen if k not in FIXED + TAIL + PROVENANCE + axes + ["index", "stale"]]
+    metrics = [k for k in seen if k not in FIXED + TAIL + PROVENANCE + axes + ["index", *STALE]]
     main_metrics = [m for m in metrics if "." not in m] + [m for m in metrics if "." in m]
     made_by = [k for k in PROVENANCE if k in seen]
-    return FIXED[:2] + axes + FIXED[2:] + main_metrics + TAIL + made_by + (["stale"] if "stale" in seen else [])
+    return FIXED[:2] + axes + FIXED[2:] + main_metrics + TAIL + made_by + [k for k in STALE if k in seen]
 
 
 def top_level(column: str) -> bool:
@@ -122,7 +117,7 @@ def grouped(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean ± std over seeds for every metric, grouping by all other axes."""
     cols = columns(table)
     axes = [c for c in cols[2 : cols.index("status")] if c != "seed"]
-    metrics = [c for c in cols[cols.index("steps") + 1 :] if c not in TAIL + PROVENANCE and c != "stale"]
+    metrics = [c for c in cols[cols.index("steps") + 1 :] if c not in TAIL + PROVENANCE + STALE]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in table:
         groups[tuple(str(r.get(a)) for a in axes)].append(r)

@@ -65,8 +65,6 @@ def spec_of(sweep: Sweep, trial: Trial) -> dict[str, Any]:
         ))
         for ev in sweep.evaluations
     ]  # fmt: skip
-    overrides = dict(trial.overrides)
-    overrides.setdefault("device", "cuda" if r.gpus else "cpu")  # a trial that asked for GPUs must get CUDA
     return {
         "id": trial.id,
         "index": trial.index,
@@ -75,7 +73,9 @@ def spec_of(sweep: Sweep, trial: Trial) -> dict[str, Any]:
         "cwd": str(Path.cwd().resolve()),
         "config": str(sweep.config.resolve()),
         "python_path": [str(p) for p in sweep.python_path],  # as `run` imported the config, on every backend
-        "overrides": overrides,
+        "overrides": sweep.run_overrides(trial.overrides),
+        "resolved_config": trial.resolved,  # what its id hashes: a later version of the trial is told apart by it
+        "forward_source": trial.forward_source,
         "axes": list(trial.axes),
         "evaluations": evaluations,
         "resources": r.model_dump(),

@@ -24,6 +24,7 @@ import ml_collections
 from lintrans import trackers
 from lintrans.errors import UsageError, choices
 
+RUN_CONFIG = "config.json"  # a run directory's resolved config: what it trained (lintrans.run writes it)
 PRECISIONS = ("auto", "no", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("Adam", "SGD")
@@ -51,6 +52,7 @@ def load_file(path: str | Path, python_path: Sequence[str | Path] = ()) -> ml_co
     try:
         spec = importlib.util.spec_from_file_location(f"lintrans_config_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as importlib's recipe does: a forward process it defines has a source file
         spec.loader.exec_module(module)
         return module.get_config()
     except Exception as exc:  # noqa: BLE001 - whatever a config file raises, the user must see which file
@@ -92,6 +94,12 @@ def load(
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return config.to_json_best_effort(sort_keys=True)
+
+
+def resolved(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config`` as plain JSON values, exactly as a run directory's ``config.json`` records it
+    (tuples as lists): what a sweep's trial ids hash, and what tells two versions of a trial apart."""
+    return json.loads(to_json(config))
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

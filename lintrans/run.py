@@ -36,7 +36,7 @@ from lintrans.atomic import write_atomic, write_json, write_text
 from lintrans.errors import UsageError
 from lintrans.gaussian_prior import GaussianFit
 
-CONFIG = "config.json"
+CONFIG = cfg.RUN_CONFIG
 SOURCE = "source.json"
 PRIOR = "gaussian_prior.pt"
 FORWARD_STATE = "forward_state.pt"

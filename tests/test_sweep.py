@@ -204,7 +204,7 @@ def test_shipped_sweeps_validate():
 # --------------------------------------------------------------------------- any working directory
 
 # Two rows of the README's quickstart table: the repository's sweeps keep the ids of their run folders.
-QUICKSTART_IDS = {"forward=heat K=10 seed=0": "d04838bc2b", "forward=constant_deceleration K=20 seed=0": "39cd3b03a9"}
+QUICKSTART_IDS = {"forward=heat K=10 seed=0": "4dd88a49f4", "forward=constant_deceleration K=20 seed=0": "7cf5b899b5"}
 
 
 def test_the_repositorys_sweeps_keep_their_files_and_ids_from_any_directory(tmp_path, monkeypatch):
