@@ -196,7 +196,7 @@ def others(sweep: Sweep, trials: list[Trial]) -> list[Other]:
         ran = spec.get("resolved_config") or state.read(folder / cfg.RUN_CONFIG)
         differs = None
         if of is not None and ran:
-            differs = _changes(ran, of.resolved)
+            differs = _changes(cfg.identity(ran), cfg.identity(of.resolved))
             if "resolved_config" in spec and spec.get("forward_source") != of.forward_source:
                 differs[FORWARD_SOURCE] = (spec.get("forward_source"), of.forward_source)  # the two digests
         out.append(Other(folder, spec, of, differs))

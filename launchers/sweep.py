@@ -180,10 +180,12 @@ def _draw(axis: list | Distribution, rng: random.Random) -> Any:
 
 
 def trial_id(resolved: dict[str, Any], forward_source: str | None = None) -> str:
-    """What a trial runs, hashed: its resolved config (:func:`lintrans.config.resolved`) and, for a
-    forward process registered from outside lintrans, the digest of its module's source. Never a
-    path, so renaming or moving a config file keeps every id, and editing a value gives new ones."""
-    what = {"config": resolved, **({"forward_source": forward_source} if forward_source else {})}
+    """What a trial runs, hashed: its resolved config (:func:`lintrans.config.resolved`, as far as
+    :func:`lintrans.config.identity` counts it: not how it is logged, nor a key added since at its
+    neutral value) and, for a forward process registered from outside lintrans, the digest of its
+    module's source. Never a path, so renaming or moving a config file keeps every id, and editing a
+    value gives new ones."""
+    what = {"config": cfg.identity(resolved), **({"forward_source": forward_source} if forward_source else {})}
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -200,7 +202,7 @@ def _runs(folder: Path, resolved: dict[str, Any]) -> bool:
     if not folder.is_dir():
         return False
     try:
-        return json.loads((folder / cfg.RUN_CONFIG).read_text()) == resolved
+        return cfg.identity(json.loads((folder / cfg.RUN_CONFIG).read_text())) == cfg.identity(resolved)
     except FileNotFoundError:
         return True
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

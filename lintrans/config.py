@@ -102,6 +102,24 @@ def resolved(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(to_json(config))
 
 
+# A trial's identity is what it computes (launchers.sweep.trial_id): how a run is watched is not part of it.
+NOT_IDENTITY = ("logging",)
+# Keys added after trials existed, with the value that does what runs did before the key: left out of a
+# trial's identity while they hold it, so that adding a key to the config renames no trial. A key added
+# from now on goes here with its neutral value.
+NEUTRAL = {("sampling", "prior"): "data", ("sampling", "prior_rank"): 256}
+
+
+def identity(resolved: dict[str, Any]) -> dict[str, Any]:
+    """What of a resolved config names a trial: all of it but :data:`NOT_IDENTITY`, and the :data:`NEUTRAL`
+    keys that hold their neutral value (or are absent: a ``config.json`` written before they existed)."""
+    out = {k: v for k, v in resolved.items() if k not in NOT_IDENTITY}
+    for (section, key), neutral in NEUTRAL.items():
+        if isinstance(out.get(section), dict) and out[section].get(key, neutral) == neutral:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+
+
 def from_json(text: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(text))
 

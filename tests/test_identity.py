@@ -183,3 +183,22 @@ def test_a_folder_of_the_earlier_id_scheme_stays_its_trials_folder(tmp_path, cle
     assert new.run_dir != old
     (other,) = status.stale(load(sweep, runs, check_forwards=False), [new])
     assert other.folder == old and other.differs == {"model.dropout": (0.0, 0.1)}  # from its config.json
+
+
+def test_how_a_run_is_logged_and_keys_added_at_their_neutral_value_name_no_trial(tmp_path):
+    """Trackers are not what a trial computes, and a key lintrans adds (sampling.prior, at "data") must not
+    rename every trial: a run folder's config.json written before the key existed still matches."""
+    from launchers.sweep import trial_id
+    from lintrans import config as cfg
+
+    sweep = load("sweeps/quickstart.yaml", tmp_path)
+    trial = sweep.trials()[0]
+    logged = json.loads(json.dumps(trial.resolved))
+    logged["logging"]["backends"] = ["tensorboard", "mlflow"]
+    assert trial_id(logged) == trial.id
+    before = json.loads(json.dumps(trial.resolved))
+    del before["sampling"]["prior"], before["sampling"]["prior_rank"], before["logging"]  # an older config.json
+    assert cfg.identity(before) == cfg.identity(trial.resolved) and trial_id(before) == trial.id
+    gaussian = json.loads(json.dumps(trial.resolved))
+    gaussian["sampling"]["prior"] = "gaussian"  # away from its neutral value: another trial
+    assert trial_id(gaussian) != trial.id
