@@ -102,6 +102,36 @@ def resolved(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(to_json(config))
 
 
+class Resolver:
+    """``resolved(apply_overrides(base, overrides))`` for many override sets of one base, fast.
+
+    A sweep of 10,000 trials has few distinct (key, value) pairs: the base is resolved once, each pair
+    is converted by ml_collections once (its type checks and tuple conversions), and each trial's
+    config is the base's JSON with its converted values set. The same result as applying them all at
+    once, since an override sets a plain field that no other field refers to.
+    """
+
+    def __init__(self, base: ml_collections.ConfigDict) -> None:
+        self.base, self.text = base, to_json(base)
+        self.typed: dict[tuple[str, str], Any] = {}
+
+    def __call__(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        out = json.loads(self.text)
+        for key, value in overrides.items():
+            memo = (key, json.dumps(value, sort_keys=True, default=str))
+            if memo not in self.typed:
+                one = resolved(apply_overrides(self.base, {key: value}))
+                for part in key.split("."):
+                    one = one[part]
+                self.typed[memo] = one
+            *path, last = key.split(".")
+            node = out
+            for part in path:
+                node = node[part]
+            node[last] = json.loads(json.dumps(self.typed[memo]))  # a copy: trials share no mutable value
+        return out
+
+
 # A trial's identity is what it computes (launchers.sweep.trial_id): how a run is watched is not part of it.
 NOT_IDENTITY = ("logging",)
 # Keys added after trials existed, with the value that does what runs did before the key: left out of a

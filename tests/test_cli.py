@@ -98,7 +98,10 @@ def test_evaluate_bad_flag_values(tmp_path, capsys):
 def test_unknown_process_lists_valid_names(tmp_path, capsys):
     _, err = call(train.main, ["train.py", f"--config={TINY}", f"--workdir={tmp_path}", "--config.model.forward=warp"],
                   capsys)  # fmt: skip
-    assert "valid: constant_deceleration, constant_velocity, heat, heat_random_scale, identity, pca_heat, random_choice" in err
+    assert (
+        "valid: constant_deceleration, constant_velocity, heat, heat_random_scale, identity, pca_heat, random_choice"
+        in err
+    )
 
 
 def test_help_exits_zero(capsys):

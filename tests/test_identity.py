@@ -202,3 +202,18 @@ def test_how_a_run_is_logged_and_keys_added_at_their_neutral_value_name_no_trial
     gaussian = json.loads(json.dumps(trial.resolved))
     gaussian["sampling"]["prior"] = "gaussian"  # away from its neutral value: another trial
     assert trial_id(gaussian) != trial.id
+
+
+def test_the_fast_resolver_gives_what_applying_the_overrides_gives(tmp_path):
+    """Sweep.resolver (each (key, value) converted once) against apply_overrides + resolved, trial by trial,
+    with values ml_collections converts: an int into a float field, a list into a tuple field."""
+    from lintrans import config as cfg
+
+    path = tmp_path / "typed.yaml"
+    path.write_text("name: typed\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [3, 5]\n  optim.lr: [1, 0.001]\n"
+                    "  model.channel_mult: [[1, 2], [1, 1, 1]]\nseeds: [0, 1]\n")  # fmt: skip
+    sweep = load(str(path), tmp_path)
+    for trial in sweep.trials():
+        direct = cfg.resolved(cfg.apply_overrides(sweep.base, sweep.run_overrides(trial.overrides)))
+        assert trial.resolved == direct, trial.overrides
+    assert {t.resolved["optim"]["lr"] for t in sweep.trials()} == {1.0, 0.001}

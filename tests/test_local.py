@@ -135,15 +135,16 @@ def test_local_sweep_survives_killed_launcher(tmp_path):
             assert png.width >= 400 * panels, (name, png.size)  # one panel per forward process
 
 
-def test_cancel_stops_the_launcher_with_its_queue_and_run_resumes_everything(tmp_path):
-    """`cancel` stops the sweep, not only the trials running now: the launcher starts no queued trial
-    after it (it used to start the next one at once), the running ones checkpoint, and `run` finishes all."""
+def test_cancel_stops_the_queued_trials_too_and_run_resumes_everything(tmp_path):
+    """`cancel` stops the sweep, not only the trials running now: the launcher starts none of its queued
+    trials after it (it used to start the next one at once), the running ones checkpoint, and `run`
+    finishes all."""
     cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", TINY, "--backend", "local"]
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     running = lambda: [t for t in trial_dirs(tmp_path, "tiny") if status_of(t).get("state") == "running"]  # noqa: E731
     wait_until("two trials running", lambda: len(running()) == 2, 600)
     cancelled = lintrans(tmp_path, "cancel", TINY)
-    assert cancelled.returncode == 0 and "stopped the launcher" in cancelled.stdout, cancelled.stdout
+    assert cancelled.returncode == 0 and "local: cancelled 6 trials" in cancelled.stdout, cancelled.stdout
     out, _ = launcher.communicate(timeout=120)  # it returns: it has nothing left that it may start
     assert launcher.returncode == 130, out[-2000:]
     states = [status_of(t).get("state") for t in trial_dirs(tmp_path, "tiny")]  # None: never started

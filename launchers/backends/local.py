@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from launchers.state import Observation
 from launchers.sweep import Sweep, Trial
 from launchers.trial import record_crash
 from lintrans.errors import UsageError
-from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, die_with_parent, process_start, same_process
+from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, die_with_parent, same_process
 
 GPU_ID = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-zA-Z/-]+)$")
 
@@ -128,19 +127,21 @@ class LocalBackend(Backend):
         return out
 
     def cancel(self, trials: list[Trial]) -> int:
-        """Stop the launchers that run ``trials`` (SIGTERM: they start nothing more, and their running
-        trials checkpoint and exit 75, resumable), then SIGTERM any running trial directly (an orphan
-        whose launcher died). Each process is checked first to be the very one its record names, on this
-        machine; what it skips, it says. Returns how many trials were running."""
-        launchers = {tuple(ln["launcher"]) for t in trials if (ln := state.launch(t.run_dir)).get("launcher")}
-        for host, pid, start in sorted(launchers, key=str):
-            if same_process(host, pid, start):
-                os.kill(pid, signal.SIGTERM)
-                self.say(f"local: stopped the launcher (pid {pid}): it starts no more trials")
+        """SIGTERM the running trials (they checkpoint and exit 75: resumable), each checked first to be
+        the very process its ``status.json`` names, on this machine (what it skips, it says); stamp the
+        others that have not ended cancelled, so that a launcher holding them in its queue starts none
+        of them (they are ``stopped``, cancelled before they started, and the next ``run`` starts them).
+        Returns how many trials it stopped or kept from starting."""
         stopped = 0
         for t in trials:
             st = state.status(t.run_dir)
             if not state.is_running(t.run_dir):
+                if st.get("state", "pending") not in ("done", "failed", "stopped"):  # it may wait in a queue
+                    if state.launch(t.run_dir):
+                        state.mark_launch(t.run_dir, "cancelled")
+                    else:
+                        state.write_launch(t.run_dir, "local", None, None, cancelled=state.now())
+                    stopped += 1
                 continue
             if not same_process(st.get("host"), st.get("pid"), st.get("pid_start")):
                 self.say(f"local: not cancelling {t.id}: process {st.get('pid')} on {st.get('host')} is not "
@@ -152,7 +153,9 @@ class LocalBackend(Backend):
         return stopped
 
     def submit(self, sweep: Sweep, trials: list[Trial]) -> int:
-        """Run ``trials`` to the end (or until interrupted): 0, 1 if any failed, 130 after Ctrl-C."""
+        """Run ``trials`` to the end (or until interrupted): 0, 1 if any failed, 130 after Ctrl-C or when
+        ``lintrans cancel`` stopped some (a queued trial it stamped cancelled is never started)."""
+        began = state.now()
         r = sweep.resources
         pool = gpu_pool(self.gpu_flag, dict(os.environ), _device_count) if r.gpus else []
         n_slots = slots(sweep, pool)
@@ -172,7 +175,11 @@ class LocalBackend(Backend):
         try:
             while queue or running:
                 while queue and len(running) < n_slots and not stop["requested"]:
-                    running.append(self._start(queue.pop(0), [pool.pop(0) for _ in range(r.gpus)], threads, r.tasks))
+                    trial = queue.pop(0)
+                    if _cancelled_since(trial, began):
+                        self.say(f"  cancelled {trial.id} {trial.label} (before it started)")
+                        continue
+                    running.append(self._start(trial, [pool.pop(0) for _ in range(r.gpus)], threads, r.tasks))
                 time.sleep(0.2)
                 for job in [j for j in running if j.proc.poll() is not None]:
                     running.remove(job)
@@ -191,7 +198,11 @@ class LocalBackend(Backend):
             self.say(f"local: interrupted; {len(queue)} trials not started, running ones checkpointed "
                      f"(exit {EXIT_PREEMPTED}); re-run the same command to resume")  # fmt: skip
             return 130
-        return EXIT_FAILED if failed else 0
+        cancelled = [t for t in trials if _cancelled_since(t, began)]
+        if cancelled:
+            self.say(f"local: {status.plural(len(cancelled), 'trial')} cancelled (`lintrans cancel`); "
+                     f"re-run the same command to resume them")  # fmt: skip
+        return EXIT_FAILED if failed else 130 if cancelled else 0
 
     def _start(self, trial: Trial, gpus: list[str], threads: str, tasks: int) -> Running:
         env = dict(os.environ, LINTRANS_BACKEND="local", OMP_NUM_THREADS=threads, PYTHONUNBUFFERED="1",
@@ -200,9 +211,7 @@ class LocalBackend(Backend):
         with open(log, "a") as out:
             proc = subprocess.Popen(command(trial, tasks), stdout=out, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=die_with_parent)  # fmt: skip
-        me = os.getpid()  # the launcher: `cancel` stops it, with its queue, not only the trials it started
-        state.write_launch(trial.run_dir, "local", str(proc.pid), str(log), launcher=[socket.gethostname(), me,
-                           process_start(me)])  # fmt: skip
+        state.write_launch(trial.run_dir, "local", str(proc.pid), str(log))
         self.say(f"  started  {trial.id} {trial.label} (pid {proc.pid}, log {log})")
         return Running(trial, proc, gpus)
 
@@ -225,6 +234,11 @@ class LocalBackend(Backend):
         if st.state == "failed":
             failed.append(trial)
         self.say(f"  {st.state:<8} {trial.id} {trial.label} (exit {code}){detail}")
+
+
+def _cancelled_since(trial: Trial, began: str) -> bool:
+    """``lintrans cancel`` stamped the trial's launch after this launcher began."""
+    return state.launch(trial.run_dir).get("cancelled", "") >= began
 
 
 def _device_count() -> int:
