@@ -16,6 +16,7 @@ import logging
 import math
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,11 +142,11 @@ def render_grouped(table: list[dict[str, Any]], fmt: str) -> str:
     in csv/json and the records)."""
     g = grouped(table)
     cols = list(dict.fromkeys(k for r in g for k in r))
-    if fmt != "md":
+    if fmt in ("csv", "json"):
         return render(g, cols, fmt)
     shown = [c for c in cols if not c.endswith("_std") and top_level(c)]
     merged = [{c: f"{r[c]:.4g} ± {r[c + '_std']:.2g}" if f"{c}_std" in r else r.get(c) for c in shown} for r in g]
-    return render(merged, shown, "md")
+    return render(merged, shown, fmt)
 
 
 def sort(table: list[dict[str, Any]], metric: str, mode: str = "min", best: int | None = None) -> list[dict[str, Any]]:
@@ -246,6 +247,8 @@ def plot_k(table: list[dict[str, Any]], path: Path) -> Path | None:
             values = [y for points in by_forward.values() for _, y, _ in points]
             if values and min(values) > 0 and max(values) > 20 * min(values):  # processes orders of magnitude apart
                 ax.set_yscale("log")
+            if metric == "memorised_fraction" and values:  # a fraction: from 0, not a band of +-0.04 around it
+                ax.set_ylim(-0.02, max(0.1, 1.15 * max(values)))
             ax.set_xlabel("K")
             ax.set_ylabel(metric)
             ax.set_title(f"σ = {sigma}" if sigma is not None else "")
@@ -296,8 +299,44 @@ def plot_curves(sweep: Sweep, trials: list[Trial], path: Path, tag: str = "eval/
     return _save(plt, fig, path)
 
 
+@dataclass(frozen=True)
+class Series:
+    """One line of an axes panel: a forward process at fixed values of the other axes, over seeds."""
+
+    forward: str
+    label: str
+    xs: list[float]
+    means: list[float]
+    stds: list[float]  # over seeds (population: 0 for one seed)
+    stopped: list[tuple[float, float]]  # (x, metric) of trials a scheduler stopped early, not averaged in
+
+
+def axis_series(axes: list[str], table: list[dict[str, Any]], metric: str, key: str, forward: str) -> list[Series]:
+    """The lines of the ``key`` panel: one per process (``forward``: the sweep's own where it is no axis)
+    and values of the other listed axes (``axes``; a sampled axis draws a new value per trial, so it
+    splits nothing), each point the mean and spread over seeds of the done trials."""
+    col, others = axis_name(key), [axis_name(k) for k in axes if k not in (key, "model.forward", "seed")]
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in table:
+        if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric]):
+            groups[(str(r.get("forward", forward)), *(str(r.get(o)) for o in others))].append(r)
+    out = []
+    for (proc, *rest), rows in sorted(groups.items()):
+        by_x: dict[float, list[float]] = defaultdict(list)
+        for r in rows:
+            if r.get("status") == "done":
+                by_x[r[col]].append(r[metric])
+        xs = sorted(by_x)
+        label = ", ".join([proc, *(f"{o}={v}" for o, v in zip(others, rest, strict=True))])
+        out.append(Series(proc, label, xs, [statistics.fmean(by_x[x]) for x in xs],
+                          [statistics.pstdev(by_x[x]) for x in xs],
+                          [(r[col], r[metric]) for r in rows if r.get("status") != "done"]))  # fmt: skip
+    return out
+
+
 def plot_axes(sweep: Sweep, table: list[dict[str, Any]], metric: str, path: Path) -> Path | None:
-    """``metric`` against each numeric axis, one panel per axis (log scale where the axis is log-uniform)."""
+    """``metric`` against each numeric axis, one panel per axis (log scale where the axis is log-uniform):
+    one colour per forward process with a legend, error bars over seeds, early-stopped trials as crosses."""
     numeric = [k for k, axis in sweep.axes.items()
                if all(isinstance(r.get(axis_name(k)), (int, float)) for r in table)]  # fmt: skip
     points = [r for r in table if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
@@ -305,11 +344,22 @@ def plot_axes(sweep: Sweep, table: list[dict[str, Any]], metric: str, path: Path
         return None
     from matplotlib import ticker
 
-    plt, fig, axes = _figure(1, len(numeric), 4.0, 3.2)
-    colours = {"done": "tab:blue", "stopped": "tab:orange"}  # stopped: the metric at the step it stopped
+    plt, fig, axes = _figure(1, len(numeric), 4.4, 3.4)
+    forward = str(sweep.base.model.forward)
+    colours = {f: f"C{i % 10}" for i, f in enumerate(sorted({str(r.get("forward", forward)) for r in points}))}
     for ax, key in zip(axes[0], numeric, strict=True):
-        xs = [r[axis_name(key)] for r in points]
-        ax.scatter(xs, [r[metric] for r in points], c=[colours.get(r["status"], "tab:gray") for r in points])
+        listed = [k for k, axis in sweep.axes.items() if not isinstance(axis, Distribution)]
+        for i, line in enumerate(axis_series(listed, points, metric, key, forward)):
+            style = ("-", "--", ":", "-.")[i % 4] if len(line.xs) > 1 else "none"
+            if line.xs:
+                ax.errorbar(line.xs, line.means, yerr=line.stds, marker="o", capsize=3, color=colours[line.forward],
+                            linestyle=style, label=line.label)  # fmt: skip
+            if line.stopped:
+                ax.scatter(*zip(*line.stopped, strict=True), marker="x", color=colours[line.forward],
+                           label=f"{line.label} (stopped early)")  # fmt: skip
+        values = [r[metric] for r in points]
+        if min(values) > 0 and max(values) > 20 * min(values):  # orders of magnitude apart
+            ax.set_yscale("log")
         axis = sweep.axes[key]
         if isinstance(axis, Distribution) and axis.log:
             ax.set_xscale("log")
@@ -319,6 +369,7 @@ def plot_axes(sweep: Sweep, table: list[dict[str, Any]], metric: str, path: Path
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return _save(plt, fig, path)
 
 
