@@ -171,6 +171,10 @@ def cmd_table(args) -> int:
         rows += sweep.rows(args.include_stale, trials)
         sweeps.append((sweep.spec, trials))
     objective = sweeps[0][0].search.objective
+    if args.sort and args.sort not in (known := {*table.columns(rows), objective.metric, *table.METRICS}):
+        numeric = sorted(c for c in known if c == objective.metric or c in table.METRICS
+                         or any(isinstance(r.get(c), float) for r in rows))  # fmt: skip
+        raise UsageError(f"unknown --sort {args.sort!r}; valid: {', '.join(numeric)}")
     if args.sort or args.best:
         metric = args.sort or objective.metric
         rows = table.sort(rows, metric, objective.mode if metric == objective.metric else "min", args.best)

@@ -36,6 +36,8 @@ PROVENANCE = list(provenance.FIELDS)
 AXIS_NAMES = {"model.forward": "forward", "model.K": "K", "model.sigma": "sigma", "seed": "seed"}
 FID_METRICS = ("fid_inception", "fid_mnist_features")
 NLL_METRIC = "nll_bpd"
+# What a table can be sorted by before any trial has it (`table --sort`): the evaluations' headline metrics.
+METRICS = (*FID_METRICS, NLL_METRIC, "memorised_fraction", "eval_loss", "train_loss")
 CONFIG_SECTIONS = ("model", "data", "training", "optim", "sampling", "eval")
 PLOTS = ("k", "curves", "axes", "samples")
 

@@ -208,3 +208,11 @@ def test_detect_takes_ranks_from_procenv():
 def test_a_node_list_that_cannot_be_read_is_refused_not_guessed():
     with pytest.raises(UsageError, match=r"cannot read the SLURM node list 'n\[1-': unbalanced brackets"):
         first_host("n[1-")
+
+
+def test_an_unknown_sort_key_is_one_line_naming_the_metrics(tmp_path, capsys):
+    from launchers import cli as launcher_cli
+
+    code = launcher_cli.main(["--runs-dir", str(tmp_path), "table", "sweeps/quickstart.yaml", "--sort", "nll"])
+    assert_one_line(code, capsys.readouterr().err, "unknown --sort 'nll'; valid: eval_loss, fid_inception,")
+    assert launcher_cli.main(["--runs-dir", str(tmp_path), "table", "sweeps/quickstart.yaml", "--sort", "nll_bpd"]) == 0
