@@ -8,6 +8,7 @@ running (its lock is held) is never touched. ``--dry-run`` says what would go.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from launchers import state
@@ -17,8 +18,25 @@ from lintrans.eval_spec import EvalSpec
 
 
 def disk_use(folder: Path) -> int:
-    """Bytes in the files under ``folder`` (what ``status`` reports for a sweep)."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    """Bytes in the files under ``folder`` (what ``status`` reports for a sweep), links not followed.
+
+    ``os.scandir`` hands over each entry's type with the listing: one ``stat`` per file, where
+    ``rglob`` made three (a second of a 10,000-trial ``status``)."""
+    total, pending = 0, [str(folder)]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:
+            continue  # gone meanwhile, or unreadable: not counted
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(entry.path)
+            elif entry.is_file(follow_symlinks=False):
+                try:
+                    total += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    continue
+    return total
 
 
 def removable(trial: Trial, keep: int) -> list[Path]:

@@ -130,7 +130,7 @@ class Sweep:
     search: Search
     forward_sources: dict[str, str] = field(default_factory=dict)  # user-registered process -> digest of its module
 
-    @property
+    @cached_property
     def dir(self) -> Path:
         return self.runs_dir / "sweeps" / self.name
 

@@ -114,21 +114,28 @@ class Resolver:
     def __init__(self, base: ml_collections.ConfigDict) -> None:
         self.base, self.text = base, to_json(base)
         self.typed: dict[tuple[str, str], Any] = {}
+        self.as_is: set[tuple[str, type]] = set()  # (key, type) whose values ml_collections keeps as they are
 
     def __call__(self, overrides: dict[str, Any]) -> dict[str, Any]:
         out = json.loads(self.text)
         for key, value in overrides.items():
-            memo = (key, json.dumps(value, sort_keys=True, default=str))
-            if memo not in self.typed:
-                one = resolved(apply_overrides(self.base, {key: value}))
-                for part in key.split("."):
-                    one = one[part]
-                self.typed[memo] = one
+            text = json.dumps(value, sort_keys=True, default=str)
+            if (key, type(value)) in self.as_is:  # a seed, say: 1,000 of them need no conversion each
+                converted = json.loads(text)
+            else:
+                if (key, text) not in self.typed:
+                    one = resolved(apply_overrides(self.base, {key: value}))
+                    for part in key.split("."):
+                        one = one[part]
+                    self.typed[(key, text)] = one
+                    if json.dumps(one, sort_keys=True, default=str) == text:  # 1 into a float field is 1.0: not as is
+                        self.as_is.add((key, type(value)))
+                converted = json.loads(json.dumps(self.typed[(key, text)]))  # a copy: trials share no mutable value
             *path, last = key.split(".")
             node = out
             for part in path:
                 node = node[part]
-            node[last] = json.loads(json.dumps(self.typed[memo]))  # a copy: trials share no mutable value
+            node[last] = converted
         return out
 
 

@@ -210,10 +210,10 @@ def test_the_fast_resolver_gives_what_applying_the_overrides_gives(tmp_path):
     from lintrans import config as cfg
 
     path = tmp_path / "typed.yaml"
-    path.write_text("name: typed\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [3, 5]\n  optim.lr: [1, 0.001]\n"
+    path.write_text("name: typed\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [3, 5]\n  optim.lr: [1, 2, 0.001]\n"
                     "  model.channel_mult: [[1, 2], [1, 1, 1]]\nseeds: [0, 1]\n")  # fmt: skip
     sweep = load(str(path), tmp_path)
     for trial in sweep.trials():
         direct = cfg.resolved(cfg.apply_overrides(sweep.base, sweep.run_overrides(trial.overrides)))
         assert trial.resolved == direct, trial.overrides
-    assert {t.resolved["optim"]["lr"] for t in sweep.trials()} == {1.0, 0.001}
+    assert {json.dumps(t.resolved["optim"]["lr"]) for t in sweep.trials()} == {"1.0", "2.0", "0.001"}
