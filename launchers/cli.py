@@ -79,7 +79,12 @@ def parser() -> argparse.ArgumentParser:
     tab = sub.add_parser("table", parents=[common], help="results table of one or more sweeps")
     tab.add_argument("sweeps", nargs="+")
     tab.add_argument("--format", default="md", help=f"one of {', '.join(FORMATS)}")
-    tab.add_argument("--columns", default=None, metavar="A,B,C", help="these columns, in this order")
+    tab.add_argument(
+        "--columns",
+        default=None,
+        metavar="A,B,C",
+        help="these columns, in this order; all: every one (default: axes, state, steps, metrics)",
+    )
     tab.add_argument("--out", default=None, metavar="FILE", help="also write the table to FILE (.csv, .json or .md)")
     tab.add_argument("--grouped", action="store_true", help="mean ± std over seeds")
     tab.add_argument("--include-stale", "--all", action="store_true",
@@ -192,10 +197,14 @@ def cmd_table(args) -> int:
 
 
 def chosen(args, rows: list[dict]) -> list[str]:
-    """``--columns`` (each a column some row has), else every column."""
+    """``--columns`` (each a column some row has; ``all``: every one), else the short set people read
+    (axes, state, steps, top-level metrics: :func:`launchers.table.brief`) and, for csv and json,
+    which programs read, every column."""
     every = table.columns(rows)
-    if not args.columns:
+    if args.columns == "all" or (not args.columns and args.format in ("csv", "json")):
         return every
+    if not args.columns:
+        return table.brief(rows)
     wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
     unknown = [c for c in wanted if c not in every]
     if unknown:

@@ -216,3 +216,16 @@ def test_an_unknown_sort_key_is_one_line_naming_the_metrics(tmp_path, capsys):
     code = launcher_cli.main(["--runs-dir", str(tmp_path), "table", "sweeps/quickstart.yaml", "--sort", "nll"])
     assert_one_line(code, capsys.readouterr().err, "unknown --sort 'nll'; valid: eval_loss, fid_inception,")
     assert launcher_cli.main(["--runs-dir", str(tmp_path), "table", "sweeps/quickstart.yaml", "--sort", "nll_bpd"]) == 0
+
+
+def test_table_shows_a_short_set_of_columns_unless_asked_for_all(tmp_path, capsys):
+    from launchers import cli as launcher_cli
+
+    base = ["--runs-dir", str(tmp_path), "table", "sweeps/quickstart.yaml"]
+    assert launcher_cli.main(base) == 0
+    header = capsys.readouterr().out.splitlines()[0]  # nothing ran yet: no metric column
+    assert header == "| trial | forward | K | seed | status | steps | wall_s | backend | job_id |", header
+    assert launcher_cli.main([*base, "--columns", "all"]) == 0
+    assert capsys.readouterr().out.startswith("| sweep | trial | forward | K | seed | status | reason |")
+    assert launcher_cli.main([*base, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("sweep,trial,")  # programs get every column
