@@ -5,6 +5,8 @@
 
 The network is rebuilt from the run directory's own config (``--config``, if given, must agree).
 The prior is the run's ``config.sampling.prior``: a ``gaussian`` run reads its stored fit and no data set.
+The network runs in the run's ``training.mixed_precision`` (bf16 autocast where the device has it, under
+``auto``) unless ``--precision`` says otherwise; the reverse process itself stays fp32.
 Writes ``samples.png`` (final grid), ``prior.png`` (u_K), ``process.gif`` (reverse process) and
 ``samples.npz`` into ``--outdir`` (default ``<workdir>/samples/sample_<mode>_ckpt<N>``).
 """
@@ -34,6 +36,11 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the prior images and the noise.", flag_values=fv)
     flags.DEFINE_string("outdir", None, "Output folder.", flag_values=fv)
     flags.DEFINE_bool("raw", False, "Use the raw weights instead of the EMA weights.", flag_values=fv)
+    flags.DEFINE_enum(
+        "precision", "train", ["train", "auto", "no", "bf16"],
+        "The network's precision: train (the run's training.mixed_precision), auto, no (fp32) or bf16.",
+        flag_values=fv,
+    )  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -54,11 +61,13 @@ def main(argv: list[str]) -> int:
     from lintrans import datasets, images, sampling
     from lintrans.atomic import write_atomic
     from lintrans.config import sampling_delta
+    from lintrans.device import inference_network, precision_name, use_bf16
     from lintrans.run import Run, load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(fv.workdir, fv.checkpoint, device, ema=not fv.raw, config=args.config)
     process = loaded.process
+    bf16 = use_bf16(loaded.config.training.mixed_precision if fv.precision == "train" else fv.precision, device)
     fit = Run(fv.workdir).configured_prior(loaded.config)
     train_set = None if fit is not None else datasets.load(loaded.config)[0]  # a Gaussian prior needs no data
     delta = sampling_delta(loaded.config) if fv.delta is None else fv.delta
@@ -74,9 +83,8 @@ def main(argv: list[str]) -> int:
     elif fv.same_init:
         u_K = u_K.expand(n, *u_K.shape[1:]).contiguous()
     share = fv.share_noise or fv.interpolate
-    final, frames = sampling.reverse(
-        loaded.model, u_K, process.K, delta, gen, share_noise=share, num_frames=50, theta=theta
-    )
+    net = inference_network(loaded.model, bf16, device)
+    final, frames = sampling.reverse(net, u_K, process.K, delta, gen, share_noise=share, num_frames=50, theta=theta)
 
     mode = "interpolate" if fv.interpolate else "same_init" if fv.same_init else "share_noise" if share else "random"
     out = Path(fv.outdir or Path(fv.workdir) / "samples" / f"sample_{mode}_ckpt{fv.checkpoint}")
@@ -86,7 +94,7 @@ def main(argv: list[str]) -> int:
     images.save_gif(out / "process.gif", frames, nrow)
     arrays = {"samples": final.cpu().numpy(), "prior": u_K.cpu().numpy(), "trajectory": torch.stack(frames).numpy()}
     write_atomic(out / "samples.npz", lambda f: np.savez_compressed(f, **arrays))
-    print(f"{mode}: {n} samples from {loaded.path} (delta={delta:g}) -> {out}")
+    print(f"{mode}: {n} samples from {loaded.path} (delta={delta:g}, {precision_name(bf16)}) -> {out}")
     return 0
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+RESULTS = Path(os.environ.get("LINTRANS_BENCH_RESULTS", ROOT / "bench" / "results"))  # bench/gpu.sh --out sets it
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -244,12 +244,15 @@ class Step:
             self.timer.on = False
 
 
-def train_step(config, device, train_set, bf16: bool = False, channels_last: bool = False, fused_adam: bool = False):
+def train_step(
+    config, device, train_set, bf16: bool = False, channels_last: bool = False, fused_adam: bool = False,
+    compile: bool = False,
+):  # fmt: skip
     """The :class:`~lintrans.step.TrainStep` of ``training_loop``, from the components it builds it from.
 
-    What-ifs change only what goes in: ``channels_last`` converts the model (and each batch) to
-    NHWC; ``fused_adam`` passes ``torch.optim.Adam(fused=True)`` with ``make_optimizer``'s
-    hyper-parameters in place of its ``foreach`` Adam.
+    ``compile`` is ``training.compile`` resolved on. What-ifs change only what goes in: ``channels_last``
+    converts the model (and each batch) to NHWC; ``fused_adam`` passes ``torch.optim.Adam(fused=True)``
+    with ``make_optimizer``'s hyper-parameters in place of its ``foreach`` Adam.
     """
     import torch
     import torch.distributed as dist
@@ -273,7 +276,7 @@ def train_step(config, device, train_set, bf16: bool = False, channels_last: boo
     step = TrainStep(
         model=model, ema=EMA(model, m.ema_rate), optimizer=opt, process=process, sigma=m.sigma, seed=config.seed,
         global_batch=batch, lr=o.lr, warmup=o.warmup, grad_clip=o.grad_clip, random_flip=config.data.random_flip,
-        dequantization=config.data.uniform_dequantization, bf16=bf16, device=device, timer=timer,
+        dequantization=config.data.uniform_dequantization, bf16=bf16, compile=compile, device=device, timer=timer,
     )  # fmt: skip
     torch.manual_seed(config.seed * 1000 + rank)  # the trainer's dropout stream
     sampler = datasets.GlobalBatchSampler(len(train_set), batch, rank, world, config.seed)

@@ -1,131 +1,132 @@
 """Sampling speed: images per second for a full K-step reverse run (``lintrans.sampling.reverse``).
 
-    .venv/bin/python bench/sampling.py                 # mnist5k config (K=20), batch 36
-    .venv/bin/python bench/sampling.py --config configs/mnist/small_mnist.py   # K=50, 64 channels
+    .venv/bin/python bench/sampling.py                 # mnist5k config, K=20 and K=200, batch 36
+    .venv/bin/python bench/sampling.py --config configs/mnist/small_mnist.py --K 50
+    .venv/bin/python bench/sampling.py --device cuda --batch-sizes 256 --compile off,on
     .venv/bin/python bench/sampling.py --quick
 
 Times ``sampling.prior`` + ``sampling.reverse`` (the path of ``sample.py``, FID generation and the
 trainer's sample grids) with an untrained model of the config in eval mode (speed does not depend
-on the weights), per batch size, in fp32 and -- as a what-if, ``reverse`` has no precision switch --
-with the model call under bf16 autocast. Also reports model FLOPs per sample (K forward passes,
-``FlopCounterMode``) and the achieved fraction of the device's dense matmul peak.
+on the weights), per horizon ``K``, batch size, precision and compilation. The network is what
+sampling really calls: :func:`lintrans.device.inference_network` (``bf16``: the network under bf16
+autocast, answering in fp32; ``compile``: ``torch.compile``, whose first run's extra time is
+reported as the compile time). Also reports model FLOPs per sample (K forward passes,
+``FlopCounterMode``) and the achieved fraction of the device's dense matmul peak (measured here).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import _common as C
 import torch
 
 from lintrans import config as cfg
 from lintrans import sampling
+from lintrans.device import inference_network
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/mnist5k/default_mnist5k_configs.py")
     p.add_argument("--batch-sizes", default="36", help="comma list (36: the trainer's sample grid)")
-    p.add_argument("--K", type=int, default=None, help="override model.K")
+    p.add_argument("--K", default="20,200", help="comma list of horizons (model.K)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--repeats", type=int, default=1, help="timed full runs per batch size")
+    p.add_argument("--compile", default="off", help="comma list of off and on (torch.compile of the network)")
+    p.add_argument("--repeats", type=int, default=1, help="timed full runs per variant")
     p.add_argument("--quick", action="store_true", help="smoke run: K=5, batch 8, one repeat")
     p.add_argument("--name", default="sampling")
     a = p.parse_args()
     if a.quick:
-        a.K, a.batch_sizes, a.repeats = 5, "8", 1
+        a.K, a.batch_sizes, a.repeats = "5", "8", 1
     return a
+
+
+def measure(model, process, K: int, bs: int, shape, delta: float, device, bf16: bool, compiled: bool, a) -> dict:
+    """One variant: a first (compiling, warming) run, then ``a.repeats`` timed runs."""
+    net = inference_network(model, bf16, device, compiled)
+    x0 = torch.rand(bs, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run():
+        gen = torch.Generator(device=device).manual_seed(0)
+        return sampling.reverse(net, sampling.prior(process, x0, delta, gen), K, delta, gen)
+
+    t0 = time.perf_counter()
+    run()
+    C.sync(device)
+    first = time.perf_counter() - t0
+    s = C.summarise(C.time_calls(run, device, 0, a.repeats))
+    return {"run": s, "first_run_s": first, "compile_s": max(first - s["median_s"], 0.0) if compiled else None}
 
 
 def main() -> None:
     a = parse()
     device = C.device(a.device)
     info = C.machine(device.type)
-    config = cfg.load(a.config, {"model.K": a.K} if a.K else {})
-    K, shape, delta = config.model.K, cfg.image_shape(config), cfg.sampling_delta(config)
-    model, process = C.untrained(config, device)
+    peak_n, peak_s = (1024, 0.5) if a.quick else (8192 if device.type == "cuda" else 2048, 1.5)
     peaks = {
-        p: C.matmul_peak(
-            device, torch.float32 if p == "fp32" else torch.bfloat16, 1024 if a.quick else 2048, 0.5 if a.quick else 1.5
-        )
+        p: C.matmul_peak(device, torch.float32 if p == "fp32" else torch.bfloat16, peak_n, peak_s)
         for p in a.precisions.split(",")
     }
-
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.rand(1, *shape, device=device), torch.ones(1, dtype=torch.long, device=device))
-    flops_per_sample = counter.get_total_flops() * K
-
     results = []
-    for precision in a.precisions.split(","):
-        if precision == "bf16":
-
-            def net(*inputs):  # (u, k), and theta where the forward process has one
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    return model(*inputs)
-        else:
-            net = model
-        for bs in (int(b) for b in a.batch_sizes.split(",")):
-            x0 = torch.rand(bs, *shape, generator=torch.Generator().manual_seed(0)).to(device)
-
-            def run(x0=x0, net=net):
-                gen = torch.Generator(device=device).manual_seed(0)
-                u_K = sampling.prior(process, x0, delta, gen)
-                return sampling.reverse(net, u_K, K, delta, gen)
-
-            with torch.no_grad():
-                net(x0, torch.ones(bs, dtype=torch.long, device=device))  # warm-up (oneDNN primitives)
-            times = C.time_calls(run, device, 0, a.repeats)
-            s = C.summarise(times)
-            ips = bs / s["median_s"]
-            r = {
-                "precision": precision,
-                "batch_size": bs,
-                "K": K,
-                "run": s,
-                "img_per_s": ips,
-                "ms_per_level": 1e3 * s["median_s"] / K,
-                "flops_per_sample": flops_per_sample,
-                "achieved_flop_s": flops_per_sample * ips,
-                "peak_flop_s": peaks[precision]["flop_s"],
-            }
-            r["fraction_of_peak"] = r["achieved_flop_s"] / r["peak_flop_s"]
-            results.append(r)
-            print(
-                f"{precision} batch {bs}: {ips:.2f} img/s ({s['median_s']:.2f} s for K={K} levels, "
-                f"{100 * r['fraction_of_peak']:.1f}% of matmul peak)"
-            )
-    data = {
-        "machine": info,
-        "config": a.config,
-        "K": K,
-        "shape": shape,
-        "quick": a.quick,
-        "matmul_peak": peaks,
-        "results": results,
-    }
+    for K in (int(k) for k in a.K.split(",")):
+        config = cfg.load(a.config, {"model.K": K})
+        shape, delta = cfg.image_shape(config), cfg.sampling_delta(config)
+        model, process = C.untrained(config, device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.rand(1, *shape, device=device), torch.ones(1, dtype=torch.long, device=device))
+        flops_per_sample = counter.get_total_flops() * K
+        for precision in a.precisions.split(","):
+            for compiled in (c == "on" for c in a.compile.split(",")):
+                for bs in (int(b) for b in a.batch_sizes.split(",")):
+                    torch._dynamo.reset()  # each variant compiles (and is timed) on its own
+                    m = measure(model, process, K, bs, shape, delta, device, precision == "bf16", compiled, a)
+                    ips = bs / m["run"]["median_s"]
+                    r = {
+                        "precision": precision, "compile": compiled, "batch_size": bs, "K": K, **m,
+                        "img_per_s": ips, "ms_per_level": 1e3 * m["run"]["median_s"] / K,
+                        "flops_per_sample": flops_per_sample, "achieved_flop_s": flops_per_sample * ips,
+                        "peak_flop_s": peaks[precision]["flop_s"],
+                    }  # fmt: skip
+                    r["fraction_of_peak"] = r["achieved_flop_s"] / r["peak_flop_s"]
+                    results.append(r)
+                    took = f", compile {m['compile_s']:.1f} s" if compiled else ""
+                    print(
+                        f"K={K} {precision}{' compiled' if compiled else ''} batch {bs}: {ips:.2f} img/s "
+                        f"({m['run']['median_s']:.2f} s per run, {100 * r['fraction_of_peak']:.1f}% of matmul "
+                        f"peak{took})",
+                        flush=True,
+                    )
+    for r in results:  # against the same K and batch in fp32 eager, measured in this run
+        base = next(
+            (b for b in results if (b["K"], b["batch_size"], b["precision"], b["compile"]) == (r["K"], r["batch_size"],
+             "fp32", False)), None,
+        )  # fmt: skip
+        r["vs_fp32_eager"] = r["img_per_s"] / base["img_per_s"] if base else None
+    data = {"machine": info, "config": a.config, "quick": a.quick, "matmul_peak": peaks, "results": results}
     md = C.header_md("Sampling: full K-step reverse process", info)
     md += (
-        f"Config `{a.config}` (K={K}, {shape[0]}x{shape[1]}x{shape[2]}), untrained model in eval mode, "
-        f"`sampling.prior` + `sampling.reverse`; model FLOPs per sample {flops_per_sample / 1e9:.2f} GFLOP.\n\n"
+        f"Config `{a.config}`, untrained model in eval mode, `sampling.prior` + `sampling.reverse` through "
+        "`lintrans.device.inference_network` (bf16: autocast around the network, fp32 states); img/s from the "
+        f"median of {a.repeats} timed run(s) after a first run (compile time = first run - median).\n\n"
     )
     md += C.md_table(
-        ["precision", "batch", "img/s", "s per run", "ms per level", "% of matmul peak"],
+        ["K", "precision", "compiled", "batch", "img/s", "vs fp32 eager", "s per run", "ms per level",
+         "% of matmul peak", "compile s"],
         [
             [
-                r["precision"],
-                r["batch_size"],
-                round(r["img_per_s"], 2),
-                round(r["run"]["median_s"], 2),
-                round(r["ms_per_level"], 1),
-                round(100 * r["fraction_of_peak"], 1),
+                r["K"], r["precision"], "yes" if r["compile"] else "no", r["batch_size"], round(r["img_per_s"], 2),
+                f"{r['vs_fp32_eager']:.2f}x" if r["vs_fp32_eager"] else "n/a", round(r["run"]["median_s"], 2),
+                round(r["ms_per_level"], 1), round(100 * r["fraction_of_peak"], 1),
+                round(r["compile_s"], 1) if r["compile_s"] is not None else "-",
             ]
             for r in results
         ],
-    )
-    md += "\nbf16 rows wrap the model call in `torch.autocast` (what-if: `reverse` itself has no precision switch).\n"
+    )  # fmt: skip
     C.write_results(a.name, data, md)
 
 

@@ -18,13 +18,17 @@ What it measures, in one process:
   device around each phase);
 * the top operators of each step (``torch.profiler``), to name the hot spots.
 
-``--threads 2,1`` repeats everything per intra-op thread count (``torch.set_num_threads``). The
-held-out loss after 300 real-trainer steps, fp32 vs bf16, is ``bench/bf16_heldout.py``.
+``--compile off,on`` times each precision eager and compiled (``training.compile`` resolved on:
+``torch.compile`` of the DDP-wrapped network, as the trainer does); the first step's extra time is
+the compile time, and FLOPs are counted on the eager step. ``--threads 2,1`` repeats everything
+per intra-op thread count (``torch.set_num_threads``). The held-out loss after 300 real-trainer
+steps, fp32 vs bf16, is ``bench/bf16_heldout.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import _common as C
 import torch
@@ -35,6 +39,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--breakdown-steps", type=int, default=3)
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--threads", default="default", help="comma list of intra-op thread counts, or 'default'")
+    p.add_argument("--compile", default="off", help="comma list of off and on: training.compile resolved so")
     a = p.parse_args()
     if a.quick:
         a.warmup, a.steps, a.breakdown_steps, a.profile_steps = 2, 3, 2, 1
@@ -71,9 +76,13 @@ def profile_top(step: C.Step, device, steps: int, rows: int = 12) -> list[dict]:
     ]
 
 
-def measure(config, device, train_set, precision: str, a) -> dict:
-    step = C.train_step(config, device, train_set, bf16=precision == "bf16")
-    flops = flops_per_step(step)
+def measure(config, device, train_set, precision: str, compiled: bool, flops: int, a) -> dict:
+    torch._dynamo.reset()  # each variant compiles (and is timed) on its own
+    step = C.train_step(config, device, train_set, bf16=precision == "bf16", compile=compiled)
+    t0 = time.perf_counter()
+    step()  # builds oneDNN/cuDNN primitives; compiles when compiled
+    C.sync(device)
+    first = time.perf_counter() - t0
     times = C.time_calls(step, device, a.warmup, a.steps)
     phases, inst = step.breakdown(a.breakdown_steps)
     step_inst = sum(inst)
@@ -84,6 +93,9 @@ def measure(config, device, train_set, precision: str, a) -> dict:
     ips = config.training.batch_size / s["median_s"]
     return {
         "precision": "fp32" if precision == "no" else precision,
+        "compile": compiled,
+        "first_step_s": first,
+        "compile_s": max(first - s["median_s"], 0.0) if compiled else None,
         "step": s,
         "img_per_s": ips,
         "img_per_s_mean": config.training.batch_size / s["mean_s"],
@@ -107,21 +119,25 @@ def main() -> None:
         print(f"{a.config}: batch {a.batch_size}, data {facts['data']}, device {device}, threads {threads}")
         for dtype in (torch.float32, torch.bfloat16):
             name = f"{str(dtype).replace('torch.', '')}@{threads}"
-            peaks[name] = C.matmul_peak(device, dtype, n=1024 if a.quick else 2048, seconds=0.5 if a.quick else 2.0)
+            n = 1024 if a.quick else 8192 if device.type == "cuda" else 2048
+            peaks[name] = C.matmul_peak(device, dtype, n=n, seconds=0.5 if a.quick else 2.0)
             print(f"matmul peak {name}: {C.fmt_rate(peaks[name]['flop_s'])}")
         for precision in a.precisions.split(","):
-            r = measure(config, device, train_set, precision, a)
-            r["threads"] = threads
-            peak = peaks[f"{'float32' if precision == 'no' else 'bfloat16'}@{threads}"]["flop_s"]
-            r["peak_flop_s"] = peak
-            r["fraction_of_peak"] = r["achieved_flop_s"] / peak
-            results.append(r)
-            print(
-                f"{r['precision']} x{threads}: {r['img_per_s']:.1f} img/s (step {1e3 * r['step']['median_s']:.0f} ms, "
-                f"best {a.batch_size / r['step']['min_s']:.1f} img/s), {C.fmt_rate(r['achieved_flop_s'])} = "
-                f"{100 * r['fraction_of_peak']:.1f}% of peak; {C.shares_text(r['breakdown_share'])}",
-                flush=True,
-            )
+            flops = flops_per_step(C.train_step(config, device, train_set, bf16=precision == "bf16"))  # eager
+            for compiled in (c == "on" for c in a.compile.split(",")):
+                r = measure(config, device, train_set, precision, compiled, flops, a)
+                r["threads"] = threads
+                r["peak_flop_s"] = peaks[f"{'float32' if precision == 'no' else 'bfloat16'}@{threads}"]["flop_s"]
+                r["fraction_of_peak"] = r["achieved_flop_s"] / r["peak_flop_s"]
+                results.append(r)
+                took = f", compile {r['compile_s']:.1f} s" if compiled else ""
+                print(
+                    f"{r['precision']}{' compiled' if compiled else ''} x{threads}: {r['img_per_s']:.1f} img/s "
+                    f"(step {1e3 * r['step']['median_s']:.0f} ms, best {a.batch_size / r['step']['min_s']:.1f} "
+                    f"img/s), {C.fmt_rate(r['achieved_flop_s'])} = {100 * r['fraction_of_peak']:.1f}% of peak"
+                    f"{took}; {C.shares_text(r['breakdown_share'])}",
+                    flush=True,
+                )
     torch.set_num_threads(default_threads)
 
     data = {
@@ -138,6 +154,8 @@ def main() -> None:
     md += C.md_table(
         [
             "precision",
+            "compiled",
+            "compile s",
             "threads",
             "img/s",
             "step ms",
@@ -152,6 +170,8 @@ def main() -> None:
         [
             [
                 r["precision"],
+                "yes" if r["compile"] else "no",
+                round(r["compile_s"], 1) if r["compile_s"] is not None else "-",
                 r["threads"],
                 f"{r['img_per_s']:.1f} ({a.batch_size / r['step']['min_s']:.1f})",
                 round(1e3 * r["step"]["median_s"], 1),
@@ -166,7 +186,8 @@ def main() -> None:
     )
     for r in results:
         if r["profile_top_ops"]:
-            md += f"\nTop operators, {r['precision']}, {r['threads']} thread(s) (self time per step):\n\n"
+            what = f"{r['precision']}{', compiled' if r['compile'] else ''}, {r['threads']} thread(s)"
+            md += f"\nTop operators, {what} (self time per step):\n\n"
             md += C.md_table(
                 ["op", "ms/step", "share", "calls/step"],
                 [

@@ -32,8 +32,10 @@ steps, then ``--steps`` timed ones each), after measuring the dense matmul peak 
 that round; so slow drifts of this shared machine hit all three alike. Reported: img/s per round
 (median step), the ratios lintrans/IHDM per round with median and min-max over rounds, model FLOPs
 per step (``FlopCounterMode``, forward + backward; the FFT blur is not counted) and the achieved
-fraction of the round's matmul peak of the step's dtype. CPU only (CUDA is hidden: IHDM's
-``DataParallel`` would spread a CPU model over GPUs).
+fraction of the round's matmul peak of the step's dtype. ``--device cpu`` (the default) hides CUDA
+(IHDM's ``DataParallel`` would spread a CPU model over GPUs); ``--device cuda`` runs both on the
+first GPU, where lintrans auto is bf16 and compiled (``training.compile: auto``), its compile time
+(the first step) reported apart.
 """
 
 from __future__ import annotations
@@ -48,8 +50,6 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # a CPU benchmark; before torch is imported
 
 import _common as C
 import torch
@@ -84,6 +84,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after building it")
     p.add_argument("--round-warmup", type=int, default=1, help="untimed steps per variant at the start of a round")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, the same for both")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both steps run")
     p.add_argument("--peak-seconds", type=float, default=1.0, help="matmul peak measurement per dtype per round")
     p.add_argument("--quick", action="store_true", help="smoke run (seconds): 1 round, 2 steps, small_mnist")
     p.add_argument("--name", default="vs_ihdm", help="result file stem under bench/results/")
@@ -152,12 +153,12 @@ def import_ihdm() -> tuple[dict, dict]:
 class IhdmStep:
     """One iteration of IHDM's ``train.py`` loop: ``train_step_fn(state, batch)`` and ``loss.item()``."""
 
-    def __init__(self, mods: dict, module: str, batch_size: int, train_set) -> None:
+    def __init__(self, mods: dict, module: str, batch_size: int, train_set, device: torch.device) -> None:
         from lintrans import datasets
 
         losses, mutils = mods["scripts.losses"], mods["model_code.utils"]
         cfg = mods[module].get_config()
-        cfg.device = torch.device("cpu")
+        cfg.device = device
         cfg.training.batch_size = batch_size
         torch.manual_seed(cfg.seed)
         model = mutils.create_model(cfg)
@@ -239,7 +240,7 @@ def fmt_spread(s: dict, scale: float = 1.0, digits: int = 2, suffix: str = "") -
     return f"{med:.{digits}f}{suffix} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
-def run_config(name: str, a, dev, mods: dict, auto_bf16: bool) -> dict:
+def run_config(name: str, a, dev, mods: dict, auto_bf16: bool, auto_compile: bool) -> dict:
     from lintrans import datasets
     from lintrans.config import load
 
@@ -252,9 +253,9 @@ def run_config(name: str, a, dev, mods: dict, auto_bf16: bool) -> dict:
         "lintrans_auto": "bfloat16" if auto_bf16 else "float32",
     }
     steps = {
-        "ihdm_fp32": IhdmStep(mods, module, a.batch_size, train_set),
+        "ihdm_fp32": IhdmStep(mods, module, a.batch_size, train_set, dev),
         "lintrans_fp32": C.train_step(config, dev, train_set, bf16=False),
-        "lintrans_auto": C.train_step(config, dev, train_set, bf16=auto_bf16),
+        "lintrans_auto": C.train_step(config, dev, train_set, bf16=auto_bf16, compile=auto_compile),
     }
     ihdm = steps["ihdm_fp32"]
     blur_dtype = ihdm.blur_dtype
@@ -268,15 +269,19 @@ def run_config(name: str, a, dev, mods: dict, auto_bf16: bool) -> dict:
         f"lintrans {params['lintrans']:,}; mirrored values that differ: {', '.join(check['differ']) or 'none'}",
         flush=True,
     )
-    flops = {}
+    flops, compile_s = {}, None
     for v, step in steps.items():  # the counted step is one of the warm-up steps
-        flops[v] = flops_per_step(step)
+        if v == "lintrans_auto" and auto_compile:  # compiled: the first step compiles; count on the eager twin
+            flops[v] = flops_per_step(C.train_step(config, dev, train_set, bf16=auto_bf16))
+            compile_s = C.time_calls(step, dev, 0, 1)[0]
+        else:
+            flops[v] = flops_per_step(step)
         C.time_calls(step, dev, max(a.warmup - 1, 0), 0)
     print(f"{name}: GFLOP/step " + ", ".join(f"{v} {f / 1e9:.1f}" for v, f in flops.items()), flush=True)
 
     rounds = []
     for r in range(a.rounds):
-        n = 1024 if a.quick else 2048
+        n = 1024 if a.quick else 8192 if dev.type == "cuda" else 2048
         peak = {d: C.matmul_peak(dev, getattr(torch, d), n=n, seconds=a.peak_seconds) for d in ("float32", "bfloat16")}
         res = {}
         for v, step in steps.items():
@@ -323,6 +328,7 @@ def run_config(name: str, a, dev, mods: dict, auto_bf16: bool) -> dict:
         "config_check": check,
         "params": params,
         "flops_per_step": flops,
+        "lintrans_auto_first_step_s": compile_s,
         "rounds": rounds,
         "summary": summary,
     }
@@ -337,7 +343,8 @@ def markdown(a, facts: dict, results: dict) -> str:
     f = facts["cpu_flags"]
     md += (
         f"- CPU flags: AVX512-BF16 {'yes' if f['avx512_bf16'] else 'no'}, AMX-BF16 {'yes' if f['amx_bf16'] else 'no'}"
-        f" (torch CPU capability {facts['cpu_capability']}); lintrans `mixed_precision=auto` -> "
+        f" (torch CPU capability {facts['cpu_capability']}); lintrans `mixed_precision=auto`, `compile=auto` on "
+        f"{facts['device']} -> "
         f"{facts['lintrans_auto']}\n"
         f"- IHDM (`IHDM_PATH`): `{facts['ihdm']['path']}`, commit {facts['ihdm']['commit']} ({IHDM_URL})\n"
         f"- run as: `{facts['command_with_env']}`\n\n"
@@ -357,8 +364,11 @@ def markdown(a, facts: dict, results: dict) -> str:
         md += (
             f"`{r['lintrans_config']}` vs IHDM `{Path(r['ihdm_config']).relative_to(facts['ihdm']['path'])}`; "
             f"parameters: IHDM {r['params']['ihdm']:,}, lintrans {r['params']['lintrans']:,}; mirrored config "
-            f"values that differ: {', '.join(r['config_check']['differ']) or 'none'}.\n\n"
-        )
+            f"values that differ: {', '.join(r['config_check']['differ']) or 'none'}"
+            + (f"; lintrans auto's first (compiling) step {r['lintrans_auto_first_step_s']:.1f} s"
+               if r["lintrans_auto_first_step_s"] is not None else "")
+            + ".\n\n"
+        )  # fmt: skip
         md += C.md_table(
             ["step", "dtype", "img/s median (min-max)", "GFLOP/step", "% of matmul peak", "lintrans / IHDM"],
             [
@@ -398,10 +408,12 @@ def main() -> None:
     a = parse()
     mods, ihdm_facts = import_ihdm()  # before lintrans loads any config: both name a package `configs`
     torch.set_num_threads(a.threads)
-    dev = C.device("cpu")
-    from lintrans.device import cpu_flags_have_bf16, use_bf16
+    if a.device == "cpu":  # IHDM's DataParallel would spread a CPU model over visible GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    dev = C.device(a.device)
+    from lintrans.device import cpu_flags_have_bf16, use_bf16, use_compile
 
-    auto_bf16 = use_bf16("auto", dev)
+    auto_bf16, auto_compile = use_bf16("auto", dev), use_compile("auto", dev)
     info = C.machine(dev.type)
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     facts = {
@@ -414,7 +426,8 @@ def main() -> None:
             "LINTRANS_CPU_BF16": os.environ.get("LINTRANS_CPU_BF16"),
         },
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "lintrans_auto": "bf16" if auto_bf16 else "fp32",
+        "lintrans_auto": ("bf16" if auto_bf16 else "fp32") + (", compiled" if auto_compile else ", eager"),
+        "device": a.device,
         "ihdm": ihdm_facts,
         "command_with_env": f"IHDM_PATH={shlex.quote(ihdm_facts['path'])} {C.command_line()}",
         "threads": a.threads,
@@ -427,11 +440,12 @@ def main() -> None:
         "quick": a.quick,
     }
     print(
-        f"{info['cpu']}, {a.threads} thread(s), ISA {', '.join(info.get('cpu_isa', []))}; lintrans auto -> "
+        f"{info['gpu'] or info['cpu']}, {a.threads} thread(s), ISA {', '.join(info.get('cpu_isa', []))}; "
+        "lintrans auto -> "
         f"{facts['lintrans_auto']}; IHDM {ihdm_facts['path']} @ {ihdm_facts['commit'][:12]}",
         flush=True,
     )
-    results = {name: run_config(name, a, dev, mods, auto_bf16) for name in a.configs}
+    results = {name: run_config(name, a, dev, mods, auto_bf16, auto_compile) for name in a.configs}
     C.write_results(a.name, {**facts, "configs": results}, markdown(a, facts, results))
 
 

@@ -26,6 +26,7 @@ from lintrans.errors import UsageError, choices
 
 RUN_CONFIG = "config.json"  # a run directory's resolved config: what it trained (lintrans.run writes it)
 PRECISIONS = ("auto", "no", "bf16")
+COMPILE = ("auto", "on", "off")  # training.compile: lintrans.device.use_compile
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("Adam", "SGD")
 PRIORS = ("data", "gaussian")  # sampling.prior: IHDM's mixture over the training set, or a fitted Gaussian
@@ -144,7 +145,7 @@ NOT_IDENTITY = ("logging",)
 # Keys added after trials existed, with the value that does what runs did before the key: left out of a
 # trial's identity while they hold it, so that adding a key to the config renames no trial. A key added
 # from now on goes here with its neutral value.
-NEUTRAL = {("sampling", "prior"): "data", ("sampling", "prior_rank"): 256}
+NEUTRAL = {("sampling", "prior"): "data", ("sampling", "prior_rank"): 256, ("training", "compile"): "auto"}
 
 
 def identity(resolved: dict[str, Any]) -> dict[str, Any]:
@@ -215,6 +216,8 @@ def validate(config: ml_collections.ConfigDict, forward: bool = True) -> None:
         _need(_is_int(e[key]) and e[key] >= 1, f"eval.{key}", "an integer >= 1", e[key])
     if t.mixed_precision not in PRECISIONS:
         raise UsageError(f"unknown config.training.mixed_precision '{t.mixed_precision}'; valid: {choices(PRECISIONS)}")
+    if t.get("compile", "auto") not in COMPILE:
+        raise UsageError(f"unknown config.training.compile '{t.compile}'; valid: {choices(COMPILE)}")
     if config.device not in DEVICES:
         raise UsageError(f"unknown config.device '{config.device}'; valid: {choices(DEVICES)}")
     if o.optimizer not in OPTIMIZERS:

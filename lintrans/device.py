@@ -9,11 +9,17 @@ otherwise: on a CPU without those instructions bf16 autocast is about 2x slower 
 ``LINTRANS_CPU_BF16=0`` hides the CPU's bf16 instructions from ``auto`` and ``=1`` shows them, so
 that one machine can run both paths (the test suite does; so can a user who wants fp32 numbers
 from a bf16 machine without editing configs).
+
+``training.compile: auto`` compiles the network (``torch.compile``) on CUDA and runs it eager on a
+CPU, as measured (``bench/compile_step.py``, ``bench/gpu.sh``); ``on`` compiles on either, and
+falls back to eager with one warning where the device's compiler is missing.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import warnings
 from functools import cache
 from pathlib import Path
@@ -93,13 +99,68 @@ def has_bf16(device: torch.device) -> bool:
 
 
 def use_bf16(request: str, device: torch.device) -> bool:
-    """Resolve ``training.mixed_precision``; an explicit ``bf16`` on hardware without it trains, with one warning."""
+    """Resolve a precision (``training.mixed_precision``, an evaluation's ``precision``): ``auto``, ``no`` or ``bf16``.
+
+    An explicit ``bf16`` on hardware without it runs, with one warning.
+    """
     if request == "auto":
         return has_bf16(device)
     if request == "bf16" and not has_bf16(device):
         warnings.warn(
-            f"training.mixed_precision=bf16 on {device} without bf16 support (CUDA bf16, AVX512-BF16 or AMX): "
+            f"bf16 asked for on {device} without bf16 support (CUDA bf16, AVX512-BF16 or AMX): "
             "expect about half the fp32 speed; 'auto' would pick fp32",
             stacklevel=2,
         )
     return request == "bf16"
+
+
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def compiler_missing(device: torch.device) -> str | None:
+    """What ``torch.compile`` lacks on ``device`` (Triton on CUDA, a C++ compiler on a CPU); None if nothing."""
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") else "Triton is not installed (torch.compile's CUDA backend)"
+    cxx = os.environ.get("CXX", "g++")
+    return None if shutil.which(cxx) else f"no C++ compiler '{cxx}' on PATH (torch.compile's CPU backend; set CXX)"
+
+
+def use_compile(request: str, device: torch.device) -> bool:
+    """Resolve ``training.compile``: ``auto`` compiles on CUDA only; a missing compiler runs eager, with one warning."""
+    if request == "off" or (request == "auto" and device.type != "cuda"):
+        return False
+    missing = compiler_missing(device)
+    if missing:
+        warnings.warn(f"training.compile={request} on {device}: {missing}; running eager", stacklevel=2)
+        return False
+    return True
+
+
+class BF16Network(torch.nn.Module):
+    """A network that runs under bf16 autocast and answers in fp32, for sampling and evaluations.
+
+    Only the network's matmuls and convolutions drop to bf16: the residual it returns is cast back,
+    so the reverse process, the squared errors and the log-densities around it stay in their own
+    dtype (fp32 states, fp64 sums). Train mode, ``eval()`` and parameters pass through to the network.
+    """
+
+    def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.net, self.device_type = net, device.type
+
+    def forward(self, u: torch.Tensor, k: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            out = self.net(u, k, theta)
+        return out.float()
+
+
+def inference_network(net: torch.nn.Module, bf16: bool, device: torch.device, compile: bool = False):
+    """``net`` as sampling and the evaluations call it: in :class:`BF16Network` when ``bf16``, then compiled
+    (``torch.compile``, one graph per batch shape) when ``compile``."""
+    out = BF16Network(net, device) if bf16 else net
+    return torch.compile(out) if compile else out
+
+
+def precision_name(bf16: bool) -> str:
+    """How records and logs name a precision."""
+    return "bf16" if bf16 else "fp32"

@@ -53,6 +53,12 @@ class EvalSpec:
     dataset_name_cleanfid: Name | None = Field(None, description="Reference statistics, clean-fid naming.")
     dataset_split: Name = Field("train", description="clean-fid split of the statistics; 'custom' for --save_stats.")
     cleanfid_mode: Literal["clean", "legacy_tensorflow"] = Field("clean", description="clean or legacy_tensorflow.")
+    precision: Literal["train", "auto", "no", "bf16"] = Field(
+        "train",
+        description="The network's precision while sampling and in the ELBO: train (the run's "
+        "training.mixed_precision), auto (bf16 where the device has it), no (fp32) or bf16; the bound's sums "
+        "and log-densities stay in float64 either way.",
+    )
     memorisation_samples: Count = Field(
         1000,
         description="FID: the first N samples (at most num_gen) are compared with every training image for "

@@ -12,6 +12,11 @@ the run's stored Gaussian fit (no data set needed to generate). The ELBO record 
 from the stored fit, or for a ``data`` run one fitted here the same way): breakdown terms, so
 ``elbo.limit_rank_99`` and the like are table columns outside the brief view.
 
+The network runs in the evaluation's ``precision`` (by default the run's ``training.mixed_precision``:
+bf16 autocast where the device has it) and, where the run's ``training.compile`` resolves on, compiled;
+the reverse process, the squared errors and the bound's sums stay fp32/fp64. The record's
+``evaluation.precision`` says which precision produced it.
+
 ``metric="auto"`` picks ``fid_mnist_features`` for mnist5k (offline, the project's digit
 features) unless clean-fid reference statistics are named with ``dataset_name_cleanfid``, and
 ``fid_inception`` otherwise.
@@ -38,6 +43,7 @@ from torch import Tensor
 
 from lintrans import datasets, records, sampling
 from lintrans.config import prior_fit_args, sampling_delta, sampling_prior, to_json
+from lintrans.device import inference_network, precision_name, use_bf16, use_compile
 from lintrans.eval_spec import EvalSpec
 from lintrans.forward import ForwardProcess
 from lintrans.gaussian_prior import GaussianFit, fit_limit, limit_summary
@@ -202,7 +208,9 @@ def evaluate(
     loaded = load_model(run.workdir, spec.checkpoint, device, config=config)
     gaussian = run.configured_prior(own)
     train_set, test_set = datasets.load(own)
-    model, process = loaded.model, loaded.process
+    bf16 = use_bf16(own.training.mixed_precision if spec.precision == "train" else spec.precision, device)
+    compiled = use_compile(own.training.get("compile", "auto"), device)
+    model, process = inference_network(loaded.model, bf16, device, compiled), loaded.process
 
     if spec.mode == "fid":
         metrics, breakdown = run_fid(model, process, train_set, test_set, spec, delta, resolution, device, gaussian)
@@ -222,7 +230,13 @@ def evaluate(
         "param": spec.param_name,
         "dataset_name": dataset_name,
         "run": run_identity(own, run, path, spec.checkpoint, loaded.step, delta),
-        "evaluation": {**evaluation, "batch_size": spec.batch_size, "seed": spec.seed},
+        "evaluation": {
+            **evaluation,
+            "batch_size": spec.batch_size,
+            "seed": spec.seed,
+            "precision": precision_name(bf16),
+            "compile": compiled,
+        },
         "metrics": metrics,
         "breakdown": breakdown,
         "wall_s": round(time.perf_counter() - start, 3),

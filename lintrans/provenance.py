@@ -37,19 +37,21 @@ def mixed(made_by: list[dict]) -> str | None:
     return f"note: these trials' numbers come from different set-ups ({said}): compare within one" if said else None
 
 
-def collect(device: torch.device, bf16: bool, world_size: int) -> dict:
-    """The record of one run on ``device`` (bf16 autocast or fp32) with ``world_size`` processes."""
+def collect(device: torch.device, bf16: bool, world_size: int, compiled: bool) -> dict:
+    """The record of one run on ``device`` (bf16 autocast or fp32, compiled or eager) with ``world_size`` processes."""
     import torch
 
+    from lintrans.device import precision_name
+
     return {
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": precision_name(bf16),
         "device": device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "lintrans": package_version(),
         "commit": commit(),
         "world_size": world_size,
-        "compile": False,  # the trainer runs eager; torch.compile is not used
+        "compile": compiled,
     }
 
 

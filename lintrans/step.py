@@ -96,12 +96,14 @@ class TrainStep:
         dequantization: bool,
         bf16: bool,
         device: torch.device,
+        compile: bool = False,
         timer: Timer | None = None,
     ) -> None:
         self.model, self.ema, self.opt, self.process = model, ema, optimizer, process
-        self.ddp = DDP(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
-        )
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        # Compiled as PyTorch recommends for DDP: the wrapper, so that its optimizer splits graphs at gradient
+        # buckets. Parameters, checkpoints and the EMA stay the plain ``model``'s.
+        self.ddp = torch.compile(ddp) if compile else ddp
         self.sigma, self.seed, self.global_batch = sigma, seed, global_batch
         self.lr, self.warmup, self.grad_clip = lr, warmup, grad_clip
         self.random_flip, self.dequantization = random_flip, dequantization

@@ -24,7 +24,7 @@ from torch import nn
 from lintrans import config as cfg
 from lintrans import datasets, distributed, images, monitor, provenance, sampling, trackers
 from lintrans.atomic import write_json
-from lintrans.device import use_bf16
+from lintrans.device import inference_network, use_bf16, use_compile
 from lintrans.ema import EMA
 from lintrans.errors import NonFiniteLossError
 from lintrans.forward import ForwardProcess, create_forward
@@ -98,7 +98,8 @@ def write_samples(
     ema_model, process: ForwardProcess, train_set, folder: Path, *, n: int, delta: float, seed: int,
     device: torch.device, log: monitor.Monitor, step: int, gaussian: GaussianFit | None,
 ) -> None:  # fmt: skip
-    """Sample grid, prior grid and reverse-process GIF from the EMA model; the grid goes to the trackers too.
+    """Sample grid, prior grid and reverse-process GIF from the EMA model (in the training's precision); the grid
+    goes to the trackers too.
 
     The prior is ``gaussian`` where given, else IHDM's over ``train_set``.
     """
@@ -232,6 +233,7 @@ def loop_settings(config: ml_collections.ConfigDict, device: torch.device, label
         "model_args": cfg.model_args(config), "optim_args": cfg.optim_args(config), "config_json": cfg.to_json(config),
         "seed": config.seed, "ema_rate": m.ema_rate, "sigma": m.sigma, "batch_size": t.batch_size,
         "warmup": config.optim.warmup, "grad_clip": config.optim.grad_clip, "bf16": use_bf16(t.mixed_precision, device),
+        "compile": use_compile(t.get("compile", "auto"), device),
         "random_flip": d.random_flip, "dequantization": d.uniform_dequantization, "num_workers": d.num_workers,
         "n_iters": t.n_iters, "log_freq": t.log_freq, "eval_freq": t.eval_freq, "sampling_freq": t.sampling_freq,
         "snapshot_freq": t.snapshot_freq, "snapshot_freq_for_preemption": t.snapshot_freq_for_preemption,
@@ -271,7 +273,8 @@ def train(
     if info.rank == 0:
         run.remove_temp_files()
         run.write_config(config, config_file, overrides)
-        write_json(run.workdir / provenance.FILE, provenance.collect(device, settings["bf16"], info.world_size))
+        facts = provenance.collect(device, settings["bf16"], info.world_size, settings["compile"])
+        write_json(run.workdir / provenance.FILE, facts)
         if cfg.sampling_prior(config) == "gaussian":
             gaussian = run.load_prior() or fit_and_save_prior(run, process.to(device), train_set, config, device)
     try:
@@ -315,7 +318,7 @@ def training_loop(
     *,
     run: Run, process: ForwardProcess, train_set, eval_set, config_json: str,  # what is trained, and where
     model_args: dict, optim_args: dict, ema_rate: float, seed: int,  # the network, its EMA and optimizer
-    sigma: float, batch_size: int, warmup: int, grad_clip: float, bf16: bool,  # the step
+    sigma: float, batch_size: int, warmup: int, grad_clip: float, bf16: bool, compile: bool,  # the step
     random_flip: bool, dequantization: bool, num_workers: int,  # the data
     n_iters: int, log_freq: int, eval_freq: int, sampling_freq: int, snapshot_freq: int,  # the schedule
     snapshot_freq_for_preemption: int,
@@ -334,7 +337,7 @@ def training_loop(
     step_fn = TrainStep(
         model=model, ema=net.ema, optimizer=net.opt, process=process, sigma=sigma, seed=seed, global_batch=batch_size,
         lr=optim_args["lr"], warmup=warmup, grad_clip=grad_clip, random_flip=random_flip,
-        dequantization=dequantization, bf16=bf16, device=device,
+        dequantization=dequantization, bf16=bf16, compile=compile, device=device,
     )  # fmt: skip
     sampler = datasets.GlobalBatchSampler(len(train_set), batch_size, rank, world, seed)
     torch.manual_seed(seed * 1000 + rank)  # dropout stream, per rank
@@ -357,9 +360,9 @@ def training_loop(
         return loss
 
     def sample(done: int) -> None:
-        log.write(write_samples, net.ema.model, process, train_set, run.workdir / "samples" / f"iter_{done}",
-                  n=num_samples, delta=delta, seed=seed, device=device, log=log, step=done,
-                  gaussian=gaussian)  # fmt: skip
+        ema = inference_network(net.ema.model, bf16, device)
+        log.write(write_samples, ema, process, train_set, run.workdir / "samples" / f"iter_{done}", n=num_samples,
+                  delta=delta, seed=seed, device=device, log=log, step=done, gaussian=gaussian)  # fmt: skip
 
     def checkpoint(done: int) -> None:
         save_checkpoint(run, net, done, numbered=when.numbered(done), steps_per_epoch=sampler.steps_per_epoch,
