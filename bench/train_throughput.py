@@ -62,8 +62,12 @@ def profile_top(step: C.Step, device, steps: int, rows: int = 12) -> list[dict]:
     with profile(activities=acts) as prof:
         for _ in range(steps):
             step()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    events = prof.key_averages()
+    key = "self_cpu_time_total"
+    if device.type == "cuda":  # torch >= 2.4 names it for any device; older releases said cuda
+        new = events and hasattr(events[0], "self_device_time_total")
+        key = "self_device_time_total" if new else "self_cuda_time_total"
+    events = sorted(events, key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1
     return [
         {
