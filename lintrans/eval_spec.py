@@ -53,11 +53,11 @@ class EvalSpec:
     dataset_name_cleanfid: Name | None = Field(None, description="Reference statistics, clean-fid naming.")
     dataset_split: Name = Field("train", description="clean-fid split of the statistics; 'custom' for --save_stats.")
     cleanfid_mode: Literal["clean", "legacy_tensorflow"] = Field("clean", description="clean or legacy_tensorflow.")
-    precision: Literal["train", "auto", "no", "bf16"] = Field(
-        "train",
-        description="The network's precision while sampling and in the ELBO: train (the run's "
-        "training.mixed_precision), auto (bf16 where the device has it), no (fp32) or bf16; the bound's sums "
-        "and log-densities stay in float64 either way.",
+    precision: Literal["train", "auto", "no", "bf16"] | None = Field(
+        None,
+        description="The network's precision: train (the run's training.mixed_precision), auto (bf16 where the "
+        "device has it), no (fp32) or bf16. Default: train for FID, no for the ELBO (bf16 moves the bound by "
+        "0.01-0.03 bpd: bench/results/elbo_precision.md). The bound's sums stay in float64 either way.",
     )
     memorisation_samples: Count = Field(
         1000,
@@ -66,7 +66,10 @@ class EvalSpec:
     )
 
     def resolved(self, dataset: str) -> EvalSpec:
-        """This spec for a run on ``dataset``: ``metric`` resolved, FID metric and statistics compatible."""
+        """This spec for a run on ``dataset``: ``metric`` and ``precision`` resolved, FID metric and statistics
+        compatible."""
+        if self.precision is None:
+            return dataclasses.replace(self, precision="train" if self.mode == "fid" else "no").resolved(dataset)
         if self.mode != "fid":
             return self
         metric = self.metric

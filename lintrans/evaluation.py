@@ -12,8 +12,11 @@ the run's stored Gaussian fit (no data set needed to generate). The ELBO record 
 from the stored fit, or for a ``data`` run one fitted here the same way): breakdown terms, so
 ``elbo.limit_rank_99`` and the like are table columns outside the brief view.
 
-The network runs in the evaluation's ``precision`` (by default the run's ``training.mixed_precision``:
-bf16 autocast where the device has it) and, where the run's ``training.compile`` resolves on, compiled;
+The network runs in the evaluation's ``precision``: by default FID's samples in the run's
+``training.mixed_precision`` (bf16 autocast where the device has it) and the ELBO in fp32 (a bf16
+network moves the bound by 0.01-0.03 bpd, ``bench/results/elbo_precision.md``; ``precision=bf16``
+asks for it anyway) and, where the run's ``training.compile`` says so (``auto``: on
+CUDA), compiled;
 the reverse process, the squared errors and the bound's sums stay fp32/fp64. The record's
 ``evaluation.precision`` says which precision produced it.
 
@@ -209,7 +212,7 @@ def evaluate(
     gaussian = run.configured_prior(own)
     train_set, test_set = datasets.load(own)
     bf16 = use_bf16(own.training.mixed_precision if spec.precision == "train" else spec.precision, device)
-    compiled = use_compile(own.training.get("compile", "auto"), device)
+    compiled = use_compile(own.training.get("compile", "auto"), device, training=False)
     model, process = inference_network(loaded.model, bf16, device, compiled), loaded.process
 
     if spec.mode == "fid":

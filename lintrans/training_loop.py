@@ -233,7 +233,7 @@ def loop_settings(config: ml_collections.ConfigDict, device: torch.device, label
         "model_args": cfg.model_args(config), "optim_args": cfg.optim_args(config), "config_json": cfg.to_json(config),
         "seed": config.seed, "ema_rate": m.ema_rate, "sigma": m.sigma, "batch_size": t.batch_size,
         "warmup": config.optim.warmup, "grad_clip": config.optim.grad_clip, "bf16": use_bf16(t.mixed_precision, device),
-        "compile": use_compile(t.get("compile", "auto"), device),
+        "compile": use_compile(t.get("compile", "auto"), device, training=True),
         "random_flip": d.random_flip, "dequantization": d.uniform_dequantization, "num_workers": d.num_workers,
         "n_iters": t.n_iters, "log_freq": t.log_freq, "eval_freq": t.eval_freq, "sampling_freq": t.sampling_freq,
         "snapshot_freq": t.snapshot_freq, "snapshot_freq_for_preemption": t.snapshot_freq_for_preemption,

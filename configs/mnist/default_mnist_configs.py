@@ -25,7 +25,8 @@ def get_default_configs():
     training.mixed_precision = (
         "auto"  # auto: bf16 where the device has it (CUDA, AVX512-BF16/AMX), else fp32; "no"; "bf16"
     )
-    training.compile = "auto"  # torch.compile the network: auto (on CUDA, where it wins; eager on CPU), on, off
+    # torch.compile the network: auto (evaluations on CUDA, where it wins; training eager), on (both), off
+    training.compile = "auto"
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.delta = placeholder(float)  # sampling noise; None means 1.25 * model.sigma
