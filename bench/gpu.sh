@@ -67,7 +67,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit; a failure i
 if [ $quick = 1 ]; then  # compiling takes minutes on 2 CPU cores: eager only unless --compile says otherwise
     compile=${compile:-off}
     train=(--config tests/configs/tiny.py --batch-size 8 --quick)
-    samp=(--config tests/configs/tiny.py --K 3,5 --batch-sizes 4 --repeats 1)
+    samp=(--config tests/configs/tiny.py --quick)
     ihdm=(--quick --batch-size 8)
     elbo=(--quick)
 else
