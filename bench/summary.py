@@ -101,7 +101,8 @@ def rows() -> list[list[str]]:
     if sp:
         for r in sp["results"]:
             add(
-                f"sampling img/s, full K={r['K']} run, {r['precision']}, batch {r['batch_size']}",
+                f"sampling img/s, full K={r['K']} run, {r['precision']}{', compiled' if r.get('compile') else ''}, "
+                f"batch {r['batch_size']}",
                 f"{r['img_per_s']:.2f}",
                 "",
                 "",

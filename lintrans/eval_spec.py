@@ -59,6 +59,13 @@ class EvalSpec:
         "device has it), no (fp32) or bf16. Default: train for FID, no for the ELBO (bf16 moves the bound by "
         "0.01-0.03 bpd: bench/results/elbo_precision.md). The bound's sums stay in float64 either way.",
     )
+    prior: Literal["run", "data", "gaussian"] = Field(
+        "run",
+        description="The prior of u_K: run (the run's sampling.prior), data (IHDM's mixture over the training "
+        "set) or gaussian (N(mu, Sigma + delta^2 I) fitted to T(K) u_0: the run's stored fit, else fitted here). "
+        "FID samples from it; the ELBO's bound uses it. Another prior than the run's names the metrics "
+        "<metric>_<prior>_prior, so both can be columns of one table.",
+    )
     memorisation_samples: Count = Field(
         1000,
         description="FID: the first N samples (at most num_gen) are compared with every training image for "

@@ -6,11 +6,14 @@ sampling helps nobody), evaluates the EMA weights, writes the record into the ru
 into IHDM's ``runs/<dataset>/evaluation_results/<experiment>/`` folder
 (:mod:`lintrans.records`), and returns it.
 
-Samples come from the run's ``config.sampling.prior``: IHDM's mixture over the training images, or
-the run's stored Gaussian fit (no data set needed to generate). The ELBO record holds both priors'
-``L_K`` and their gap, and what ``T(K)`` leaves of the data (:func:`lintrans.gaussian_prior.limit_summary`,
-from the stored fit, or for a ``data`` run one fitted here the same way): breakdown terms, so
-``elbo.limit_rank_99`` and the like are table columns outside the brief view.
+Samples come from the evaluation's ``prior``, by default the run's ``config.sampling.prior``: IHDM's
+mixture over the training images, or the run's stored Gaussian fit (no data set needed to generate).
+``prior=gaussian`` on a ``data`` run fits the Gaussian here, so one checkpoint gives FID under both
+priors; metrics under another prior than the run's are named ``<metric>_<prior>_prior``. The ELBO
+record holds both priors' ``L_K`` and their gap, and what ``T(K)`` leaves of the data
+(:func:`lintrans.gaussian_prior.limit_summary`, from the stored fit, or for a ``data`` run one fitted
+here the same way): breakdown terms, so ``elbo.limit_rank_99`` and the like are table columns outside
+the brief view.
 
 The network runs in the evaluation's ``precision``: by default FID's samples in the run's
 ``training.mixed_precision`` (bf16 autocast where the device has it) and the ELBO in fp32 (a bf16
@@ -215,17 +218,22 @@ def evaluate(
     compiled = use_compile(own.training.get("compile", "auto"), device, training=False)
     model, process = inference_network(loaded.model, bf16, device, compiled), loaded.process
 
-    if spec.mode == "fid":
-        metrics, breakdown = run_fid(model, process, train_set, test_set, spec, delta, resolution, device, gaussian)
-        evaluation = {"metric": spec.metric, "num_gen": spec.num_gen, **reference}
-    else:
-        sigma, prior = float(own.model.sigma), sampling_prior(own)
+    prior = sampling_prior(own) if spec.prior == "run" else spec.prior
+    if spec.mode == "elbo" or prior == "gaussian":
         # A data-prior run has no stored fit: fit one here, from the whole training set as training would.
         gaussian = gaussian or fit_limit(process, train_set, device=device, **prior_fit_args(own))
+    if spec.mode == "fid":
+        fit = gaussian if prior == "gaussian" else None
+        metrics, breakdown = run_fid(model, process, train_set, test_set, spec, delta, resolution, device, fit)
+        evaluation = {"metric": spec.metric, "num_gen": spec.num_gen, **reference}
+    else:
+        sigma = float(own.model.sigma)
         metrics, breakdown = run_elbo(
             model, process, train_set, test_set, spec, sigma, delta, device, prior=prior, gaussian=gaussian
         )
         evaluation = {"metric": "nll_bpd", "num_train": breakdown["num_train"], "num_test": breakdown["num_test"]}
+    if spec.prior != "run":  # another prior than the run's own: its own columns
+        metrics = {f"{name}_{prior}_prior": value for name, value in metrics.items()}
 
     record = {
         "mode": spec.mode,
@@ -239,6 +247,7 @@ def evaluate(
             "seed": spec.seed,
             "precision": precision_name(bf16),
             "compile": compiled,
+            "prior": prior,
         },
         "metrics": metrics,
         "breakdown": breakdown,

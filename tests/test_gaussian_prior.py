@@ -301,3 +301,23 @@ def test_elbo_record_says_what_T_K_leaves_of_the_data(gaussian_run, tmp_path, mo
     row = {"sweep": "s", "trial": "t", "status": "done", "steps": 2, **records.metrics(workdir)}
     limit = {"elbo.limit_rank_99", "elbo.limit_rank_above_noise", "elbo.limit_entropy_bpd", "elbo.prior_gap_nats"}
     assert limit <= set(table.columns([row])) and not limit & set(table.brief([row]))
+
+
+def test_one_checkpoint_is_evaluated_under_either_prior(trained_tiny, tmp_path, monkeypatch):
+    """A data-prior run: FID and the ELBO under the Gaussian prior, fitted at evaluation time, get columns of their
+    own beside the run's own prior's, and the records say which prior produced them."""
+    from lintrans.evaluation import evaluate
+
+    monkeypatch.setenv(records.RUNS_ENV, str(tmp_path / "runs"))
+    fid = {"mode": "fid", "num_gen": 8, "batch_size": 8, "memorisation_samples": 8}
+    own = evaluate(trained_tiny, EvalSpec(**fid, param_name="own"), device=CPU)
+    other = evaluate(trained_tiny, EvalSpec(**fid, param_name="gaussian", prior="gaussian"), device=CPU)
+    assert own["evaluation"]["prior"] == "data" and other["evaluation"]["prior"] == "gaussian"
+    assert set(other["metrics"]) == {f"{name}_gaussian_prior" for name in own["metrics"]}
+    assert other["metrics"]["fid_mnist_features_gaussian_prior"] != own["metrics"]["fid_mnist_features"]
+    elbo = evaluate(trained_tiny, EvalSpec(mode="elbo", num_train=20, num_test=4, prior="gaussian"), device=CPU)
+    b = elbo["breakdown"]
+    assert b["prior"] == "gaussian" and b["L_K"] == b["L_K_gaussian"]
+    assert set(elbo["metrics"]) == {"nll_bpd_gaussian_prior", "nll_nats_gaussian_prior"}
+    columns = records.metrics(trained_tiny)
+    assert {"fid_mnist_features", "fid_mnist_features_gaussian_prior", "nll_bpd_gaussian_prior"} <= set(columns)

@@ -25,17 +25,8 @@ from tests.conftest import DDP_ATOL, DDP_OVERRIDES, assert_same_weights, run, tr
 BF16_ELBO_BPD = 0.05
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The tiny model trained 150 steps: far enough from its initial weights for the bound to mean something."""
-    workdir = tmp_path_factory.mktemp("trained") / "run"
-    result = run(train_args(workdir, "--config.training.n_iters=150", "--config.training.snapshot_freq=150"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
-
-
-def test_a_bf16_elbo_moves_the_bound_a_little(trained):
-    loaded = load_model(trained, 0, "cpu")
+def test_a_bf16_elbo_moves_the_bound_a_little(trained_tiny):
+    loaded = load_model(trained_tiny, 0, "cpu")
     train_set, test_set = datasets.load(loaded.config)
     train_x, test_x = subset(train_set, 400, 0), subset(test_set, 100, 1)
     sigma, delta = float(loaded.config.model.sigma), sampling_delta(loaded.config)
@@ -52,17 +43,17 @@ def test_a_bf16_elbo_moves_the_bound_a_little(trained):
     ("mode", "precision", "expected"),
     [("elbo", None, "fp32"), ("elbo", "bf16", "bf16"), ("fid", None, "bf16"), ("fid", "no", "fp32")],
 )
-def test_the_record_says_which_precision_produced_it(trained, tmp_path, monkeypatch, mode, precision, expected):
+def test_the_record_says_which_precision_produced_it(trained_tiny, tmp_path, monkeypatch, mode, precision, expected):
     """The ELBO is fp32 unless asked; FID's samples follow the run's precision (``auto``, here shown bf16)."""
     monkeypatch.setenv(records.RUNS_ENV, str(tmp_path))
     monkeypatch.setenv(CPU_BF16_VARIABLE, "1")
     name = f"{mode}-{precision}"
     sizes = {"num_test": 4, "num_train": 20} if mode == "elbo" else {"num_gen": 8, "batch_size": 8}
     spec = EvalSpec(mode=mode, precision=precision, param_name=name, memorisation_samples=8, **sizes)
-    record = evaluate(trained, spec, device=torch.device("cpu"))
+    record = evaluate(trained_tiny, spec, device=torch.device("cpu"))
     assert record["evaluation"]["precision"] == expected
     assert record["evaluation"]["compile"] is False  # auto compiles evaluations on CUDA only
-    on_disk = json.loads(records.record_path(trained, mode, "default", name, 0).read_text())
+    on_disk = json.loads(records.record_path(trained_tiny, mode, "default", name, 0).read_text())
     assert on_disk["evaluation"]["precision"] == expected
 
 
