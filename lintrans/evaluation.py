@@ -17,7 +17,7 @@ the brief view.
 
 The network runs in the evaluation's ``precision``: by default FID's samples in the run's
 ``training.mixed_precision`` (bf16 autocast where the device has it) and the ELBO in fp32 (a bf16
-network moves the bound by 0.01-0.03 bpd, ``bench/results/elbo_precision.md``; ``precision=bf16``
+network moves the bound by 0.01-0.03 bpd, ``bench/results/gpu_nvidia_h100_80gb_hbm3.md``; ``precision=bf16``
 asks for it anyway) and, where the run's ``training.compile`` says so (``auto``: on
 CUDA), compiled;
 the reverse process, the squared errors and the bound's sums stay fp32/fp64. The record's
