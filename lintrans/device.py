@@ -117,9 +117,6 @@ def use_bf16(request: str, device: torch.device) -> bool:
     return request == "bf16"
 
 
-COMPILE_CHOICES = ("auto", "on", "off")
-
-
 def compiler_missing(device: torch.device) -> str | None:
     """What ``torch.compile`` lacks on ``device`` (Triton on CUDA, a C++ compiler on a CPU); None if nothing."""
     if device.type == "cuda":
