@@ -61,13 +61,13 @@ def main(argv: list[str]) -> int:
     from lintrans import datasets, images, sampling
     from lintrans.atomic import write_atomic
     from lintrans.config import sampling_delta
-    from lintrans.device import inference_network, precision_name, use_bf16
+    from lintrans.device import inference_network, precision_name, use_bf16_for_run
     from lintrans.run import Run, load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(fv.workdir, fv.checkpoint, device, ema=not fv.raw, config=args.config)
     process = loaded.process
-    bf16 = use_bf16(loaded.config.training.mixed_precision if fv.precision == "train" else fv.precision, device)
+    bf16 = use_bf16_for_run(fv.precision, loaded.config.training.mixed_precision, device)
     fit = Run(fv.workdir).configured_prior(loaded.config)
     train_set = None if fit is not None else datasets.load(loaded.config)[0]  # a Gaussian prior needs no data
     delta = sampling_delta(loaded.config) if fv.delta is None else fv.delta

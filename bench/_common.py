@@ -92,6 +92,11 @@ def time_calls(fn: Callable[[], object], device, warmup: int, repeats: int, min_
     return out
 
 
+def compile_time(first_s: float, median_s: float, compiled: bool) -> float | None:
+    """A compiled variant's compile time: its first call's excess over a steady one (None when eager)."""
+    return max(first_s - median_s, 0.0) if compiled else None
+
+
 def summarise(samples: list[float]) -> dict:
     return {
         "median_s": statistics.median(samples),
@@ -102,10 +107,15 @@ def summarise(samples: list[float]) -> dict:
     }
 
 
-def matmul_peak(device, dtype, n: int = 2048, seconds: float = 2.0) -> dict:
-    """Dense matmul peak: best FLOP/s of ``n x n @ n x n`` over ``seconds`` (after warm-up)."""
+def matmul_peak(device, dtype, n: int | None = None, seconds: float = 2.0) -> dict:
+    """Dense matmul peak: best FLOP/s of ``n x n @ n x n`` over ``seconds`` (after warm-up).
+
+    ``n`` defaults to 8192 on a GPU (smaller products do not reach its peak) and 2048 on a CPU.
+    """
     import torch
 
+    if n is None:
+        n = 8192 if getattr(device, "type", device) == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)

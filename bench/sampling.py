@@ -17,7 +17,6 @@ reported as the compile time). Also reports model FLOPs per sample (K forward pa
 from __future__ import annotations
 
 import argparse
-import time
 
 import _common as C
 import torch
@@ -53,19 +52,16 @@ def measure(model, process, K: int, bs: int, shape, delta: float, device, bf16: 
         gen = torch.Generator(device=device).manual_seed(0)
         return sampling.reverse(net, sampling.prior(process, x0, delta, gen), K, delta, gen)
 
-    t0 = time.perf_counter()
-    run()
-    C.sync(device)
-    first = time.perf_counter() - t0
+    first = C.time_calls(run, device, 0, 1)[0]
     s = C.summarise(C.time_calls(run, device, 0, a.repeats))
-    return {"run": s, "first_run_s": first, "compile_s": max(first - s["median_s"], 0.0) if compiled else None}
+    return {"run": s, "first_run_s": first, "compile_s": C.compile_time(first, s["median_s"], compiled)}
 
 
 def main() -> None:
     a = parse()
     device = C.device(a.device)
     info = C.machine(device.type)
-    peak_n, peak_s = (1024, 0.5) if a.quick else (8192 if device.type == "cuda" else 2048, 1.5)
+    peak_n, peak_s = (1024, 0.5) if a.quick else (None, 1.5)
     peaks = {
         p: C.matmul_peak(device, torch.float32 if p == "fp32" else torch.bfloat16, peak_n, peak_s)
         for p in a.precisions.split(",")

@@ -28,7 +28,6 @@ steps, fp32 vs bf16, is ``bench/bf16_heldout.py``.
 from __future__ import annotations
 
 import argparse
-import time
 
 import _common as C
 import torch
@@ -83,10 +82,7 @@ def profile_top(step: C.Step, device, steps: int, rows: int = 12) -> list[dict]:
 def measure(config, device, train_set, precision: str, compiled: bool, flops: int, a) -> dict:
     torch._dynamo.reset()  # each variant compiles (and is timed) on its own
     step = C.train_step(config, device, train_set, bf16=precision == "bf16", compile=compiled)
-    t0 = time.perf_counter()
-    step()  # builds oneDNN/cuDNN primitives; compiles when compiled
-    C.sync(device)
-    first = time.perf_counter() - t0
+    first = C.time_calls(step, device, 0, 1)[0]  # builds oneDNN/cuDNN primitives; compiles when compiled
     times = C.time_calls(step, device, a.warmup, a.steps)
     phases, inst = step.breakdown(a.breakdown_steps)
     step_inst = sum(inst)
@@ -99,7 +95,7 @@ def measure(config, device, train_set, precision: str, compiled: bool, flops: in
         "precision": "fp32" if precision == "no" else precision,
         "compile": compiled,
         "first_step_s": first,
-        "compile_s": max(first - s["median_s"], 0.0) if compiled else None,
+        "compile_s": C.compile_time(first, s["median_s"], compiled),
         "step": s,
         "img_per_s": ips,
         "img_per_s_mean": config.training.batch_size / s["mean_s"],
@@ -123,8 +119,7 @@ def main() -> None:
         print(f"{a.config}: batch {a.batch_size}, data {facts['data']}, device {device}, threads {threads}")
         for dtype in (torch.float32, torch.bfloat16):
             name = f"{str(dtype).replace('torch.', '')}@{threads}"
-            n = 1024 if a.quick else 8192 if device.type == "cuda" else 2048
-            peaks[name] = C.matmul_peak(device, dtype, n=n, seconds=0.5 if a.quick else 2.0)
+            peaks[name] = C.matmul_peak(device, dtype, n=1024 if a.quick else None, seconds=0.5 if a.quick else 2.0)
             print(f"matmul peak {name}: {C.fmt_rate(peaks[name]['flop_s'])}")
         for precision in a.precisions.split(","):
             flops = flops_per_step(C.train_step(config, device, train_set, bf16=precision == "bf16"))  # eager

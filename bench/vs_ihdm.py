@@ -281,7 +281,7 @@ def run_config(name: str, a, dev, mods: dict, auto_bf16: bool, auto_compile: boo
 
     rounds = []
     for r in range(a.rounds):
-        n = 1024 if a.quick else 8192 if dev.type == "cuda" else 2048
+        n = 1024 if a.quick else None
         peak = {d: C.matmul_peak(dev, getattr(torch, d), n=n, seconds=a.peak_seconds) for d in ("float32", "bfloat16")}
         res = {}
         for v, step in steps.items():

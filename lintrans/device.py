@@ -139,6 +139,12 @@ def use_compile(request: str, device: torch.device, training: bool) -> bool:
     return True
 
 
+def use_bf16_for_run(request: str, trained: str, device: torch.device) -> bool:
+    """Resolve an evaluation's or ``sample.py``'s precision, where ``train`` means the run's ``trained``
+    (its ``training.mixed_precision``)."""
+    return use_bf16(trained if request == "train" else request, device)
+
+
 class BF16Network(torch.nn.Module):
     """A network that runs under bf16 autocast and answers in fp32, for sampling and evaluations.
 

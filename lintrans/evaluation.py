@@ -48,7 +48,7 @@ from torch import Tensor
 
 from lintrans import datasets, records, sampling
 from lintrans.config import prior_fit_args, sampling_delta, sampling_prior, to_json
-from lintrans.device import inference_network, precision_name, use_bf16, use_compile
+from lintrans.device import inference_network, precision_name, use_bf16_for_run, use_compile
 from lintrans.eval_spec import EvalSpec
 from lintrans.forward import ForwardProcess
 from lintrans.gaussian_prior import GaussianFit, fit_limit, limit_summary
@@ -213,7 +213,7 @@ def evaluate(
     loaded = load_model(run.workdir, spec.checkpoint, device, config=config)
     gaussian = run.configured_prior(own)
     train_set, test_set = datasets.load(own)
-    bf16 = use_bf16(own.training.mixed_precision if spec.precision == "train" else spec.precision, device)
+    bf16 = use_bf16_for_run(spec.precision, own.training.mixed_precision, device)
     compiled = use_compile(own.training.get("compile", "auto"), device, training=False)
     model, process = inference_network(loaded.model, bf16, device, compiled), loaded.process
 
