@@ -496,18 +496,22 @@ def _check_asha(lines: _Lines, spec: SweepFile, base: ml_collections.ConfigDict)
     asha = spec.ray.asha if spec.ray else None
     if asha is None:
         return
-    axis = spec.axes.get("training.n_iters")
-    if isinstance(axis, list):
-        shortest = min(axis)
-    elif isinstance(axis, Distribution) and axis.choice is not None:
-        shortest = min(axis.choice)
-    elif isinstance(axis, Distribution):
-        shortest = (axis.randint or axis.uniform or axis.loguniform)[0]
-    else:
-        shortest = spec.overrides.get("training.n_iters", base.training.n_iters)
+    shortest = _shortest_training(spec, base)
     if asha.grace_period >= shortest:
         raise lines.error(("ray", "asha", "grace_period"), f"{asha.grace_period} steps must be below the shortest "
                           f"trial's training.n_iters ({shortest}): ASHA would never compare trials")  # fmt: skip
+
+
+def _shortest_training(spec: SweepFile, base: ml_collections.ConfigDict) -> int:
+    """The fewest steps any trial trains (``training.n_iters`` as an axis, an override, or the config's)."""
+    axis = spec.axes.get("training.n_iters")
+    if isinstance(axis, list):
+        return min(axis)
+    if isinstance(axis, Distribution) and axis.choice is not None:
+        return min(axis.choice)
+    if isinstance(axis, Distribution):
+        return (axis.randint or axis.uniform or axis.loguniform)[0]
+    return spec.overrides.get("training.n_iters", base.training.n_iters)
 
 
 def _check_evaluations(lines: _Lines, spec: SweepFile, base: ml_collections.ConfigDict) -> list[EvalSpec]:
@@ -523,6 +527,13 @@ def _check_evaluations(lines: _Lines, spec: SweepFile, base: ml_collections.Conf
                 parsed.resolved(dataset)
         except SpecError as exc:
             raise lines.error(("evaluations", i, exc.field), str(exc)) from None
+        if parsed.checkpoint:  # a named snapshot: every trial must write checkpoint_<N>.pth
+            every = spec.overrides.get("training.snapshot_freq", base.training.snapshot_freq)
+            shortest = _shortest_training(spec, base)
+            if parsed.checkpoint % every or parsed.checkpoint > shortest:
+                raise lines.error(("evaluations", i, "checkpoint"), f"{parsed.checkpoint} is not a snapshot every "
+                                  f"trial saves: choose a multiple of training.snapshot_freq ({every}) up to the "
+                                  f"shortest trial's training.n_iters ({shortest}), or 0 for the last")  # fmt: skip
         out.append(parsed)
     identities = [(e.mode, e.experiment_name, e.param_name, e.checkpoint) for e in out]
     if len(set(identities)) != len(identities):

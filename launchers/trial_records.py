@@ -16,14 +16,18 @@ from lintrans.eval_spec import EvalSpec
 
 
 def evaluations_missing(trial_dir: Path, spec: dict[str, Any]) -> list[EvalSpec]:
-    """The spec's evaluations without a record of the final step (identity by mode, names, checkpoint)."""
+    """The spec's evaluations without a record of their step (identity by mode, names, checkpoint).
+
+    An evaluation of the last checkpoint (0) needs a record of the final step; one of snapshot N, of step N.
+    """
     n_iters = spec.get("n_iters")
     missing = []
     for values in spec.get("evaluations", []):
         ev = EvalSpec.parse(values)
         path = records.record_path(trial_dir, ev.mode, ev.experiment_name, ev.param_name, ev.checkpoint)
         record = state.read(path)
-        if not record or (n_iters is not None and record.get("run", {}).get("steps") != n_iters):
+        steps = ev.checkpoint or n_iters
+        if not record or (steps is not None and record.get("run", {}).get("steps") != steps):
             missing.append(ev)
     return missing
 

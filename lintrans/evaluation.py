@@ -233,6 +233,8 @@ def evaluate(
         evaluation = {"metric": "nll_bpd", "num_train": breakdown["num_train"], "num_test": breakdown["num_test"]}
     if spec.prior != "run":  # another prior than the run's own: its own columns
         metrics = {f"{name}_{prior}_prior": value for name, value in metrics.items()}
+    if spec.checkpoint:  # a named snapshot, not the run's last: its own columns, beside the last one's
+        metrics = {f"{name}_step{loaded.step}": value for name, value in metrics.items()}
 
     record = {
         "mode": spec.mode,

@@ -116,11 +116,16 @@ def read_records(workdir: str | Path) -> list[dict]:
 
 
 def metrics(workdir: str | Path) -> dict:
-    """Every metric of a run's records, plus scalar breakdown terms as ``<mode>.<term>`` (newest record wins)."""
+    """Every metric of a run's records, plus scalar breakdown terms as ``<mode>.<term>`` (newest record wins).
+
+    A record of a named snapshot (``checkpoint`` N, not the last) puts its terms under ``<mode>_step<N>.``,
+    as its metrics carry ``_step<N>``, so they sit beside the last checkpoint's instead of replacing them.
+    """
     out: dict = {}
     for record in sorted(read_records(workdir), key=lambda r: str(r.get("timestamp", ""))):
         out.update(record.get("metrics", {}))
-        mode = record.get("mode", "eval")
+        run = record.get("run") or {}
+        mode = record.get("mode", "eval") + (f"_step{run.get('steps')}" if run.get("checkpoint") else "")
         for key, value in (record.get("breakdown") or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[f"{mode}.{key}"] = value

@@ -27,6 +27,7 @@ from tests.conftest import (
     CANARIES,
     ROOT,
     assert_no_canary,
+    assert_usage_error,
     env,
     lintrans,
     lock_held_elsewhere,
@@ -207,6 +208,31 @@ def test_the_foreground_backend_runs_trials_through_the_one_entry_point(tmp_path
     assert row["status"] == "done" and row["backend"] == "foreground" and isinstance(row["nll_bpd"], float), row
     again = lintrans(tmp_path, "run", str(sweep), "--backend", "foreground")
     assert again.returncode == 0 and "nothing to submit: 1 done" in again.stdout
+
+
+def test_an_evaluation_of_an_earlier_snapshot_has_its_own_columns_from_the_same_run(tmp_path):
+    """Two training budgets from one run (docs/results.md, the 800-step study): the ELBO of snapshot 2 and
+    of the last step, side by side in the table, and a second `run` finds both done."""
+    sweep = tmp_path / "budget.yaml"
+    sweep.write_text("name: budget\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [2]\n"
+                     "overrides: {training.n_iters: 4, training.snapshot_freq: 2}\n"
+                     "evaluations: [{mode: elbo, num_test: 8},\n"
+                     "              {mode: elbo, num_test: 8, checkpoint: 2, param_name: early}]\n")  # fmt: skip
+    result = lintrans(tmp_path, "run", str(sweep), "--backend", "foreground")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (row,) = table_rows(tmp_path, str(sweep))
+    assert row["status"] == "done" and row["steps"] == 4, row
+    assert isinstance(row["nll_bpd"], float) and isinstance(row["nll_bpd_step2"], float), row
+    assert row["nll_bpd"] != row["nll_bpd_step2"] and row["elbo.L_K"] == row["elbo_step2.L_K"], row
+    again = lintrans(tmp_path, "run", str(sweep), "--backend", "foreground")
+    assert again.returncode == 0 and "nothing to submit: 1 done" in again.stdout
+
+
+def test_an_evaluation_of_a_snapshot_no_trial_saves_is_refused(tmp_path):
+    sweep = one_trial_sweep(tmp_path, "odd", 4, "evaluations: [{mode: elbo, checkpoint: 3}]\n")
+    result = lintrans(tmp_path, "run", str(sweep), "--backend", "foreground")
+    assert_usage_error(result, "3 is not a snapshot every trial saves: choose a multiple of training.snapshot_freq")
+    assert not (tmp_path / "sweeps").exists()
 
 
 def test_status_and_table_read_a_runs_folder_they_cannot_write(tmp_path):
