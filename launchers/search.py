@@ -326,7 +326,7 @@ class _Waves:
         trials = list({t.id: t for st in study_trials_ for t in trials_of(self.sweep, st)}.values())
         # acted on: no guessing when the scheduler cannot answer
         seen = status.views(trials, status.observe(trials, strict=True))
-        planned = status.plan(trials, seen, self.args.retry_failed, self.args.resume_stopped)
+        planned = status.plan(self.sweep, trials, seen, self.args.retry_failed, self.args.resume_stopped)
         todo = [t for t in trials if planned[t.id] in status.SUBMITTED]
         for t in todo:
             write_spec(self.sweep, t)

@@ -29,7 +29,7 @@ from typing import Any
 from launchers import backends, state
 from launchers.state import Observation
 from launchers.sweep import Sweep, Trial, short
-from launchers.trial_records import records_complete
+from launchers.trial_records import evaluations_missing, records_complete
 from lintrans import config as cfg
 from lintrans.errors import UsageError
 
@@ -40,7 +40,7 @@ FINAL = ("done", "failed", "stopped")
 # says how (launchers.backends.slurm.accounting).
 ABNORMAL_ENDS = ("CANCELLED", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
                  "VANISHED")  # fmt: skip
-SUBMITTED = ("submit", "resume")  # the plans that submit a trial
+SUBMITTED = ("submit", "resume", "evaluate")  # the plans that submit a trial
 
 
 @dataclass(frozen=True)
@@ -232,14 +232,25 @@ def describe(other: Other) -> str:
 
 
 def plan(
-    trials: list[Trial], seen: dict[str, TrialView], retry_failed: bool = False, resume_stopped: bool = False
+    sweep: Sweep | None,
+    trials: list[Trial],
+    seen: dict[str, TrialView],
+    retry_failed: bool = False,
+    resume_stopped: bool = False,
 ) -> dict[str, str]:
-    """What ``run`` does with each trial: ``submit``, ``resume``, or ``skip (why)``."""
+    """What ``run`` does with each trial: ``submit``, ``resume``, ``evaluate``, or ``skip (why)``.
+
+    A done trial is evaluated again when the sweep file now asks for an evaluation it has no record
+    of (one added to ``evaluations:``): from its checkpoint, without training. Only done trials need
+    ``sweep``.
+    """
+    from launchers.trial import spec_of
+
     out = {}
     for t in trials:
         st = seen[t.id]
         if st.state == "done":
-            out[t.id] = "skip (done)"
+            out[t.id] = "evaluate" if evaluations_missing(t.run_dir, spec_of(sweep, t)) else "skip (done)"
         elif st.state in ("written", "queued", "running"):
             out[t.id] = f"skip ({st.state})"
         elif st.state == "stopped" and not st.resumable and not resume_stopped:

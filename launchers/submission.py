@@ -1,12 +1,13 @@
 """``lintrans run``, ``rerun`` and ``cancel``: plan, submit, report, for all of a sweep or some of its trials.
 
 ``run`` submits what is not finished (:func:`launchers.status.plan`): done and stopped trials are
-skipped, preempted and crashed ones resume from their checkpoints, trials still queued or running
-are left alone, failures that running again cannot fix (bad input, non-finite loss) are reported
-and left (``--retry-failed`` re-runs them). ``rerun`` submits the trials a user names (by id, the
-failed ones, or those whose older version is stale) through the same path, whatever ended them,
-from their checkpoints or (``--from-scratch``) from nothing, their old folder kept as
-``<id>.old-N``. A sweep holds a submission lock, so a second ``run`` or ``rerun`` of it waits,
+skipped (a done trial that the sweep file now asks for an evaluation it has no record of is
+evaluated from its checkpoint, without training), preempted and crashed ones resume from their
+checkpoints, trials still queued or running are left alone, failures that running again cannot fix
+(bad input, non-finite loss) are reported and left (``--retry-failed`` re-runs them).
+``rerun`` submits the trials a user names (by id, the failed ones, or those whose older version is
+stale) through the same path, whatever ended them, from their checkpoints or (``--from-scratch``)
+from nothing, their old folder kept as ``<id>.old-N``. A sweep holds a submission lock, so a second ``run`` or ``rerun`` of it waits,
 then sees the first one's trials. Adaptive searches go through :mod:`launchers.search`; ``cancel``
 asks each trial's backend to stop it.
 """
@@ -38,7 +39,7 @@ def submission_lock(sweep: Sweep) -> state.Lock:
 
 def dry_run(sweep: Sweep, trials: list[Trial], backend: Backend) -> int:
     seen = status.views(trials)
-    planned = status.plan(trials, seen)
+    planned = status.plan(sweep, trials, seen)
     status.print_trials(sweep, trials, seen, planned, status.stale(sweep, trials))
     todo = [t for t in trials if planned[t.id] in status.SUBMITTED]
     print(backend.dry_run(sweep, todo))
@@ -125,7 +126,7 @@ def _submit(
     retry_failed: bool,
     resume_stopped: bool,
 ) -> int:
-    planned = status.plan(trials, seen, retry_failed, resume_stopped)
+    planned = status.plan(sweep, trials, seen, retry_failed, resume_stopped)
     todo = [t for t in trials if planned[t.id] in status.SUBMITTED]
     for t in todo:
         write_spec(sweep, t)

@@ -210,16 +210,24 @@ def test_the_foreground_backend_runs_trials_through_the_one_entry_point(tmp_path
     assert again.returncode == 0 and "nothing to submit: 1 done" in again.stdout
 
 
-def test_an_evaluation_of_an_earlier_snapshot_has_its_own_columns_from_the_same_run(tmp_path):
-    """Two training budgets from one run (docs/results.md, the 800-step study): the ELBO of snapshot 2 and
-    of the last step, side by side in the table, and a second `run` finds both done."""
+def test_an_evaluation_added_later_runs_on_the_done_trial_and_a_snapshot_has_its_own_columns(tmp_path):
+    """Two training budgets from one run (docs/results.md, the 800-step study): the ELBO of the last step,
+    then, added to the sweep file afterwards, of snapshot 2: `run` evaluates it from the checkpoint
+    without training again, and the table has both side by side."""
     sweep = tmp_path / "budget.yaml"
-    sweep.write_text("name: budget\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [2]\n"
-                     "overrides: {training.n_iters: 4, training.snapshot_freq: 2}\n"
-                     "evaluations: [{mode: elbo, num_test: 8},\n"
-                     "              {mode: elbo, num_test: 8, checkpoint: 2, param_name: early}]\n")  # fmt: skip
+    text = ("name: budget\nconfig: tests/configs/tiny.py\naxes:\n  model.K: [2]\n"
+            "overrides: {training.n_iters: 4, training.snapshot_freq: 2}\nevaluations:\n"
+            "  - {mode: elbo, num_test: 8}\n")  # fmt: skip
+    sweep.write_text(text)
+    assert lintrans(tmp_path, "run", str(sweep), "--backend", "foreground").returncode == 0
+    (trial,) = trial_dirs(tmp_path, "budget")
+    trained = (trial / "checkpoints" / "checkpoint_4.pth").stat().st_mtime_ns
+    sweep.write_text(text + "  - {mode: elbo, num_test: 8, checkpoint: 2, param_name: early}\n")
+    dry = lintrans(tmp_path, "run", str(sweep), "--dry-run")
+    assert "evaluate" in dry.stdout and "dry run: 1 of 1 trial would be submitted" in dry.stdout, dry.stdout
     result = lintrans(tmp_path, "run", str(sweep), "--backend", "foreground")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert (trial / "checkpoints" / "checkpoint_4.pth").stat().st_mtime_ns == trained  # not trained again
     (row,) = table_rows(tmp_path, str(sweep))
     assert row["status"] == "done" and row["steps"] == 4, row
     assert isinstance(row["nll_bpd"], float) and isinstance(row["nll_bpd_step2"], float), row

@@ -94,11 +94,11 @@ def test_a_trial_cancelled_before_it_started_is_stopped_and_run_resumes_it(tmp_p
     assert (seen.state, seen.reason) == ("stopped", "cancelled before it started (slurm job 5_2)")
     assert status.view(tmp_path).state == "stopped"  # nobody asked the scheduler: it is still cancelled
     trial = Trial("t", 0, {}, tmp_path, ())
-    assert status.plan([trial], {"t": seen}) == {"t": "resume"}
+    assert status.plan(None, [trial], {"t": seen}) == {"t": "resume"}
     (tmp_path / "early").mkdir()  # stopped by ASHA: not resumed without --resume-stopped
     state.write_status(tmp_path / "early", "stopped", resumable=False, reason="stopped early")
     early = status.view(tmp_path / "early")
-    assert status.plan([trial], {"t": early}) == {"t": "skip (stopped; --resume-stopped resumes it)"}
+    assert status.plan(None, [trial], {"t": early}) == {"t": "skip (stopped; --resume-stopped resumes it)"}
 
 
 def test_an_sbatch_script_nobody_submitted_is_written(tmp_path):
@@ -106,7 +106,7 @@ def test_an_sbatch_script_nobody_submitted_is_written(tmp_path):
     state.write_launch(tmp_path, "sbatch", None, None, script=script)
     seen = status.view(tmp_path)
     assert (seen.state, seen.reason) == ("written", f"not submitted yet; submit with: sbatch {script}")
-    assert status.plan([Trial("t", 0, {}, tmp_path, ())], {"t": seen}) == {"t": "skip (written)"}
+    assert status.plan(None, [Trial("t", 0, {}, tmp_path, ())], {"t": seen}) == {"t": "skip (written)"}
     assert status.view(tmp_path, Observation("queued", "PENDING")).state == "queued"  # someone submitted it
 
 
