@@ -36,6 +36,11 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the prior images and the noise.", flag_values=fv)
     flags.DEFINE_string("outdir", None, "Output folder.", flag_values=fv)
     flags.DEFINE_bool("raw", False, "Use the raw weights instead of the EMA weights.", flag_values=fv)
+    flags.DEFINE_integer(
+        "max_batch_bytes", None,
+        "Peak memory of one network call in bytes (default: the run's eval.max_batch_bytes; 0: no limit).",
+        flag_values=fv,
+    )  # fmt: skip
     flags.DEFINE_enum(
         "precision", "train", ["train", "auto", "no", "bf16"],
         "The network's precision: train (the run's training.mixed_precision), auto, no (fp32) or bf16.",
@@ -54,13 +59,15 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"need at least {2 if fv.interpolate else 1} samples, got {n}")
     if fv.delta is not None and not 0 <= fv.delta < float("inf"):
         raise UsageError(f"--delta must be a finite number >= 0, got {fv.delta}")
+    if fv.max_batch_bytes is not None and fv.max_batch_bytes < 0:
+        raise UsageError(f"--max_batch_bytes must be an integer >= 0 (0: no limit), got {fv.max_batch_bytes}")
 
     import numpy as np
     import torch
 
     from lintrans import datasets, images, sampling
     from lintrans.atomic import write_atomic
-    from lintrans.config import sampling_delta
+    from lintrans.config import max_batch_bytes, sampling_delta
     from lintrans.device import inference_network, precision_name, use_bf16_for_run
     from lintrans.run import Run, load_model
 
@@ -83,7 +90,8 @@ def main(argv: list[str]) -> int:
     elif fv.same_init:
         u_K = u_K.expand(n, *u_K.shape[1:]).contiguous()
     share = fv.share_noise or fv.interpolate
-    net = inference_network(loaded.model, bf16, device)
+    budget = max_batch_bytes(loaded.config) if fv.max_batch_bytes is None else fv.max_batch_bytes
+    net = inference_network(loaded.model, bf16, device, max_bytes=budget, process=process)
     final, frames = sampling.reverse(net, u_K, process.K, delta, gen, share_noise=share, num_frames=50, theta=theta)
 
     mode = "interpolate" if fv.interpolate else "same_init" if fv.same_init else "share_noise" if share else "random"

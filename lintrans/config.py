@@ -145,7 +145,8 @@ NOT_IDENTITY = ("logging",)
 # Keys added after trials existed, with the value that does what runs did before the key: left out of a
 # trial's identity while they hold it, so that adding a key to the config renames no trial. A key added
 # from now on goes here with its neutral value.
-NEUTRAL = {("sampling", "prior"): "data", ("sampling", "prior_rank"): 256, ("training", "compile"): "auto"}
+NEUTRAL = {("sampling", "prior"): "data", ("sampling", "prior_rank"): 256, ("training", "compile"): "auto",
+           ("eval", "max_batch_bytes"): 0}  # fmt: skip
 
 
 def identity(resolved: dict[str, Any]) -> dict[str, Any]:
@@ -214,6 +215,8 @@ def validate(config: ml_collections.ConfigDict, forward: bool = True) -> None:
           t.sampling_freq)  # fmt: skip
     for key in ("batch_size", "num_batches"):
         _need(_is_int(e[key]) and e[key] >= 1, f"eval.{key}", "an integer >= 1", e[key])
+    _need(_is_int(max_batch_bytes(config)) and max_batch_bytes(config) >= 0, "eval.max_batch_bytes",
+          "an integer >= 0 (0: no limit)", max_batch_bytes(config))  # fmt: skip
     if t.mixed_precision not in PRECISIONS:
         raise UsageError(f"unknown config.training.mixed_precision '{t.mixed_precision}'; valid: {choices(PRECISIONS)}")
     if t.get("compile", "auto") not in COMPILE:
@@ -329,6 +332,11 @@ def sampling_prior(config: ml_collections.ConfigDict) -> str:
 def prior_fit_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Keyword arguments of :func:`lintrans.gaussian_prior.fit_limit` for this config (besides process and data)."""
     return {"max_bytes": config.model.max_dense_bytes, "rank": config.sampling.get("prior_rank", DEFAULT_PRIOR_RANK)}
+
+
+def max_batch_bytes(config: ml_collections.ConfigDict) -> int:
+    """``eval.max_batch_bytes``: the memory budget of one network call in sampling and evaluations (0: none)."""
+    return config.eval.get("max_batch_bytes", 0)
 
 
 def sampling_delta(config: ml_collections.ConfigDict) -> float:

@@ -163,11 +163,37 @@ class BF16Network(torch.nn.Module):
         return out.float()
 
 
-def inference_network(net: torch.nn.Module, bf16: bool, device: torch.device, compile: bool = False):
+class ChunkedNetwork(torch.nn.Module):
+    """A network called on at most ``chunk`` samples at a time (``eval.max_batch_bytes``), answering for the
+    whole batch: the caller's states, noise and sums stay whole-batch, so only the peak memory changes."""
+
+    def __init__(self, net: torch.nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.net, self.chunk = net, chunk
+
+    def forward(self, u: torch.Tensor, k: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
+        if len(u) <= self.chunk:
+            return self.net(u, k, theta)
+        parts = [
+            self.net(u[i : i + self.chunk], k[i : i + self.chunk], None if theta is None else theta[i : i + self.chunk])
+            for i in range(0, len(u), self.chunk)
+        ]
+        return torch.cat(parts)
+
+
+def inference_network(
+    net: torch.nn.Module, bf16: bool, device: torch.device, compile: bool = False, max_bytes: int = 0, process=None
+):
     """``net`` as sampling and the evaluations call it: in :class:`BF16Network` when ``bf16``, then compiled
-    (``torch.compile``, one graph per batch shape) when ``compile``."""
+    (``torch.compile``, one graph per batch shape) when ``compile``, then in :class:`ChunkedNetwork` when
+    ``max_bytes`` (``eval.max_batch_bytes``) is set, its chunk measured on ``process``'s images with the eager
+    network (measuring the compiled one would compile it twice more)."""
+    from lintrans.memory import largest_batch
+
     out = BF16Network(net, device) if bf16 else net
-    return torch.compile(out) if compile else out
+    chunk = largest_batch(out, process, device, max_bytes) if max_bytes else None
+    out = torch.compile(out) if compile else out
+    return ChunkedNetwork(out, chunk) if chunk else out
 
 
 def precision_name(bf16: bool) -> str:

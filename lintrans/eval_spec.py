@@ -66,6 +66,12 @@ class EvalSpec:
         "FID samples from it; the ELBO's bound uses it. Another prior than the run's names the metrics "
         "<metric>_<prior>_prior, so both can be columns of one table.",
     )
+    max_batch_bytes: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="Peak memory of one network call, in bytes: the network takes at most the samples that fit "
+        "(measured on the device), the results stay those of whole batches. Default: the run's "
+        "eval.max_batch_bytes; 0: no limit.",
+    )
     memorisation_samples: Count = Field(
         1000,
         description="FID: the first N samples (at most num_gen) are compared with every training image for "

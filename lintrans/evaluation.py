@@ -47,8 +47,8 @@ import torch
 from torch import Tensor
 
 from lintrans import datasets, records, sampling
-from lintrans.config import prior_fit_args, sampling_delta, sampling_prior, to_json
-from lintrans.device import inference_network, precision_name, use_bf16_for_run, use_compile
+from lintrans.config import max_batch_bytes, prior_fit_args, sampling_delta, sampling_prior, to_json
+from lintrans.device import ChunkedNetwork, inference_network, precision_name, use_bf16_for_run, use_compile
 from lintrans.eval_spec import EvalSpec
 from lintrans.forward import ForwardProcess
 from lintrans.gaussian_prior import GaussianFit, fit_limit, limit_summary
@@ -215,7 +215,9 @@ def evaluate(
     train_set, test_set = datasets.load(own)
     bf16 = use_bf16_for_run(spec.precision, own.training.mixed_precision, device)
     compiled = use_compile(own.training.get("compile", "auto"), device, training=False)
-    model, process = inference_network(loaded.model, bf16, device, compiled), loaded.process
+    process = loaded.process
+    budget = max_batch_bytes(own) if spec.max_batch_bytes is None else spec.max_batch_bytes
+    model = inference_network(loaded.model, bf16, device, compiled, budget, process)
 
     prior = sampling_prior(own) if spec.prior == "run" else spec.prior
     if spec.mode == "elbo" or prior == "gaussian":
@@ -248,6 +250,7 @@ def evaluate(
             "seed": spec.seed,
             "precision": precision_name(bf16),
             "compile": compiled,
+            "network_batch": model.chunk if isinstance(model, ChunkedNetwork) else None,  # eval.max_batch_bytes
             "prior": prior,
         },
         "metrics": metrics,

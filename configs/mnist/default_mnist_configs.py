@@ -38,6 +38,9 @@ def get_default_configs():
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 256
     evaluate.num_batches = 4  # held-out batches averaged for the periodic eval loss
+    # sampling's and the evaluations' network calls: at most the samples whose peak memory fits this many
+    # bytes at a time (measured on the device, lintrans.memory); 0: the whole batch at once
+    evaluate.max_batch_bytes = 0
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "MNIST"
