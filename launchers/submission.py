@@ -7,9 +7,9 @@ checkpoints, trials still queued or running are left alone, failures that runnin
 (bad input, non-finite loss) are reported and left (``--retry-failed`` re-runs them).
 ``rerun`` submits the trials a user names (by id, the failed ones, or those whose older version is
 stale) through the same path, whatever ended them, from their checkpoints or (``--from-scratch``)
-from nothing, their old folder kept as ``<id>.old-N``. A sweep holds a submission lock, so a second ``run`` or ``rerun`` of it waits,
-then sees the first one's trials. Adaptive searches go through :mod:`launchers.search`; ``cancel``
-asks each trial's backend to stop it.
+from nothing, their old folder kept as ``<id>.old-N``. A sweep holds a submission lock, so a second
+``run`` or ``rerun`` of it waits, then sees the first one's trials. Adaptive searches go through
+:mod:`launchers.search`; ``cancel`` asks each trial's backend to stop it.
 """
 
 from __future__ import annotations
