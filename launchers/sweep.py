@@ -519,6 +519,8 @@ def _check_evaluations(lines: _Lines, spec: SweepFile, base: ml_collections.Conf
     data_key = "data.dataset"
     datasets = spec.axes.get(data_key) if isinstance(spec.axes.get(data_key), list) else None
     datasets = datasets or [spec.overrides.get(data_key, base.data.dataset)]
+    every = spec.overrides.get("training.snapshot_freq", base.training.snapshot_freq)
+    shortest = _shortest_training(spec, base)
     out = []
     for i, ev in enumerate(spec.evaluations):
         try:
@@ -528,8 +530,6 @@ def _check_evaluations(lines: _Lines, spec: SweepFile, base: ml_collections.Conf
         except SpecError as exc:
             raise lines.error(("evaluations", i, exc.field), str(exc)) from None
         if parsed.checkpoint:  # a named snapshot: every trial must write checkpoint_<N>.pth
-            every = spec.overrides.get("training.snapshot_freq", base.training.snapshot_freq)
-            shortest = _shortest_training(spec, base)
             if parsed.checkpoint % every or parsed.checkpoint > shortest:
                 raise lines.error(("evaluations", i, "checkpoint"), f"{parsed.checkpoint} is not a snapshot every "
                                   f"trial saves: choose a multiple of training.snapshot_freq ({every}) up to the "

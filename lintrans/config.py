@@ -215,8 +215,8 @@ def validate(config: ml_collections.ConfigDict, forward: bool = True) -> None:
           t.sampling_freq)  # fmt: skip
     for key in ("batch_size", "num_batches"):
         _need(_is_int(e[key]) and e[key] >= 1, f"eval.{key}", "an integer >= 1", e[key])
-    _need(_is_int(max_batch_bytes(config)) and max_batch_bytes(config) >= 0, "eval.max_batch_bytes",
-          "an integer >= 0 (0: no limit)", max_batch_bytes(config))  # fmt: skip
+    budget = max_batch_bytes(config)
+    _need(_is_int(budget) and budget >= 0, "eval.max_batch_bytes", "an integer >= 0 (0: no limit)", budget)
     if t.mixed_precision not in PRECISIONS:
         raise UsageError(f"unknown config.training.mixed_precision '{t.mixed_precision}'; valid: {choices(PRECISIONS)}")
     if t.get("compile", "auto") not in COMPILE:
