@@ -183,6 +183,8 @@ def header_md(title: str, info: dict) -> str:
         f"- torch {info['torch']}, python {info['python']}, commit {info['commit']}, {info['date']}\n"
         f"- environment: {' '.join(f'{k}={v}' for k, v in info['env'].items()) or '(no OMP/MKL variables set)'}\n"
         f"- command: `{command_line()}`\n"
+        f"- CPU instruction sets (of avx2, avx512f, avx512_bf16, amx_bf16): {', '.join(info.get('cpu_isa', [])) or '-'}"
+        "\n"
         f"- load average (1/5/15 min) at start: {' / '.join(f'{x:.2f}' for x in info['loadavg_at_start'])}"
         f", at end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} (other processes share the 2 cores)\n\n"
     )

@@ -73,7 +73,7 @@ if [ $quick = 1 ]; then  # compiling takes minutes on 2 CPU cores: eager only un
 else
     compile=${compile:-off,on}
     train=(--config configs/mnist/default_mnist_configs.py --batch-size 128 --steps 10 --breakdown-steps 2 --profile-steps 1)
-    samp=(--K 20,200 --batch-sizes 256 --repeats 2)
+    samp=(--K 20,200 --batch-sizes 256 --rounds 2)
     ihdm=(--batch-size 128 --rounds 5 --steps 5 --configs small_mnist,default_mnist)
     elbo=(--steps 200 --rounds 3)
 fi

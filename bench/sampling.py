@@ -10,13 +10,15 @@ trainer's sample grids) with an untrained model of the config in eval mode (spee
 on the weights), per horizon ``K``, batch size, precision and compilation. The network is what
 sampling really calls: :func:`lintrans.device.inference_network` (``bf16``: the network under bf16
 autocast, answering in fp32; ``compile``: ``torch.compile``, whose first run's extra time is
-reported as the compile time). Also reports model FLOPs per sample (K forward passes,
+reported as the compile time), timed in alternating rounds so that
+load on a shared machine falls on every variant alike. Also reports model FLOPs per sample (K forward passes,
 ``FlopCounterMode``) and the achieved fraction of the device's dense matmul peak (measured here).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import _common as C
 import torch
@@ -34,17 +36,17 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--compile", default="off", help="comma list of off and on (torch.compile of the network)")
-    p.add_argument("--repeats", type=int, default=1, help="timed full runs per variant")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds: one timed full run of each variant")
     p.add_argument("--quick", action="store_true", help="smoke run: K=5, batch 8, one repeat")
     p.add_argument("--name", default="sampling")
     a = p.parse_args()
     if a.quick:
-        a.K, a.batch_sizes, a.repeats = "5", "8", 1
+        a.K, a.batch_sizes, a.rounds = "5", "8", 1
     return a
 
 
-def measure(model, process, K: int, bs: int, shape, delta: float, device, bf16: bool, compiled: bool, a) -> dict:
-    """One variant: a first (compiling, warming) run, then ``a.repeats`` timed runs."""
+def variant_runner(model, process, K: int, bs: int, shape, delta: float, device, bf16: bool, compiled: bool):
+    """One variant's full reverse run as a call, and its first (compiling, warming) run's seconds."""
     net = inference_network(model, bf16, device, compiled)
     x0 = torch.rand(bs, *shape, generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -52,9 +54,14 @@ def measure(model, process, K: int, bs: int, shape, delta: float, device, bf16: 
         gen = torch.Generator(device=device).manual_seed(0)
         return sampling.reverse(net, sampling.prior(process, x0, delta, gen), K, delta, gen)
 
-    first = C.time_calls(run, device, 0, 1)[0]
-    s = C.summarise(C.time_calls(run, device, 0, a.repeats))
-    return {"run": s, "first_run_s": first, "compile_s": C.compile_time(first, s["median_s"], compiled)}
+    return run, C.time_calls(run, device, 0, 1)[0]
+
+
+def ratio_text(r: dict) -> str:
+    if r["vs_fp32_eager"] is None:
+        return "n/a"
+    low, high = r["vs_fp32_eager_range"]
+    return f"{r['vs_fp32_eager']:.2f}x ({low:.2f}-{high:.2f})"
 
 
 def main() -> None:
@@ -76,39 +83,54 @@ def main() -> None:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.rand(1, *shape, device=device), torch.ones(1, dtype=torch.long, device=device))
         flops_per_sample = counter.get_total_flops() * K
-        for precision in a.precisions.split(","):
-            for compiled in (c == "on" for c in a.compile.split(",")):
-                for bs in (int(b) for b in a.batch_sizes.split(",")):
-                    torch._dynamo.reset()  # each variant compiles (and is timed) on its own
-                    m = measure(model, process, K, bs, shape, delta, device, precision == "bf16", compiled, a)
-                    ips = bs / m["run"]["median_s"]
-                    r = {
-                        "precision": precision, "compile": compiled, "batch_size": bs, "K": K, **m,
-                        "img_per_s": ips, "ms_per_level": 1e3 * m["run"]["median_s"] / K,
-                        "flops_per_sample": flops_per_sample, "achieved_flop_s": flops_per_sample * ips,
-                        "peak_flop_s": peaks[precision]["flop_s"],
-                    }  # fmt: skip
-                    r["fraction_of_peak"] = r["achieved_flop_s"] / r["peak_flop_s"]
-                    results.append(r)
-                    took = f", compile {m['compile_s']:.1f} s" if compiled else ""
-                    print(
-                        f"K={K} {precision}{' compiled' if compiled else ''} batch {bs}: {ips:.2f} img/s "
-                        f"({m['run']['median_s']:.2f} s per run, {100 * r['fraction_of_peak']:.1f}% of matmul "
-                        f"peak{took})",
-                        flush=True,
-                    )
+        variants = [
+            (precision, compiled, bs)
+            for precision in a.precisions.split(",")
+            for compiled in (c == "on" for c in a.compile.split(","))
+            for bs in (int(b) for b in a.batch_sizes.split(","))
+        ]
+        runners, firsts, times = {}, {}, {v: [] for v in variants}
+        for v in variants:
+            runners[v], firsts[v] = variant_runner(model, process, K, v[2], shape, delta, device, v[0] == "bf16", v[1])
+        for _ in range(a.rounds):  # alternating rounds: every variant once per round, in the same order
+            for v in variants:
+                times[v] += C.time_calls(runners[v], device, 0, 1)
+        for (precision, compiled, bs), samples in times.items():
+            s = C.summarise(samples)
+            ips = bs / s["median_s"]
+            r = {
+                "precision": precision, "compile": compiled, "batch_size": bs, "K": K, "run": s,
+                "round_s": samples, "first_run_s": firsts[precision, compiled, bs],
+                "compile_s": C.compile_time(firsts[precision, compiled, bs], s["median_s"], compiled),
+                "img_per_s": ips, "ms_per_level": 1e3 * s["median_s"] / K,
+                "flops_per_sample": flops_per_sample, "achieved_flop_s": flops_per_sample * ips,
+                "peak_flop_s": peaks[precision]["flop_s"],
+            }  # fmt: skip
+            r["fraction_of_peak"] = r["achieved_flop_s"] / r["peak_flop_s"]
+            results.append(r)
+            took = f", compile {r['compile_s']:.1f} s" if compiled else ""
+            print(
+                f"K={K} {precision}{' compiled' if compiled else ''} batch {bs}: {ips:.2f} img/s "
+                f"({s['median_s']:.2f} s per run, {100 * r['fraction_of_peak']:.1f}% of matmul peak{took})",
+                flush=True,
+            )
     for r in results:  # against the same K and batch in fp32 eager, measured in this run
         base = next(
             (b for b in results if (b["K"], b["batch_size"], b["precision"], b["compile"]) == (r["K"], r["batch_size"],
              "fp32", False)), None,
         )  # fmt: skip
-        r["vs_fp32_eager"] = r["img_per_s"] / base["img_per_s"] if base else None
+        # per round: each round's ratio against the baseline's run in the same round
+        rounds = [b / t for t, b in zip(r["round_s"], base["round_s"], strict=True)] if base else []
+        r["vs_fp32_eager"] = statistics.median(rounds) if base else None
+        r["vs_fp32_eager_range"] = [min(rounds), max(rounds)] if base else None
     data = {"machine": info, "config": a.config, "quick": a.quick, "matmul_peak": peaks, "results": results}
     md = C.header_md("Sampling: full K-step reverse process", info)
     md += (
         f"Config `{a.config}`, untrained model in eval mode, `sampling.prior` + `sampling.reverse` through "
         "`lintrans.device.inference_network` (bf16: autocast around the network, fp32 states); img/s from the "
-        f"median of {a.repeats} timed run(s) after a first run (compile time = first run - median).\n\n"
+        f"median of {a.rounds} alternating round(s) (each round runs every variant once, in the order of the table) "
+        "after a first run of each (compile time = first run - median); vs fp32 eager = the median (min-max) over "
+        "rounds of the ratio to fp32 eager's run of the same K and batch in the same round.\n\n"
     )
     md += C.md_table(
         ["K", "precision", "compiled", "batch", "img/s", "vs fp32 eager", "s per run", "ms per level",
@@ -116,7 +138,7 @@ def main() -> None:
         [
             [
                 r["K"], r["precision"], "yes" if r["compile"] else "no", r["batch_size"], round(r["img_per_s"], 2),
-                f"{r['vs_fp32_eager']:.2f}x" if r["vs_fp32_eager"] else "n/a", round(r["run"]["median_s"], 2),
+                ratio_text(r), round(r["run"]["median_s"], 2),
                 round(r["ms_per_level"], 1), round(100 * r["fraction_of_peak"], 1),
                 round(r["compile_s"], 1) if r["compile_s"] is not None else "-",
             ]
