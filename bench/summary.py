@@ -97,18 +97,67 @@ def rows() -> list[list[str]]:
                 fw,
                 "forward_processes.json",
             )
-    sp = load("sampling")
-    if sp:
-        for r in sp["results"]:
+    for name in ("sampling", "sampling_fid_batch"):  # the trainer's grid batch, and an FID batch
+        sp = load(name)
+        for r in sp["results"] if sp else []:
+            ratio = r.get("vs_fp32_eager")
+            baseline = r["precision"] == "fp32" and not r.get("compile")
+            rng = r.get("vs_fp32_eager_range")
             add(
                 f"sampling img/s, full K={r['K']} run, {r['precision']}{', compiled' if r.get('compile') else ''}, "
                 f"batch {r['batch_size']}",
-                f"{r['img_per_s']:.2f}",
-                "",
-                "",
+                f"{r['img_per_s']:.2f}"
+                + ("" if baseline or ratio is None else f" ({ratio:.2f}x fp32" + (f", {rng[0]:.2f}-{rng[1]:.2f})" if rng
+                                                                                  else ")")),
+                "" if baseline else ">= 2x fp32",
+                "" if baseline else verdict(ratio, 2.0, True),
                 sp,
-                "sampling.json",
-            )
+                f"{name}.json",
+            )  # fmt: skip
+    ep = load("elbo_precision")
+    if ep and not ep.get("quick"):
+        speedups = [r["speedup"] for r in ep["rounds"]]
+        add(
+            f"ELBO, bf16 vs fp32 network, `{Path(ep['config']).name}` trained {ep['steps']} steps",
+            f"{ep['speedup_median']:.2f}x ({min(speedups):.2f}-{max(speedups):.2f}); bound moved "
+            f"{ep['worst_bpd_diff']:.4f} bpd",
+            f">= 1.5x within {ep['bound_bpd']} bpd",
+            "met" if ep["speedup_median"] >= 1.5 and ep["within_bound"] else "missed",
+            ep,
+            "elbo_precision.json",
+        )
+    fp = load("fid_precision")
+    if fp and not fp.get("quick"):
+        groups = fp["by_process"]
+        judged = [g for g in groups if g["within_seed_spread"] is not None]
+        add(
+            f"FID, bf16 vs fp32 sampling, {len(fp['results'])} trained runs, {fp['num_gen']} samples",
+            f"largest abs(bf16 - fp32) {max(g['largest_abs_diff'] for g in groups):.2f}; fp32 seed std "
+            f"{min(g['fp32']['std'] for g in judged):.2f}-{max(g['fp32']['std'] for g in judged):.2f}"
+            if judged
+            else "one seed per process: no spread",
+            "within the seed spread",
+            ("met" if all(g["within_seed_spread"] for g in judged) else "missed") if judged else "not measured",
+            fp,
+            "fid_precision.json",
+        )
+    vs = load("vs_ihdm")
+    if vs and not vs.get("quick"):
+        for config, targets in (
+            ("small_mnist", {"fp32": 1.25, "auto": 2.5}),
+            ("default_mnist", {"fp32": 1.25, "auto": 3.5}),
+        ):
+            summary = vs["configs"].get(config, {}).get("summary")
+            for precision, target in targets.items() if summary else ():
+                r = summary["ratio_to_ihdm"][precision]
+                add(
+                    f"training step vs IHDM fp32, `{config}`, lintrans {precision}",
+                    f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}, {r['n']} rounds)",
+                    f">= {target}x",
+                    verdict(r["median"], target, True),
+                    vs,
+                    "vs_ihdm.json",
+                )  # fmt: skip
     el = load("elbo")
     if el:
         full = max(el["runs"], key=lambda r: (r["num_train"], r["num_test"]))

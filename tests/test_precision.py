@@ -82,3 +82,19 @@ def test_compiled_training_matches_eager_in_fp32(tmp_path, single_run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / PROVENANCE).read_text())["compile"] is True
     assert_same_weights(weights(tmp_path), single_run, DDP_ATOL)
+
+
+def test_the_fid_precision_bench_samples_one_model_in_both_precisions(trained_tiny, tmp_path):
+    """``bench/fid_precision.py``'s short variant: the same run's FID in fp32 and bf16, nothing written into it."""
+    before = sorted(p.name for p in trained_tiny.rglob("*"))
+    result = run(["bench/fid_precision.py", "--quick", "--runs", str(trained_tiny.parent), "--name",
+                  str(tmp_path / "fid")])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "fid.json").read_text())
+    (row,) = data["results"]
+    assert row["run"] == str(trained_tiny) and row["steps"] == 150
+    assert all(row[p]["fid"] > 0 and row[p]["s"] > 0 for p in ("fp32", "bf16"))
+    assert row["fid_diff"] == pytest.approx(row["bf16"]["fid"] - row["fp32"]["fid"])
+    assert data["by_process"][0]["within_seed_spread"] is None  # one seed: no spread to judge against
+    assert "n/a (one seed)" in (tmp_path / "fid.md").read_text()
+    assert sorted(p.name for p in trained_tiny.rglob("*")) == before
