@@ -10,9 +10,10 @@ trainer's sample grids) with an untrained model of the config in eval mode (spee
 on the weights), per horizon ``K``, batch size, precision and compilation. The network is what
 sampling really calls: :func:`lintrans.device.inference_network` (``bf16``: the network under bf16
 autocast, answering in fp32; ``compile``: ``torch.compile``, whose first run's extra time is
-reported as the compile time), timed in alternating rounds so that
-load on a shared machine falls on every variant alike. Also reports model FLOPs per sample (K forward passes,
-``FlopCounterMode``) and the achieved fraction of the device's dense matmul peak (measured here).
+reported as the compile time). The variants are timed in alternating rounds, so that load on a
+shared machine falls on all of them alike, and each ratio to fp32 is taken within a round. Also
+reports model FLOPs per sample (K forward passes, ``FlopCounterMode``) and the achieved fraction of
+the device's dense matmul peak (measured here).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--compile", default="off", help="comma list of off and on (torch.compile of the network)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds: one timed full run of each variant")
-    p.add_argument("--quick", action="store_true", help="smoke run: K=5, batch 8, one repeat")
+    p.add_argument("--quick", action="store_true", help="smoke run: K=5, batch 8, one round")
     p.add_argument("--name", default="sampling")
     a = p.parse_args()
     if a.quick:

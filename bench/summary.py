@@ -178,6 +178,7 @@ def rows() -> list[list[str]]:
             ("slurm", "submit_s", "submit {trials} trials to the test SLURM cluster", 10.0),
             ("slurm", "dry_run_s", "dry-run of {trials} trials for SLURM", None),
             ("table", "rows_plus_render_md_s", "table over {trials} records", 2.0),
+            ("table", "cli_run_dry_done_s", "`run --dry-run` over {trials} done trials (end to end)", None),
         ):
             p = parts.get(part, {})
             value = p.get(field)

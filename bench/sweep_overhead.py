@@ -21,7 +21,8 @@ Parts (all in a temporary directory; nothing is left in runs/):
             fsync), then times ``launchers.table.rows(sweep, sweep.trials())`` + ``render`` (md and
             csv) in-process (median of 3, warm page cache) and ``python -m launchers table SWEEP``
             end to end (which also asks the local backend about each trial and rebuilds
-            ``runs/results.csv``).
+            ``runs/results.csv``), and ``run SWEEP --dry-run`` over the same done trials (its plan
+            reads each trial's records for evaluations still missing).
 ``local``   per-trial overhead of the local backend: sweeps of N trivial trials
 ``ray``     (``training.n_iters=0`` on an 8-channel model: load data, build the model, one held-out
             batch, no training) run serially (``local.slots: 1`` / ``ray.max_concurrent: 1``) for
@@ -345,6 +346,10 @@ def part_table(a, tmp: Path) -> dict:
     cmd = [*LAUNCHER, *cli_args(runs, "table", str(sweep_file))]
     res["cli_wall_s"], _ = timed(cmd)
     res["cli_command"] = " ".join(cmd[1:])
+    # Planning over done trials: `run --dry-run` reads each one's records to find evaluations still missing.
+    cmd = [*LAUNCHER, *cli_args(runs, "run", str(sweep_file), "--dry-run")]
+    res["cli_run_dry_done_s"], out = timed(cmd)
+    res["cli_run_dry_done_last_line"] = out.strip().splitlines()[-1]
     if not a.no_profile:
 
         def table_md() -> str:
@@ -356,7 +361,8 @@ def part_table(a, tmp: Path) -> dict:
         res["profile"] = profile_top(prof)
     print(
         f"table over {len(rows)} trials: rows + md {res['rows_plus_render_md_s']:.2f} s in-process "
-        f"(rows {split[-1]['rows_s']:.2f} s), CLI `table` {res['cli_wall_s']:.2f} s"
+        f"(rows {split[-1]['rows_s']:.2f} s), CLI `table` {res['cli_wall_s']:.2f} s; `run --dry-run` over the done "
+        f"trials {res['cli_run_dry_done_s']:.2f} s ({res['cli_run_dry_done_last_line']})"
     )
     return res
 
