@@ -244,13 +244,13 @@ def plan(
     of (one added to ``evaluations:``): from its checkpoint, without training. Only done trials need
     ``sweep``.
     """
-    from launchers.trial import spec_of
+    from launchers.trial import record_spec
 
     out = {}
     for t in trials:
         st = seen[t.id]
         if st.state == "done":
-            out[t.id] = "evaluate" if evaluations_missing(t.run_dir, spec_of(sweep, t)) else "skip (done)"
+            out[t.id] = "evaluate" if evaluations_missing(t.run_dir, record_spec(sweep, t)) else "skip (done)"
         elif st.state in ("written", "queued", "running"):
             out[t.id] = f"skip ({st.state})"
         elif st.state == "stopped" and not st.resumable and not resume_stopped:

@@ -54,9 +54,10 @@ class Stopped(Exception):
     """A trial scheduler (ASHA) ended the trial early; ``args[0]`` says why."""
 
 
-def spec_of(sweep: Sweep, trial: Trial) -> dict[str, Any]:
-    """The trial's spec: all a backend needs to pass, and all the trial needs to run."""
-    r = sweep.resources
+def record_spec(sweep: Sweep, trial: Trial) -> dict[str, Any]:
+    """What the trial's records are checked against: its evaluations (default names resolved to the sweep
+    and the trial) and its ``n_iters``. :func:`spec_of` includes it; planning over thousands of done trials
+    needs only this much."""
     evaluations = [
         dataclasses.asdict(dataclasses.replace(
             ev,
@@ -65,6 +66,12 @@ def spec_of(sweep: Sweep, trial: Trial) -> dict[str, Any]:
         ))
         for ev in sweep.evaluations
     ]  # fmt: skip
+    return {"evaluations": evaluations, "n_iters": trial.overrides.get("training.n_iters", sweep.base.training.n_iters)}
+
+
+def spec_of(sweep: Sweep, trial: Trial) -> dict[str, Any]:
+    """The trial's spec: all a backend needs to pass, and all the trial needs to run."""
+    r = sweep.resources
     return {
         "id": trial.id,
         "index": trial.index,
@@ -77,10 +84,9 @@ def spec_of(sweep: Sweep, trial: Trial) -> dict[str, Any]:
         "resolved_config": trial.resolved,  # what its id hashes: a later version of the trial is told apart by it
         "forward_source": trial.forward_source,
         "axes": list(trial.axes),
-        "evaluations": evaluations,
+        **record_spec(sweep, trial),
         "resources": r.model_dump(),
         "world_size": r.world_size,
-        "n_iters": trial.overrides.get("training.n_iters", sweep.base.training.n_iters),
         "max_requeues": sweep.slurm.max_requeues,
         "runs_dir": str(sweep.runs_dir.resolve()),
     }
