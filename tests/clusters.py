@@ -6,6 +6,7 @@ other, the benchmarks' cluster, or a cluster someone runs on the default ports.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -19,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, require, table_rows, trial_dirs, wait_until
+from tests.conftest import ROOT, require, status_of, table_rows, trial_dirs, wait_until
 
 FINAL = ("done", "failed", "stopped")
+STATUS_FIELDS = ("state", "reason", "step", "n_iters", "attempt", "preemptions", "resumed_from", "job_id", "updated")
+LOG_LINES = 15
 
 SCRIPT = str(ROOT / "slurm" / "cluster.sh")
 BENCH_PORTS = {26817, 26818, 26819, 23306}  # bench/sweep_overhead.py's cluster
@@ -142,4 +145,26 @@ def wait_final(cluster: Cluster, runs: Path, sweep: str, n: int = 1, timeout: fl
         rows = table_rows(runs, sweep, extra_env={"SLURM_CONF": cluster.env["SLURM_CONF"]})
         return rows if len(rows) == n and all(r["status"] in FINAL for r in rows) else None
 
-    return wait_until(f"{n} final trials of {sweep}", finished, timeout, every=2)
+    return wait_until(f"{n} final trials of {sweep}", finished, timeout, every=2,
+                      describe=lambda: seen(cluster, runs, name))  # fmt: skip
+
+
+def seen(cluster: Cluster, runs: Path, name: str) -> str:
+    """What the scheduler and the trials of sweep ``name`` say now: the text a timed-out wait fails with."""
+    jobs = sorted({json.loads(launch.read_text())["job_id"].split("_")[0]
+                   for launch in (runs / "sweeps" / name).glob("*/launch.json")})  # fmt: skip
+    queue = cluster.run("squeue", "-h", "-n", f"lintrans-{name}", "-o", "%i %T %r %M/%l", check=False).stdout
+    lines = ["squeue:", queue]
+    if jobs:
+        fields = "JobID,State,Start,End,Elapsed,Reason"
+        lines += ["sacct:", cluster.run("sacct", "-n", "-X", "-D", "-P", "-j", ",".join(jobs), "-o", fields,
+                                        check=False).stdout]  # fmt: skip
+    for trial in trial_dirs(runs, name):
+        shown = {k: v for k, v in status_of(trial).items() if k in STATUS_FIELDS}
+        lines.append(f"{trial.name} status.json: {shown}")
+    for log in sorted((runs / "sweeps" / name / "slurm").rglob("*_log.out")):
+        text = log.read_text(errors="replace").replace("\r", "\n").splitlines()
+        bars = [line for line in text if "%|" in line]  # tqdm's, which would hide the submitit lines
+        events = [line for line in text if line.strip() and "%|" not in line][-LOG_LINES:]
+        lines += [f"{log.name} (its last {LOG_LINES} lines but progress bars, then the last bar):", *events, *bars[-1:]]
+    return "\n".join(lines)

@@ -101,15 +101,19 @@ def trial_dirs(runs: Path, sweep: str) -> list[Path]:
     return sorted(p.parent for p in (runs / "sweeps" / sweep).glob("*/trial.json"))
 
 
-def wait_until(what: str, check, timeout: float, every: float = 0.5):
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds (never a timing assert)."""
+def wait_until(what: str, check, timeout: float, every: float = 0.5, describe=None):
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds (never a timing assert).
+
+    ``describe`` (no arguments, returns text) says what the wait saw, in the failure message: a wait
+    that times out on CI is otherwise a message with nothing to go on."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+            seen = f"\n{describe()}" if describe else ""
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{seen}")
         time.sleep(every)
 
 
