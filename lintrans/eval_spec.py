@@ -57,7 +57,7 @@ class EvalSpec:
         None,
         description="The network's precision: train (the run's training.mixed_precision), auto (bf16 where the "
         "device has it), no (fp32) or bf16. Default: train for FID, no for the ELBO (bf16 moves the bound by "
-        "0.01-0.03 bpd: bench/elbo_precision.py). The bound's sums stay in float64 either way.",
+        "up to 0.01 bpd: bench/elbo_precision.py). The bound's sums stay in float64 either way.",
     )
     prior: Literal["run", "data", "gaussian"] = Field(
         "run",

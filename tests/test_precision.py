@@ -1,8 +1,8 @@
 """Precision and compilation: FID samples in the training's precision, the ELBO in fp32, torch.compile where asked.
 
-A bf16 network moves the ELBO by more than issue 23's 0.01 bpd (0.025 bpd on the tiny model trained
-here, 0.011 on the mnist5k model on an H100: ``bench/results/gpu_nvidia_h100_80gb_hbm3.md``), so the
-ELBO stays fp32 unless asked; ``BF16_ELBO_BPD`` bounds what asking for bf16 costs on the tiny model.
+A bf16 network moves the ELBO by up to about issue 23's 0.01 bpd (0.0038-0.0099 on four mnist5k models,
+README "Precision"; about 0.02 on the barely trained tiny model here), so the ELBO stays fp32 unless
+asked; ``BF16_ELBO_BPD`` bounds what asking for bf16 costs on the tiny model.
 """
 
 from __future__ import annotations
