@@ -112,9 +112,18 @@ def wait_until(what: str, check, timeout: float, every: float = 0.5, describe=No
         if value:
             return value
         if time.monotonic() > deadline:
-            seen = f"\n{describe()}" if describe else ""
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{seen}")
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{described(describe)}")
         time.sleep(every)
+
+
+def described(describe) -> str:
+    """``describe()`` on a line of its own, or why it could not say (the timeout stays the failure)."""
+    if describe is None:
+        return ""
+    try:
+        return f"\n{describe()}"
+    except Exception as exc:  # noqa: BLE001 - a scheduler that does not answer must not hide the timeout
+        return f"\n(could not say what the wait saw: {exc!r})"
 
 
 def start_run(runs: Path, sweep_file: str, sweep: str, *args: str, steps: int = 10) -> tuple[subprocess.Popen, Path]:
