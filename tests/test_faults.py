@@ -7,6 +7,7 @@ including the Hypothesis-generated ones, in tests/test_sweep.py and tests/test_c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -188,11 +189,29 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def fill(disk: Path, leave: int, name: str = "filler") -> Path:
-    """A file taking all of ``disk``'s free space but ``leave`` bytes."""
-    filler = disk / name
-    with open(filler, "wb") as f:
-        f.write(b"\0" * max(0, shutil.disk_usage(disk).free - leave))
+def fill(disk: Path, leave: int, name: str = "filler", settle: float = 2.0) -> Path:
+    """A file taking all of ``disk``'s free space but ``leave`` bytes.
+
+    A trial may be writing a checkpoint meanwhile: once, in a full suite here, this write itself hit ENOSPC; and a
+    checkpoint in flight frees its old file when it is renamed. So the file grows a MiB at a time
+    while there is room, keeps taking what is freed for ``settle`` seconds, and gives back what it
+    took of the ``leave`` bytes."""
+    filler, deadline = disk / name, time.monotonic() + settle
+    with open(filler, "wb", buffering=0) as f:
+        while True:
+            while (room := shutil.disk_usage(disk).free - leave) > 0:
+                try:
+                    f.write(b"\0" * min(room, 1 << 20))
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break  # someone else took it first: look again after the pause
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        short = leave - shutil.disk_usage(disk).free
+        if short > 0:
+            f.truncate(max(0, os.fstat(f.fileno()).st_size - short))
     return filler
 
 
