@@ -6,7 +6,6 @@ other, the benchmarks' cluster, or a cluster someone runs on the default ports.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from launchers import state
 from tests.conftest import ROOT, require, status_of, table_rows, trial_dirs, wait_until
 
 FINAL = ("done", "failed", "stopped")
@@ -151,15 +151,15 @@ def wait_final(cluster: Cluster, runs: Path, sweep: str, n: int = 1, timeout: fl
 
 def seen(cluster: Cluster, runs: Path, name: str) -> str:
     """What the scheduler and the trials of sweep ``name`` say now: the text a timed-out wait fails with."""
-    jobs = sorted({json.loads(launch.read_text())["job_id"].split("_")[0]
-                   for launch in (runs / "sweeps" / name).glob("*/launch.json")})  # fmt: skip
+    trials = trial_dirs(runs, name)
+    jobs = sorted({str(job).split("_")[0] for trial in trials if (job := state.launch(trial).get("job_id"))})
     queue = cluster.run("squeue", "-h", "-n", f"lintrans-{name}", "-o", "%i %T %r %M/%l", check=False).stdout
     lines = ["squeue:", queue]
     if jobs:
         fields = "JobID,State,Start,End,Elapsed,Reason"
         lines += ["sacct:", cluster.run("sacct", "-n", "-X", "-D", "-P", "-j", ",".join(jobs), "-o", fields,
                                         check=False).stdout]  # fmt: skip
-    for trial in trial_dirs(runs, name):
+    for trial in trials:
         shown = {k: v for k, v in status_of(trial).items() if k in STATUS_FIELDS}
         lines.append(f"{trial.name} status.json: {shown}")
     for log in sorted((runs / "sweeps" / name / "slurm").rglob("*_log.out")):
