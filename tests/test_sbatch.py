@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from launchers import cli
 from launchers.backends.sbatch import SbatchBackend
 from launchers.backends.sbatch_script import PREEMPT_SIGNAL, resources, submitit_parameters
-from launchers.backends.slurm import SlurmBackend
+from launchers.backends.slurm import SlurmBackend, SlurmTrial
 from launchers.sweep import load
 from tests.conftest import ROOT, assert_one_line
 
@@ -58,6 +59,21 @@ def test_both_paths_share_the_options_and_the_preemption_contract(sweep, tmp_pat
     params = submitit_parameters(sweep)
     assert params["signal_delay_s"] == 240 and params["additional_parameters"]["requeue"] is True
     assert {"job_name", "time", "nodes", "setup", "srun_args"} <= set(params)
+
+
+def test_the_requeue_handler_sees_a_trial_its_interrupted_wait_already_reaped(tmp_path):
+    """The state submitit's handler meets when the time-limit signal lands on another thread.
+
+    The trial got the signal too, checkpointed and exited; ``Popen.wait`` reaped it and the handler
+    runs before the exit code is stored. The handler must hand back the call to requeue: an error here
+    is taken by ``Popen.wait`` for exit 0, and the job ends "completed" with its trial preempted.
+    """
+    trial = SlurmTrial()
+    trial.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(75)"])
+    os.waitpid(trial.proc.pid, 0)  # reaped, as by the interrupted wait; returncode not stored yet
+    assert trial.proc.returncode is None
+    again = trial.checkpoint(str(tmp_path))
+    assert isinstance(again.function, SlurmTrial) and again.args == (str(tmp_path),)
 
 
 def test_memory_goes_out_in_whole_megabytes(sweep):

@@ -90,6 +90,22 @@ def check_partition(partition: str | None) -> None:
         )
 
 
+def exited(pid: int) -> bool:
+    """Whether child ``pid`` has exited, without reaping it (``waitid`` with ``WNOWAIT``).
+
+    A child already reaped has exited too. ``--signal`` reaches the trial as well as submitit's
+    process, and when the signal lands on another thread of that process, its handler runs only once
+    the interrupted ``Popen.wait`` has reaped the checkpointed trial, before it stores the exit code.
+    ``waitid`` then raises ``ChildProcessError``, inside ``Popen.wait``, which takes it for exit 0:
+    the job ended "completed" with its trial preempted, never requeued (a CI run of the time-limit
+    test saw this).
+    """
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
 class SlurmTrial:
     """The callable submitit pickles: runs the trial entry point, and checkpoints on demand.
 
@@ -119,8 +135,8 @@ class SlurmTrial:
 
         The interrupted ``__call__`` is inside ``Popen.wait`` and holds its lock, so waiting here
         with ``Popen.wait`` would block until its timeout (this is how a requeue once came 299 s
-        after the checkpoint, late enough for a real time limit to kill the job). ``waitid`` with
-        ``WNOWAIT`` sees the child exit without reaping it.
+        after the checkpoint, late enough for a real time limit to kill the job); :func:`exited`
+        watches the child without reaping it.
         """
         import submitit
 
@@ -129,7 +145,7 @@ class SlurmTrial:
             proc.send_signal(signal.SIGUSR2)  # the contract's signal (sbatch_script.PREEMPT_SIGNAL)
             deadline = time.time() + CHECKPOINT_WAIT_S
             while time.time() < deadline:
-                if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                if exited(proc.pid):
                     break
                 time.sleep(0.1)
             else:
