@@ -137,8 +137,11 @@ def test_killed_node_requeues_job_which_reruns_after_node_start(cluster2):
     running = time.monotonic() - restarted
     wait_until("the job to complete", lambda: cluster2.job(job)["JobState"] == "COMPLETED", 60)
     assert tasks(1) == {"n1", "n2"}
-    assert log.read_text().splitlines()[0] == "start 0" and "start 1" in log.read_text() and "end 1" in log.read_text()
-    assert "end 0" not in log.read_text()
+    lines = log.read_text().splitlines()
+    assert lines[0] == "start 0" and "start 1" in lines and "end 1" in lines, lines
+    # The first run ended in NODE_FAIL (sacct, above). Its batch script on n1 may still echo "end 0" between srun
+    # losing n2 and slurmd killing the script (seen once, in a full suite), but never once the rerun has started.
+    assert "end 0" not in lines[lines.index("start 1") :], lines
     assert cluster2.job(job)["Restarts"] == "1"
     wait_until("sacct to record the rerun", lambda: "COMPLETED" in cluster2.sacct_states(job), 30)
     assert cluster2.node_state("n2") in ("idle", "mixed", "allocated")
