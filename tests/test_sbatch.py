@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -62,18 +65,35 @@ def test_both_paths_share_the_options_and_the_preemption_contract(sweep, tmp_pat
 
 
 def test_the_requeue_handler_sees_a_trial_its_interrupted_wait_already_reaped(tmp_path):
-    """The state submitit's handler meets when the time-limit signal lands on another thread.
-
-    The trial got the signal too, checkpointed and exited; ``Popen.wait`` reaped it and the handler
-    runs before the exit code is stored. The handler must hand back the call to requeue: an error here
-    is taken by ``Popen.wait`` for exit 0, and the job ends "completed" with its trial preempted.
-    """
+    """The state submitit's handler meets when it runs late: the trial got the signal too, checkpointed and
+    exited, and ``Popen.wait`` (holding its lock) reaped it but has not stored the exit code yet."""
     trial = SlurmTrial()
     trial.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(75)"])
-    os.waitpid(trial.proc.pid, 0)  # reaped, as by the interrupted wait; returncode not stored yet
+    os.waitpid(trial.proc.pid, 0)
+    with trial.proc._waitpid_lock:  # held by the interrupted wait, as in the job
+        again = trial.checkpoint(str(tmp_path))
     assert trial.proc.returncode is None
-    again = trial.checkpoint(str(tmp_path))
     assert isinstance(again.function, SlurmTrial) and again.args == (str(tmp_path),)
+
+
+def test_a_time_limit_signal_on_another_thread_still_requeues(tmp_path):
+    """``--signal`` reaches the trial and submitit's process; landing on another thread, it runs submitit's handler
+    only once ``Popen.wait`` has reaped the trial. An error from the handler there made the wait return 0, so the job
+    ended COMPLETED, never requeued, with its trial preempted (a CI run). The handler here does what submitit's does
+    with :meth:`SlurmTrial.checkpoint`'s answer, short of calling ``scontrol requeue``."""
+    trial, answers = SlurmTrial(), []
+    trial.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2); raise SystemExit(75)"])
+    previous = signal.signal(signal.SIGUSR2, lambda *_: answers.append(trial.checkpoint(str(tmp_path))))
+    try:
+        helper = threading.Thread(
+            target=lambda: (time.sleep(0.5), signal.pthread_kill(threading.get_ident(), signal.SIGUSR2))
+        )
+        helper.start()
+        code = trial.proc.wait()
+        helper.join()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert code == 75 and len(answers) == 1 and isinstance(answers[0].function, SlurmTrial)
 
 
 def test_memory_goes_out_in_whole_megabytes(sweep):

@@ -141,7 +141,7 @@ class SlurmTrial:
         import submitit
 
         proc = self.proc
-        if proc is not None and proc.returncode is None:
+        if proc is not None and proc.returncode is None and not exited(proc.pid):
             proc.send_signal(signal.SIGUSR2)  # the contract's signal (sbatch_script.PREEMPT_SIGNAL)
             deadline = time.time() + CHECKPOINT_WAIT_S
             while time.time() < deadline:
