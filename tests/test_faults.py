@@ -199,13 +199,13 @@ def fill(disk: Path, leave: int, name: str = "filler", settle: float = 2.0) -> P
     filler, deadline = disk / name, time.monotonic() + settle
     with open(filler, "wb", buffering=0) as f:
         while True:
-            while (room := shutil.disk_usage(disk).free - leave) > 0:
+            if (room := shutil.disk_usage(disk).free - leave) > 0:
                 try:
                     f.write(b"\0" * min(room, 1 << 20))
-                except OSError as exc:
+                    continue
+                except OSError as exc:  # ENOSPC: someone else took it first; look again after the pause
                     if exc.errno != errno.ENOSPC:
                         raise
-                    break  # someone else took it first: look again after the pause
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)

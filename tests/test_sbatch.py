@@ -64,11 +64,17 @@ def test_both_paths_share_the_options_and_the_preemption_contract(sweep, tmp_pat
     assert {"job_name", "time", "nodes", "setup", "srun_args"} <= set(params)
 
 
+def trial_running(code: str) -> SlurmTrial:
+    """A :class:`SlurmTrial` as ``__call__`` leaves it, its trial a Python child running ``code``."""
+    trial = SlurmTrial()
+    trial.proc = subprocess.Popen([sys.executable, "-c", code])
+    return trial
+
+
 def test_the_requeue_handler_sees_a_trial_its_interrupted_wait_already_reaped(tmp_path):
     """The state submitit's handler meets when it runs late: the trial got the signal too, checkpointed and
     exited, and ``Popen.wait`` (holding its lock) reaped it but has not stored the exit code yet."""
-    trial = SlurmTrial()
-    trial.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(75)"])
+    trial = trial_running("raise SystemExit(75)")
     os.waitpid(trial.proc.pid, 0)
     with trial.proc._waitpid_lock:  # held by the interrupted wait, as in the job
         again = trial.checkpoint(str(tmp_path))
@@ -81,8 +87,7 @@ def test_a_time_limit_signal_on_another_thread_still_requeues(tmp_path):
     only once ``Popen.wait`` has reaped the trial. An error from the handler there made the wait return 0, so the job
     ended COMPLETED, never requeued, with its trial preempted (a CI run). The handler here does what submitit's does
     with :meth:`SlurmTrial.checkpoint`'s answer, short of calling ``scontrol requeue``."""
-    trial, answers = SlurmTrial(), []
-    trial.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2); raise SystemExit(75)"])
+    trial, answers = trial_running("import time; time.sleep(2); raise SystemExit(75)"), []
     previous = signal.signal(signal.SIGUSR2, lambda *_: answers.append(trial.checkpoint(str(tmp_path))))
     try:
         helper = threading.Thread(
