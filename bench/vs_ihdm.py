@@ -29,7 +29,9 @@ same mnist5k batches (``GlobalBatchSampler``, same seed) and the same ``torch.se
 
 Each round times, per config, IHDM fp32, lintrans fp32, lintrans auto (``--round-warmup`` untimed
 steps, then ``--steps`` timed ones each), after measuring the dense matmul peak (fp32 and bf16) in
-that round; so slow drifts of this shared machine hit all three alike. Reported: img/s per round
+that round; so slow drifts of this shared machine hit all three alike. The order rotates from round
+to round (round 2 starts with lintrans fp32, round 3 with lintrans auto), so that no variant always
+runs first after the peak measurement. Reported: img/s per round
 (median step), the ratios lintrans/IHDM per round with median and min-max over rounds, model FLOPs
 per step (``FlopCounterMode``, forward + backward; the FFT blur is not counted) and the achieved
 fraction of the round's matmul peak of the step's dtype. ``--device cpu`` (the default) hides CUDA
@@ -284,8 +286,10 @@ def run_config(name: str, a, dev, mods: dict, auto_bf16: bool, auto_compile: boo
         n = 1024 if a.quick else None
         peak = {d: C.matmul_peak(dev, getattr(torch, d), n=n, seconds=a.peak_seconds) for d in ("float32", "bfloat16")}
         res = {}
-        for v, step in steps.items():
-            times = C.time_calls(step, dev, a.round_warmup, a.steps)
+        names, first = list(steps), r % len(steps)
+        order = names[first:] + names[:first]  # no variant always runs first
+        for v in order:
+            times = C.time_calls(steps[v], dev, a.round_warmup, a.steps)
             med = statistics.median(times)
             res[v] = {
                 "dtype": dtypes[v],
@@ -350,7 +354,8 @@ def markdown(a, facts: dict, results: dict) -> str:
         f"- run as: `{facts['command_with_env']}`\n\n"
         f"Batch {a.batch_size}, mnist5k batches (same sampler and seed for both), {a.threads} torch thread(s) for "
         f"both, {a.rounds} round(s); each round measures the matmul peak, then times IHDM fp32, lintrans fp32, "
-        f"lintrans auto ({a.round_warmup} untimed + {a.steps} timed steps each; img/s from the median step). "
+        f"lintrans auto, in an order that rotates each round ({a.round_warmup} untimed + {a.steps} timed steps "
+        "each; img/s from the median step). "
         "IHDM's step is its own (`get_step_fn`, its U-Net, its float64 DCT blur applied twice, its Adam/clip/EMA), "
         "timed as is. Ratio = lintrans img/s / IHDM img/s in the same round. % of peak = model FLOPs per step "
         "(`FlopCounterMode`, forward + backward) / median step time / that round's dense matmul peak of the "
