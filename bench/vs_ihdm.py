@@ -31,10 +31,10 @@ Each round times, per config, IHDM fp32, lintrans fp32, lintrans auto (``--round
 steps, then ``--steps`` timed ones each), after measuring the dense matmul peak (fp32 and bf16) in
 that round; so slow drifts of this shared machine hit all three alike. The order rotates from round
 to round (round 2 starts with lintrans fp32, round 3 with lintrans auto), so that no variant always
-runs first after the peak measurement. Reported: img/s per round
-(median step), the ratios lintrans/IHDM per round with median and min-max over rounds, model FLOPs
-per step (``FlopCounterMode``, forward + backward; the FFT blur is not counted) and the achieved
-fraction of the round's matmul peak of the step's dtype. ``--device cpu`` (the default) hides CUDA
+runs first after the peak measurement. Reported: img/s per round (median step), the ratios
+lintrans/IHDM per round with median and min-max over rounds, model FLOPs per step
+(``FlopCounterMode``, forward + backward; the FFT blur is not counted) and the achieved fraction of
+the round's matmul peak of the step's dtype. ``--device cpu`` (the default) hides CUDA
 (IHDM's ``DataParallel`` would spread a CPU model over GPUs); ``--device cuda`` runs both on the
 first GPU, where lintrans auto is bf16 (``training.compile: auto`` trains eager; where it compiles, the
 first, compiling step is reported apart).
