@@ -72,7 +72,9 @@ def held_out_loss(
     """Mean per-sample loss over the first ``num_batches`` held-out batches, with fixed randomness.
 
     Levels, noise and (for a stochastic process) ``theta`` are drawn for all ``n`` images at once,
-    so the figure does not depend on the world size.
+    so the figure does not depend on the world size. ``model`` is called as given: the trainer passes
+    the network in the training's precision (:func:`lintrans.device.inference_network`), so a bf16 run's
+    held-out loss is a bf16 network's, with fp32 states and fp64 sums.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     n = min(len(eval_set), batch_size * num_batches)
@@ -353,7 +355,8 @@ def training_loop(
     when = Schedule(n_iters, log_freq, eval_freq, sampling_freq, snapshot_freq, snapshot_freq_for_preemption)
 
     def evaluate(done: int) -> float:
-        loss = held_out_loss(model, process, eval_set, seed=seed, sigma=sigma, batch_size=eval_batch_size,
+        network = inference_network(model, bf16, device).train(model.training)  # the training's precision
+        loss = held_out_loss(network, process, eval_set, seed=seed, sigma=sigma, batch_size=eval_batch_size,
                              num_batches=eval_num_batches, device=device)  # fmt: skip
         log.scalars({"eval/loss": loss}, done)
         log.info(f"step {done}: eval loss {loss:.4f}")

