@@ -159,6 +159,23 @@ def rows() -> list[list[str]]:
                     vs,
                     "vs_ihdm.json",
                 )  # fmt: skip
+    qs = load("quickstart")
+    if qs and not qs.get("quick"):
+        median, rounds, fast = qs["median_s"]["rev"], len(qs["walls_s"]["rev"]), qs.get("speedup")
+        figure = f"{median:.0f} s (median of {rounds} rounds)"
+        if fast:
+            base = qs["revisions"]["base"][:7]
+            figure += (
+                f", {fast['median']:.2f}x ({fast['min']:.2f}-{fast['max']:.2f}) as fast as `{base}` in the same rounds"
+            )
+        add(
+            "the main job (`sweeps/quickstart.yaml`) after set-up, end to end",
+            f"{figure}; same ranking: {'yes' if qs['same_ranking'] else 'no'}",
+            "<= 90 s",
+            verdict(median, 90, False),
+            qs,
+            "quickstart.json",
+        )
     el = load("elbo")
     if el:
         full = max(el["runs"], key=lambda r: (r["num_train"], r["num_test"]))
