@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -81,8 +82,8 @@ def run_job(checkout: Path, sweep: str, sha: str, runs: Path) -> dict:
         )
     table = subprocess.run([*lintrans, "table", sweep, *where, "--format", "json"], cwd=checkout, env=env, check=True,
                            capture_output=True, text=True)  # fmt: skip
-    ran = {json.loads(p.read_text())["commit"].removesuffix("+dirty") for p in runs.rglob("provenance.json")}
-    if not ran or any(not sha.startswith(c) for c in ran):
+    ran = {json.loads(p.read_text())["commit"] or "none" for p in runs.rglob("provenance.json")}
+    if not ran or any(not sha.startswith(c) for c in ran):  # a clean checkout of sha: its 12 digits, no "+dirty"
         raise SystemExit(
             f"trials ran commit(s) {sorted(ran)}, not {sha[:12]}: the checkout's code was not the one imported"
         )
@@ -97,14 +98,27 @@ def ranking(rows: list[dict]) -> dict[str, list[str]]:
     return {k: [r["forward"] for r in sorted(rs, key=lambda r: r["nll_bpd"])] for k, rs in sorted(by_k.items())}
 
 
+def commit_of(rev: str, flag: str) -> str:
+    """The commit ``rev`` names (a tag names its commit, not the tag object); exit 2 if it names none."""
+    try:
+        return git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except subprocess.CalledProcessError:
+        print(f"error: {flag} {rev!r} is not a commit of {C.ROOT}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main() -> None:
     a = parse()
     info = C.machine()
-    revs = {"rev": git("rev-parse", a.rev)}
-    if a.base:
-        revs["base"] = git("rev-parse", a.base)
+    revs = {"rev": commit_of(a.rev, "--rev")} | ({"base": commit_of(a.base, "--base")} if a.base else {})
+    if git("status", "--porcelain", "--untracked-files=no"):
+        print(
+            f"note: this checkout has uncommitted changes; the bench times commits only ({a.rev} = {revs['rev'][:12]})"
+        )
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # a plain kill still removes the worktrees
+    git("worktree", "prune")  # entries of checkouts that a killed run left behind
     runs: dict[str, list[dict]] = {name: [] for name in revs}
-    with tempfile.TemporaryDirectory(prefix="bench-quickstart-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-quickstart-", ignore_cleanup_errors=True) as tmp:
         checkouts = {}
         try:
             for name, sha in revs.items():
@@ -120,6 +134,7 @@ def main() -> None:
         finally:
             for c in checkouts.values():
                 subprocess.run(["git", "worktree", "remove", "--force", str(c)], cwd=C.ROOT, capture_output=True)
+            git("worktree", "prune")
 
     walls = {name: [o["wall_s"] for o in outs] for name, outs in runs.items()}
     rankings = [ranking(o["rows"]) for outs in runs.values() for o in outs]

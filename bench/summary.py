@@ -29,8 +29,10 @@ def load(name: str) -> dict | None:
 
 
 def run_of(data: dict) -> str:
+    """When and at which commit: the revision timed where the bench checked one out, else the checkout's."""
     m = data["machine"]
-    return f"{m['date'][:16].replace('T', ' ')}, `{m['commit']}`"
+    commit = data.get("revisions", {}).get("rev", "")[:12] or m["commit"]
+    return f"{m['date'][:16].replace('T', ' ')}, `{commit}`"
 
 
 def verdict(value: float | None, target: float, higher_is_better: bool) -> str:

@@ -54,6 +54,8 @@ def test_mnist5k_is_mlxtends_digits_split_by_class(digits):
     assert torch.equal(labels, torch.from_numpy(y).long())
     train, test = digits
     held_out = datasets.mnist5k_held_out(labels)
+    every_tenth = np.concatenate([np.flatnonzero(y == c)[9::10] for c in range(10)])
+    assert torch.equal(torch.nonzero(held_out).flatten(), torch.from_numpy(np.sort(every_tenth)))
     assert (len(train), len(test)) == (4500, 500) and torch.equal(labels[held_out].bincount(), torch.full((10,), 50))
     assert torch.equal(test, images[held_out]) and torch.equal(train, images[~held_out])
 
