@@ -291,7 +291,9 @@ def check(calm: Sweep, chaotic: Sweep, states: dict[str, dict]) -> dict[str, boo
     import torch
 
     out: dict[str, bool | str] = {}
-    not_done = {t: s["state"] for t, s in states.items() if s["state"] != "done"}
+    not_done = {
+        t: " ".join(filter(None, (s["state"], s.get("reason")))) for t, s in states.items() if s["state"] != "done"
+    }
     out["every trial done"] = not not_done or f"not done: {not_done}"
     bad_records = []
     for trial in chaotic.trials():

@@ -46,8 +46,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 STATE_METRIC = {"done": 0.0, "stopped": 1.0, "failed": 2.0}
 
 
-class Preempted(Exception):
-    """A stop signal arrived outside the training loop (during the evaluations)."""
+class Preempted(BaseException):
+    """A stop signal arrived outside the training loop (start-up, resuming, the evaluations).
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: the handler raises it wherever the trial is, and a
+    broad ``except Exception`` there must not take it for that code's own failure. ``Run.load`` did: a
+    ``cancel`` landing while a resuming trial read its checkpoint was reported as a corrupt checkpoint,
+    and the trial failed for good ("delete it to start over") with a sound file.
+    """
 
 
 class Stopped(Exception):

@@ -260,3 +260,25 @@ def test_a_second_stop_signal_while_the_first_is_recorded_is_not_a_crash():
             time.sleep(0.2)
             recorded.append(str(first))
     assert recorded == ["signal SIGTERM"]
+
+
+def test_a_stop_signal_while_a_checkpoint_loads_preempts_instead_of_blaming_the_file(tmp_path, monkeypatch):
+    """A `cancel` landing while a resuming trial read its checkpoint raised inside ``torch.load``;
+    ``Run.load`` took that for a damaged file, and the trial failed for good ("no older checkpoint
+    loads: delete it to start over") with a sound checkpoint (found by bench/chaos.py on CI)."""
+    from launchers.trial import Preempted, signals_preempt
+
+    sound = tmp_path / "checkpoint.pth"
+    torch.save({"step": 3}, sound)
+    read = torch.load
+
+    def read_while_signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode, inside the read
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", read_while_signalled)
+    with signals_preempt(), pytest.raises(Preempted, match="signal SIGTERM"):
+        Run(tmp_path).load(sound)
+    monkeypatch.setattr(torch, "load", read)
+    assert Run(tmp_path).load(sound) == {"step": 3}

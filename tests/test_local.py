@@ -142,14 +142,17 @@ def test_cancel_stops_the_queued_trials_too_and_run_resumes_everything(tmp_path)
     finishes all."""
     cmd = [sys.executable, "-m", "launchers", "--runs-dir", str(tmp_path), "run", TINY, "--backend", "local"]
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    running = lambda: [t for t in trial_dirs(tmp_path, "tiny") if status_of(t).get("state") == "running"]  # noqa: E731
-    wait_until("two trials running", lambda: len(running()) == 2, 600)
+    training = lambda st: st.get("state") == "running" and (st.get("step") or 0) < 20 and not st.get("evaluating")  # noqa: E731
+    running = lambda: [t for t in trial_dirs(tmp_path, "tiny") if training(status_of(t))]  # noqa: E731
+    wait_until("two trials training (step < 20 of 30)", lambda: len(running()) == 2, 600)
     cancelled = lintrans(tmp_path, "cancel", TINY)
     assert cancelled.returncode == 0 and "local: cancelled 6 trials" in cancelled.stdout, cancelled.stdout
     out, _ = launcher.communicate(timeout=120)  # it returns: it has nothing left that it may start
     assert launcher.returncode == 130, out[-2000:]
     states = [status_of(t).get("state") for t in trial_dirs(tmp_path, "tiny")]  # None: never started
-    assert sorted(map(str, states)) == ["None"] * 4 + ["preempted"] * 2, states  # the 2 it ran, interrupted
+    # The 2 it ran are interrupted; one may still finish under a loaded machine before `cancel` reaches it.
+    assert states.count(None) == 4 and {s for s in states if s} <= {"preempted", "done"}, states
+    assert "preempted" in states, states
     again = lintrans(tmp_path, "run", TINY, "--backend", "local")
     assert again.returncode == 0, again.stderr[-2000:]
     assert [r["status"] for r in table_rows(tmp_path, TINY)] == ["done"] * 6
