@@ -47,8 +47,8 @@ def parse() -> argparse.Namespace:
     return a
 
 
-def git(*args: str, cwd: Path = C.ROOT) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=C.ROOT, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def write_quick_sweep(checkout: Path) -> str:
@@ -111,7 +111,7 @@ def main() -> None:
     a = parse()
     info = C.machine()
     revs = {"rev": commit_of(a.rev, "--rev")} | ({"base": commit_of(a.base, "--base")} if a.base else {})
-    if git("status", "--porcelain", "--untracked-files=no"):
+    if info["commit"].endswith("+dirty"):  # provenance.commit() has looked
         print(
             f"note: this checkout has uncommitted changes; the bench times commits only ({a.rev} = {revs['rev'][:12]})"
         )
@@ -152,8 +152,7 @@ def main() -> None:
     rows = [[name, revs[name][:12], f"{result['median_s'][name]:.1f}", ", ".join(f"{w:.1f}" for w in walls[name])]
             for name in revs]  # fmt: skip
     md = C.header_md("The main job (README's first command after set-up), end to end", info)
-    sweep = QUICK_SWEEP if a.quick else SWEEP
-    md += f"Sweep `{sweep}`, local backend, an empty runs folder per run; {a.rounds} round(s).\n\n"
+    md += f"Sweep `{sweeps['rev']}`, local backend, an empty runs folder per run; {a.rounds} round(s).\n\n"
     md += C.md_table(["revision", "commit", "median s", "each round, s"], rows) + "\n"
     if a.base:
         ratios = [b / w for b, w in zip(walls["base"], walls["rev"], strict=True)]
