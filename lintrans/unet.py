@@ -102,18 +102,18 @@ class AttentionBlock(nn.Module):
         self.proj = zero_module(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        # Token-major: the 1x1 convolutions are matmuls over (B, HW, C) tokens, so q, k and v come out of
+        # one matmul as views with unit stride in the last dimension, which SDPA's fused CPU kernel takes
+        # as they are; the output projection writes (B, C, HW) directly. The channel-major form spent a
+        # transposing copy of q, k, v and one of the attention's output per block: bf16 inference of the
+        # mnist5k U-Net's attention block 1.07-1.12x faster at batch 100 (fp32 1.1x), same weights.
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x).reshape(B, C, H * W))
-        qkv = qkv.reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2)  # (B, 3, heads, HW, C/heads)
-        if qkv.dtype != torch.float32 or not torch.is_grad_enabled():
-            # Unit stride in the last dimension lets SDPA take its fused CPU kernel instead of the unfused math
-            # path: ~1.2x the bf16 inference of the mnist5k U-Net. An fp32 training step stays on the math path:
-            # default_mnist's fp32 forward+backward ran ~3 % faster on it (both paths alternating in one process).
-            qkv = qkv.contiguous()
-        q, k, v = qkv.unbind(1)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
-        h = h.transpose(-1, -2).reshape(B, C, H * W)
-        return x + self.proj(h).reshape(B, C, H, W)
+        tokens = self.norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C), a view
+        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)  # (B, HW, 3C)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, C // self.heads)).permute(2, 0, 3, 1, 4)  # (B, heads, HW, C/h)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+        out = F.linear(h, self.proj.weight.squeeze(-1), self.proj.bias).transpose(1, 2)  # (B, C, HW), a view
+        return x + out.reshape(B, C, H, W)  # contiguous like x: the sum takes x's layout
 
 
 class Downsample(nn.Module):
