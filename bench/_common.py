@@ -35,7 +35,15 @@ from lintrans import provenance  # noqa: E402 - the repository goes on sys.path 
 
 
 def machine(device: str = "cpu") -> dict:
+    """Facts of this machine and process, for the result files; called before anything is timed.
+
+    It also sets the process up as every lintrans entry point does (``keep_freed_memory``), so that a
+    bench times what ``train.py``, ``sample.py`` and a sweep's trials run (``bench/malloc.py`` times
+    the difference, in child processes that do not call this).
+    """
     import torch
+
+    from lintrans.procenv import keep_freed_memory
 
     info = {
         "host": platform.node(),
@@ -49,6 +57,7 @@ def machine(device: str = "cpu") -> dict:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": provenance.commit() or "unknown",
         "loadavg_at_start": os.getloadavg(),
+        "keeps_freed_memory": keep_freed_memory(),
         "env": {
             k: os.environ[k]
             for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "KMP_BLOCKTIME", "CUDA_VISIBLE_DEVICES")
@@ -185,6 +194,8 @@ def header_md(title: str, info: dict) -> str:
         f"- command: `{command_line()}`\n"
         f"- CPU instruction sets (of avx2, avx512f, avx512_bf16, amx_bf16): {', '.join(info.get('cpu_isa', [])) or '-'}"
         "\n"
+        f"- freed memory kept for reuse (`lintrans.procenv.keep_freed_memory`, as every entry point does): "
+        f"{'yes' if info.get('keeps_freed_memory') else 'no'}\n"
         f"- load average (1/5/15 min) at start: {' / '.join(f'{x:.2f}' for x in info['loadavg_at_start'])}"
         f", at end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} (other processes share the 2 cores)\n\n"
     )

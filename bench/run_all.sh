@@ -12,7 +12,7 @@
 # to drop below 3 before each run, so that the figures measure the hardware, not the neighbours.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL=(train_throughput bf16_heldout forward_processes sampling elbo elbo_precision sweep_overhead ddp_scaling step_variants)
+ALL=(train_throughput bf16_heldout forward_processes sampling malloc elbo elbo_precision sweep_overhead ddp_scaling step_variants)
 names=("$@")
 [[ ${#names[@]} -gt 0 ]] || names=("${ALL[@]}")
 extra=()

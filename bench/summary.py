@@ -117,6 +117,17 @@ def rows() -> list[list[str]]:
                 sp,
                 f"{name}.json",
             )  # fmt: skip
+    mk = load("malloc")
+    if mk and not mk.get("quick"):
+        for measure, r in mk["speedup"].items():
+            add(
+                f"keeping freed memory (every entry point), {measure.replace('_', ' ')}, {mk['threads']} thread(s)",
+                f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}, {len(mk['rounds'])} rounds)",
+                "",
+                "",
+                mk,
+                "malloc.json",
+            )
     ep = load("elbo_precision")
     if ep and not ep.get("quick"):
         speedups = [r["speedup"] for r in ep["rounds"]]

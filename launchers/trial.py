@@ -39,7 +39,7 @@ from lintrans import config as cfg
 from lintrans import records, trackers
 from lintrans.atomic import disk_full, write_json
 from lintrans.errors import NonFiniteLossError, UsageError
-from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, rank
+from lintrans.procenv import EXIT_BUSY, EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, keep_freed_memory, rank
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 # A finished trial's state as the number its trackers show beside its metrics (HParams metric ``state``).
@@ -167,6 +167,7 @@ def failure(exc: BaseException) -> tuple[str, bool]:
 
 def run_trial(trial_dir: str | Path, backend: str = "local", report: Callable | None = None) -> int:
     """Run one trial to completion (or preemption); see the module docstring for exit codes."""
+    keep_freed_memory()
     trial_dir = Path(trial_dir).resolve()
     spec = state.spec(trial_dir)
     if not spec:

@@ -25,7 +25,7 @@ from ml_collections.config_flags import config_path
 
 from lintrans import config as cfg
 from lintrans.errors import UsageError, printable
-from lintrans.procenv import EXIT_USAGE, is_rank0
+from lintrans.procenv import EXIT_USAGE, is_rank0, keep_freed_memory
 
 Main = Callable[[list[str]], int | None]
 _OVERRIDE = re.compile(r"-{1,2}(?:no)?config\.([^=]*)")  # as config_flags recognises an override
@@ -123,6 +123,7 @@ def parse(
 
 def entry(main: Main, argv: list[str] | None = None) -> int:
     """Run ``main(argv)`` and turn a :class:`UsageError` into its one line and exit code 2."""
+    keep_freed_memory()
     try:
         return main(list(sys.argv if argv is None else argv)) or 0
     except HelpRequested as exc:

@@ -103,3 +103,27 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
     instead of training on as an orphan that still holds the trial's lock.
     """
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
+
+
+# glibc's mallopt parameters (malloc.h) and its largest M_MMAP_THRESHOLD on 64-bit (HEAP_MAX_SIZE / 2).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20
+_NEVER_TRIM = 2**31 - 1  # mallopt takes an int
+
+
+def keep_freed_memory() -> bool:
+    """Keep the memory of freed tensors in this process for the next ones, instead of handing it back.
+
+    glibc gives large freed blocks back to the kernel (``munmap``, or trimming the heap's top), so a
+    training step or network call that allocates its activations again page-faults on every 4 KiB
+    page: here about 1.7 µs a page, 4 ms to allocate and fill 10 MB that take 0.3 ms to fill once
+    held. With blocks up to 32 MiB served from a heap that is never trimmed, the fp32 inference of the
+    mnist5k U-Net ran 1.08-1.15x as fast and bf16 1.02-1.06x (README, "Performance"). The process then
+    holds the peak of its tensors until it exits, as PyTorch's CUDA caching allocator does on a GPU.
+    Returns whether the C library took the settings (not on musl or macOS, which lack ``mallopt``).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
