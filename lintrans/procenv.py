@@ -117,9 +117,10 @@ def keep_freed_memory() -> bool:
     glibc gives large freed blocks back to the kernel (``munmap``, or trimming the heap's top), so a
     training step or network call that allocates its activations again page-faults on every 4 KiB
     page: here about 1.7 µs a page, 4 ms to allocate and fill 10 MB that take 0.3 ms to fill once
-    held. With blocks up to 32 MiB served from a heap that is never trimmed, the fp32 inference of the
-    mnist5k U-Net ran 1.08-1.15x as fast and bf16 1.02-1.06x (README, "Performance"). The process then
-    holds the peak of its tensors until it exits, as PyTorch's CUDA caching allocator does on a GPU.
+    held. With blocks up to 32 MiB served from a heap that is never trimmed, fp32 sampling with the
+    mnist5k U-Net ran 1.16x as fast; bf16 and training steps, which fault little, did not change
+    (``bench/malloc.py``). The process then holds the peak of its tensors until it exits, as
+    PyTorch's CUDA caching allocator does on a GPU.
     Returns whether the C library took the settings (not on musl or macOS, which lack ``mallopt``).
     """
     try:
