@@ -166,7 +166,11 @@ def failure(exc: BaseException) -> tuple[str, bool]:
 
 
 def run_trial(trial_dir: str | Path, backend: str = "local", report: Callable | None = None) -> int:
-    """Run one trial to completion (or preemption); see the module docstring for exit codes."""
+    """Run one trial to completion (or preemption); see the module docstring for exit codes.
+
+    The process keeps the memory of freed tensors for the next ones (:func:`keep_freed_memory`), as
+    ``train.py`` does; a backend that runs trials in its own process (foreground) holds their peak.
+    """
     keep_freed_memory()
     trial_dir = Path(trial_dir).resolve()
     spec = state.spec(trial_dir)

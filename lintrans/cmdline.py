@@ -122,7 +122,11 @@ def parse(
 
 
 def entry(main: Main, argv: list[str] | None = None) -> int:
-    """Run ``main(argv)`` and turn a :class:`UsageError` into its one line and exit code 2."""
+    """Run ``main(argv)`` and turn a :class:`UsageError` into its one line and exit code 2.
+
+    First the process keeps the memory of freed tensors for the next ones (:func:`keep_freed_memory`:
+    fp32 sampling 1.16x as fast); a caller in a notebook or a test then holds its peak until it exits.
+    """
     keep_freed_memory()
     try:
         return main(list(sys.argv if argv is None else argv)) or 0

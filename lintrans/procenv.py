@@ -116,7 +116,7 @@ def keep_freed_memory() -> bool:
 
     glibc gives large freed blocks back to the kernel (``munmap``, or trimming the heap's top), so a
     training step or network call that allocates its activations again page-faults on every 4 KiB
-    page: here about 1.7 µs a page, 4 ms to allocate and fill 10 MB that take 0.3 ms to fill once
+    page: here about 1.7 µs a page, 4.4 ms to allocate and fill 10 MB that take 0.3 ms to fill once
     held. With blocks up to 32 MiB served from a heap that is never trimmed, fp32 sampling with the
     mnist5k U-Net ran 1.16x as fast; bf16 and training steps, which fault little, did not change
     (``bench/malloc.py``). The process then holds the peak of its tensors until it exits, as
@@ -127,4 +127,6 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)  # each set on its own: one refused leaves the other
+    trim_set = mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
+    return bool(mmap_set and trim_set)

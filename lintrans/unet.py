@@ -104,11 +104,13 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         # Token-major: the 1x1 convolutions are matmuls over (B, HW, C) tokens, so q, k and v come out of
         # one matmul as views with unit stride in the last dimension, which SDPA's fused CPU kernel takes
-        # as they are; the output projection writes (B, C, HW) directly. The channel-major form spent a
-        # transposing copy of q, k, v and one of the attention's output per block. Same weights; the mnist5k
-        # U-Net's inference ran 1.04-1.07x as fast at batch 100, its training step 1.03-1.09x (README).
+        # as they are (in every precision and mode), and the residual sum reads the projection transposed.
+        # The channel-major form copied q, k, v transposed (3x the tokens' size) and the attention's
+        # output; now the matmul copies only the tokens. Same weights; the mnist5k U-Net's inference ran
+        # 1.04-1.07x as fast at batch 100, its training step 1.03-1.09x, default_mnist's fp32 step
+        # (on the math path before) 0.98-1.00x (README, "Performance").
         B, C, H, W = x.shape
-        tokens = self.norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C), a view
+        tokens = self.norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C), a transposed view
         qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)  # (B, HW, 3C)
         q, k, v = qkv.unflatten(-1, (3, self.heads, C // self.heads)).permute(2, 0, 3, 1, 4)  # (B, heads, HW, C/h)
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)

@@ -220,4 +220,4 @@ def test_legacy_attention_order_is_reordered_exactly():
         block.proj.bias.zero_()
         got = block(x)
     print(f"max |got - want| {(got - want).abs().max():.3g} of max |want| {want.abs().max():.3g}")
-    assert (got - want).abs().max() < 1e-6 * want.abs().max()  # fp32 rounding: the order of the sums differs
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()  # fp32 sums in another order: 5e-7 here
