@@ -106,6 +106,29 @@ def compile_time(first_s: float, median_s: float, compiled: bool) -> float | Non
     return max(first_s - median_s, 0.0) if compiled else None
 
 
+def spread(values: list[float]) -> dict:
+    """Median, min, max and count of per-round figures (ratios within a round, img/s)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def reverse_run(model, process, K: int, batch: int, shape, delta: float, device, bf16: bool, compiled: bool = False):
+    """A full K-step reverse run of ``batch`` images as a call: the path of ``sample.py``, FID's samples and the
+    sample grids (:func:`lintrans.device.inference_network`, ``sampling.prior`` + ``sampling.reverse``)."""
+    import torch
+
+    from lintrans import sampling
+    from lintrans.device import inference_network
+
+    net = inference_network(model, bf16, device, compiled)
+    x0 = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run():
+        gen = torch.Generator(device=device).manual_seed(0)
+        return sampling.reverse(net, sampling.prior(process, x0, delta, gen), K, delta, gen)
+
+    return run
+
+
 def summarise(samples: list[float]) -> dict:
     return {
         "median_s": statistics.median(samples),

@@ -9,7 +9,7 @@ holds instead of fresh pages. The setting lasts for the process's life, so each 
 own child process (this script with ``--child``), in alternating order, one pair per round; the ratio
 is taken within a round. A child times what a trial spends its time on: a full reverse run
 (``lintrans.sampling.reverse`` through :func:`lintrans.device.inference_network`, the path of FID's
-samples and the sample grids) in fp32 and in bf16, and the real training step
+samples and the sample grids, built by ``_common.reverse_run``) in fp32 and in bf16, and the real training step
 (:class:`lintrans.step.TrainStep`, built by ``_common.train_step``) in both precisions. It also
 counts the minor page faults of the timed work (``getrusage``), which is what the setting removes.
 """
@@ -53,9 +53,8 @@ def child(a: argparse.Namespace) -> dict:
     import torch
     import torch.distributed as dist
 
-    from lintrans import datasets, sampling
-    from lintrans.config import image_shape, load
-    from lintrans.device import inference_network
+    from lintrans import datasets
+    from lintrans.config import image_shape, load, sampling_delta
     from lintrans.procenv import free_port, keep_freed_memory
 
     kept = keep_freed_memory() if a.child == "keep" else False
@@ -65,15 +64,12 @@ def child(a: argparse.Namespace) -> dict:
     config = load(a.config, {"training.batch_size": 32, "model.K": a.K})  # not C.step_setup: it keeps freed memory
     train_set = datasets.load(config)[0]
     model, process = C.untrained(config, device)
-    x0 = torch.rand(a.batch_size, *image_shape(config), generator=torch.Generator().manual_seed(0))
-    out: dict = {"kept": kept}
+    shape, delta, out = image_shape(config), sampling_delta(config), {"kept": kept}
     for name, bf16 in (("fp32", False), ("bf16", True)):
-        net = inference_network(model, bf16, device)
-        with torch.no_grad():
-            net(x0, torch.full((a.batch_size,), a.K))  # warm: oneDNN's kernels, the allocator
-        gen = torch.Generator().manual_seed(0)
+        run = C.reverse_run(model, process, a.K, a.batch_size, shape, delta, device, bf16)
+        run()  # warm: oneDNN's kernels, the allocator
         f0, t0 = faults(), time.perf_counter()
-        sampling.reverse(net, sampling.prior(process, x0, 0.01, gen), a.K, 0.01, gen)
+        run()
         out[f"sample_{name}_s"], out[f"sample_{name}_faults"] = time.perf_counter() - t0, faults() - f0
     for name, bf16 in (("fp32", False), ("bf16", True)):
         step = C.train_step(config, device, train_set, bf16=bf16)
@@ -108,8 +104,7 @@ def main() -> None:
         row["speedup"] = {m: row["default"][f"{m}_s"] / row["keep"][f"{m}_s"] for m in measures}
         rounds.append(row)
         print(f"round {r + 1}: " + ", ".join(f"{m} {row['speedup'][m]:.2f}x" for m in measures), flush=True)
-    ratios = {m: [row["speedup"][m] for row in rounds] for m in measures}
-    summary = {m: {"median": statistics.median(v), "min": min(v), "max": max(v)} for m, v in ratios.items()}
+    summary = {m: C.spread([row["speedup"][m] for row in rounds]) for m in measures}
     data = {
         "machine": info, "config": a.config, "batch_size": a.batch_size, "K": a.K, "steps": a.steps,
         "threads": a.threads, "rounds": rounds, "speedup": summary, "quick": a.quick,

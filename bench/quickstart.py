@@ -156,9 +156,9 @@ def main() -> None:
     md += C.md_table(["revision", "commit", "median s", "each round, s"], rows) + "\n"
     if a.base:
         ratios = [b / w for b, w in zip(walls["base"], walls["rev"], strict=True)]
-        result["speedup"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        fast = result["speedup"] = C.spread(ratios)
         md += (f"\nSpeed-up of `{a.rev}` over `{a.base}` (base wall / revision wall, within each round): "
-               f"**{statistics.median(ratios):.2f}×** ({min(ratios):.2f}–{max(ratios):.2f}).\n")  # fmt: skip
+               f"**{fast['median']:.2f}×** ({fast['min']:.2f}–{fast['max']:.2f}).\n")  # fmt: skip
     md += f"\nRanking by nll_bpd per K (lowest first): {rankings[0]}; the same in every run: {same_ranking}.\n"
     C.write_results(a.name, result, md)
     if not same_ranking:

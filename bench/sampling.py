@@ -25,8 +25,6 @@ import _common as C
 import torch
 
 from lintrans import config as cfg
-from lintrans import sampling
-from lintrans.device import inference_network
 
 
 def parse() -> argparse.Namespace:
@@ -44,18 +42,6 @@ def parse() -> argparse.Namespace:
     if a.quick:
         a.K, a.batch_sizes, a.rounds = "5", "8", 1
     return a
-
-
-def variant_runner(model, process, K: int, bs: int, shape, delta: float, device, bf16: bool, compiled: bool):
-    """One variant's full reverse run as a call, and its first (compiling, warming) run's seconds."""
-    net = inference_network(model, bf16, device, compiled)
-    x0 = torch.rand(bs, *shape, generator=torch.Generator().manual_seed(0)).to(device)
-
-    def run():
-        gen = torch.Generator(device=device).manual_seed(0)
-        return sampling.reverse(net, sampling.prior(process, x0, delta, gen), K, delta, gen)
-
-    return run, C.time_calls(run, device, 0, 1)[0]
 
 
 def ratio_text(r: dict) -> str:
@@ -92,7 +78,8 @@ def main() -> None:
         ]
         runners, firsts, times = {}, {}, {v: [] for v in variants}
         for v in variants:
-            runners[v], firsts[v] = variant_runner(model, process, K, v[2], shape, delta, device, v[0] == "bf16", v[1])
+            runners[v] = C.reverse_run(model, process, K, v[2], shape, delta, device, v[0] == "bf16", v[1])
+            firsts[v] = C.time_calls(runners[v], device, 0, 1)[0]  # the first run compiles and warms
         for _ in range(a.rounds):  # alternating rounds: every variant once per round, in the same order
             for v in variants:
                 times[v] += C.time_calls(runners[v], device, 0, 1)

@@ -231,10 +231,6 @@ def config_check(ihdm_cfg, ours) -> dict:
     return {"values": values, "differ": [k for k, v in values.items() if v["ihdm"] != v["lintrans"]]}
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
 def fmt_spread(s: dict, scale: float = 1.0, digits: int = 2, suffix: str = "") -> str:
     med, lo, hi = (scale * s[k] for k in ("median", "min", "max"))
     if s["n"] == 1:
@@ -316,13 +312,13 @@ def run_config(name: str, a, dev, mods: dict, auto_bf16: bool, auto_compile: boo
     summary = {
         v: {
             "dtype": dtypes[v],
-            "img_per_s": spread([rd["variants"][v]["img_per_s"] for rd in rounds]),
-            "fraction_of_peak": spread([rd["variants"][v]["fraction_of_peak"] for rd in rounds]),
+            "img_per_s": C.spread([rd["variants"][v]["img_per_s"] for rd in rounds]),
+            "fraction_of_peak": C.spread([rd["variants"][v]["fraction_of_peak"] for rd in rounds]),
             "flops_per_step": flops[v],
         }
         for v in VARIANTS
     }
-    summary["ratio_to_ihdm"] = {k: spread([rd["ratio_to_ihdm"][k] for rd in rounds]) for k in ("fp32", "auto")}
+    summary["ratio_to_ihdm"] = {k: C.spread([rd["ratio_to_ihdm"][k] for rd in rounds]) for k in ("fp32", "auto")}
     del steps, ihdm
     gc.collect()
     return {
