@@ -6,13 +6,13 @@
 
 Each revision is checked out with ``git worktree add --detach`` into a temporary folder, and the job
 is what README's first command runs after set-up: ``python -m launchers run sweeps/quickstart.yaml
---backend local --runs-dir <empty folder>``, started in that folder with this interpreter. ``-m`` puts
-the folder first on ``sys.path``, so each revision runs its own ``launchers`` and ``lintrans`` on the
-same installed packages; every trial's ``provenance.json`` must name the revision's commit, or the
-bench fails. Within a round the revisions run one after the other, in an order that rotates per round,
-and a ratio is taken within its round (base wall / revision wall: above 1 is faster). The results table
-of each run (``lintrans table --format json``) is kept, and the bench checks that every run ranks the
-forward processes by ``nll_bpd`` the same way at each ``K``.
+--backend local --runs-dir <empty folder>``, started in that folder with this interpreter and an empty
+feature cache. ``-m`` puts the folder first on ``sys.path``, so each revision runs its own
+``launchers`` and ``lintrans`` on the same installed packages; every trial's ``provenance.json`` must
+name the revision's commit, or the bench fails. Within a round the revisions run one after the other,
+in an order that rotates per round, and a ratio is taken within its round (base wall / revision wall:
+above 1 is faster). The results table of each run (``lintrans table --format json``) is kept, and the
+bench checks that every run ranks the forward processes by ``nll_bpd`` the same way at each ``K``.
 """
 
 from __future__ import annotations
@@ -69,8 +69,12 @@ def write_quick_sweep(checkout: Path) -> str:
 
 
 def run_job(checkout: Path, sweep: str, sha: str, runs: Path) -> dict:
-    """One run of the main job in ``checkout``: its wall time and results table."""
+    """One run of the main job in ``checkout``: its wall time and results table.
+
+    Its feature cache (``lintrans.feature_cache``) starts empty, as on a fresh machine.
+    """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the checkout's code, nothing else's
+    env["LINTRANS_CACHE_DIR"] = str(runs.with_name(f"{runs.name}-cache"))
     lintrans, where = [sys.executable, "-m", "launchers"], ["--runs-dir", str(runs)]
     start = time.perf_counter()
     job = subprocess.run([*lintrans, "run", sweep, "--backend", "local", *where], cwd=checkout, env=env,

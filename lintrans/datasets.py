@@ -14,6 +14,7 @@ on the world size, and resuming at step ``s`` needs nothing but ``s``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,6 +54,13 @@ class TensorImages(Dataset):
         """Fast path for in-memory data: one indexing op instead of per-item calls."""
         return self.images[idx].float() / 255.0
 
+    def fingerprint(self) -> str:
+        """A hash of the images' shape and bytes: names what is computed from them in a cache."""
+        data = self.images.contiguous().numpy()
+        h = hashlib.sha256(f"{data.dtype} {data.shape}".encode())
+        h.update(data.data)
+        return h.hexdigest()
+
 
 class FolderImages(Dataset):
     """Every image below a folder, resized (shorter side) and centre-cropped to ``size``."""
@@ -76,6 +84,17 @@ class FolderImages(Dataset):
 
     def batch(self, idx: Tensor) -> Tensor:
         return torch.stack([self[int(i)] for i in idx])
+
+    def fingerprint(self) -> str:
+        """A hash of every file's path, size and modification time, and of the crop and colour mode.
+
+        Not of the pixels: reading every image is the work that a cache keyed by this saves.
+        """
+        h = hashlib.sha256(f"{self.size} {self.mode}".encode())
+        for path in self.files:
+            stat = path.stat()
+            h.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return h.hexdigest()
 
 
 def mnist5k_digits() -> tuple[Tensor, Tensor]:

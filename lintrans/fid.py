@@ -212,6 +212,15 @@ def save_png_folder(images: Tensor, folder: Path) -> Path:
     return folder
 
 
+def weights_file(metric: str) -> Path:
+    """The file of ``metric``'s extractor weights (what a feature cache checks them by)."""
+    if metric == "fid_mnist_features":
+        return require_file(FEATURES_FILE, "digit feature weights", FEATURES_HINT)
+    if metric == "fid_inception":
+        return require_file(inception_file(), "Inception weights", PREFETCH_HINT)
+    raise UsageError(f"unknown FID metric '{metric}'; valid: {choices(METRICS)}")
+
+
 def extractor_for(metric: str, mode: str, device: torch.device) -> tuple[nn.Module, Callable | None]:
     """The feature extractor of ``metric`` and its clean-fid ``custom_fn_resize`` (``None``: clean-fid's own)."""
     if metric == "fid_mnist_features":

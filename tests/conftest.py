@@ -57,6 +57,21 @@ def _in_repository_root():
     os.chdir(previous)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _feature_cache(tmp_path_factory) -> Iterator[None]:
+    """Evaluations keep training-set features (:mod:`lintrans.feature_cache`) in a folder of the session, not
+    in the home folder; the processes the tests start inherit it."""
+    from lintrans.feature_cache import CACHE_ENV
+
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("feature-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_ENV)
+    else:
+        os.environ[CACHE_ENV] = previous
+
+
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ)
     e.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **extra)
