@@ -66,7 +66,7 @@ class FolderImages(Dataset):
     """Every image below a folder, resized (shorter side) and centre-cropped to ``size``."""
 
     def __init__(self, root: Path, size: int, channels: int) -> None:
-        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.files = sorted(p for p in root.resolve().rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root} (config.data.path)")
         self.size, self.mode = size, "L" if channels == 1 else "RGB"
@@ -88,12 +88,14 @@ class FolderImages(Dataset):
     def fingerprint(self) -> str:
         """A hash of every file's path, size and modification time, and of the crop and colour mode.
 
-        Not of the pixels: reading every image is the work that a cache keyed by this saves.
+        Not of the pixels: reading every image is the work that a cache keyed by this saves. So a file
+        overwritten in place by one of the same size that keeps the old modification time (``rsync -a``
+        or ``cp -p`` over it, a tar unpacked over it) is not told apart: delete the feature cache then.
         """
         h = hashlib.sha256(f"{self.size} {self.mode}".encode())
         for path in self.files:
             stat = path.stat()
-            h.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            h.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
 

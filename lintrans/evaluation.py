@@ -33,7 +33,8 @@ and the share of samples whose nearest / second-nearest distance ratio is below 
 space, the literature's test). The metrics hold ``memorised_fraction``, ``nn_distance_pixel`` and
 ``nn_distance_feature`` (means), so they become table columns; the breakdown holds both spaces'
 figures. The whole training set is compared with, streamed in chunks through the same feature
-extractor: for ``fid_inception`` that is one Inception pass over the training set per evaluation.
+extractor: for ``fid_inception`` one Inception pass over the training set, made by the first
+evaluation and read back by the others from :mod:`lintrans.feature_cache`.
 """
 
 from __future__ import annotations
@@ -87,57 +88,60 @@ def sample_producer(
 MEMORISATION_CHUNK = 2048
 
 
-def train_features(train_set, metric: str, mode: str, batch_size: int, device) -> Tensor:
-    """The FID features of every training image, chunk by chunk as the comparison reads them.
+def memorisation_key(train_set, metric: str, mode: str, batch_size: int, device: torch.device) -> dict:
+    """What the features of the training set depend on: the key of their :mod:`lintrans.feature_cache` file.
 
-    Read from :mod:`lintrans.feature_cache` when an earlier evaluation (another trial of the sweep,
-    another checkpoint) computed them with the same images, extractor and sizes; computed, they are held
-    whole (CIFAR-10's 50,000 Inception features: 410 MB), read, they are paged in chunk by chunk.
+    The images (their fingerprint), the metric, its mode and the extractor's weights; the batch and
+    chunk sizes they were computed in; the code that prepares images for the extractor (``fid.py``,
+    ``datasets.py``); the libraries that compute and resize; the device (the chip: other hardware
+    rounds otherwise).
     """
-    from importlib.metadata import version
+    from lintrans import fid, provenance
+    from lintrans.feature_cache import file_sha256
 
-    from lintrans import feature_cache, fid
-
-    key = {
+    return {
         "what": "memorisation training features",
         "images": train_set.fingerprint(),
         "metric": metric,
         "mode": mode,
-        "weights": feature_cache.file_sha256(fid.weights_file(metric)),
+        "weights": file_sha256(fid.weights_file(metric)),
         "batch_size": batch_size,
         "chunk": MEMORISATION_CHUNK,
-        "device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else device.type,
-        "torch": torch.__version__,
-        "clean-fid": version("clean-fid"),
+        "code": {module.__name__: file_sha256(Path(module.__file__)) for module in (fid, datasets)},
+        "versions": records.package_versions("torch", "torchvision", "clean-fid", "numpy", "Pillow"),
+        "device": provenance.device_name(device),
     }
-
-    def compute() -> Tensor:
-        extractor, resize = fid.extractor_for(metric, mode, device)
-        chunks = (
-            train_set.batch(torch.arange(start, min(start + MEMORISATION_CHUNK, len(train_set))))
-            for start in range(0, len(train_set), MEMORISATION_CHUNK)
-        )
-        return torch.cat([fid.features(x, extractor, resize, mode, batch_size, device).cpu() for x in chunks])
-
-    values, path, read = feature_cache.features(key, len(train_set), compute)
-    done = "read from" if read else "written to"
-    print(f"memorisation: features of the {len(train_set)} training images {done} {path}", flush=True)
-    return values
 
 
 def run_memorisation(samples: Tensor, train_set, metric: str, mode: str, batch_size: int, device) -> tuple:
-    """Memorisation metrics and breakdown of ``uint8`` samples against every image of ``train_set``."""
-    from lintrans import fid, memorisation
+    """Memorisation metrics and breakdown of ``uint8`` samples against every image of ``train_set``.
+
+    The training set's features come from :mod:`lintrans.feature_cache` when an earlier evaluation
+    (another trial of the sweep, another checkpoint) computed them with the same
+    :func:`memorisation_key`; computed here, they are kept there for the next one.
+    """
+    from lintrans import feature_cache, fid, memorisation
 
     extractor, resize = fid.extractor_for(metric, mode, device)
     pixels = samples.float() / 255.0
     pixel_nn = memorisation.NearestTwo(pixels.to(device))
     feature_nn = memorisation.NearestTwo(fid.features(pixels, extractor, resize, mode, batch_size, device).to(device))
-    reference = train_features(train_set, metric, mode, batch_size, device)
-    for start in range(0, len(train_set), MEMORISATION_CHUNK):
-        rows = torch.arange(start, min(start + MEMORISATION_CHUNK, len(train_set)))
-        pixel_nn.update(train_set.batch(rows).to(device))
-        feature_nn.update(reference[start : start + len(rows)].to(device))
+    key = memorisation_key(train_set, metric, mode, batch_size, device)
+    n = len(train_set)
+    cached = feature_cache.read(key, n)
+    computed = None
+    for start, x in zip(range(0, n, MEMORISATION_CHUNK), datasets.in_batches(train_set, MEMORISATION_CHUNK)):
+        pixel_nn.update(x.to(device))
+        if cached is None:
+            feats = fid.features(x, extractor, resize, mode, batch_size, device).cpu()
+            computed = torch.empty((n, feats.shape[1]), dtype=feats.dtype) if computed is None else computed
+            computed[start : start + len(x)] = feats
+        else:
+            feats = cached[start : start + len(x)]
+        feature_nn.update(feats.to(device))
+    kept = None if computed is None else feature_cache.write(key, computed)
+    done = "read from" if cached is not None else "written to" if kept else "computed, not kept in"
+    print(f"memorisation: features of the {n} training images {done} {feature_cache.path_for(key)}", flush=True)
     pixel, feature = (memorisation.summary(*found.distances()[:2]) for found in (pixel_nn, feature_nn))
     metrics = {
         "memorised_fraction": pixel["memorised_fraction"],
@@ -214,10 +218,10 @@ def _check_fid_files(spec: EvalSpec, resolution: int) -> dict:
     from lintrans import fid
 
     if spec.metric == "fid_mnist_features":
-        fid.require_file(fid.FEATURES_FILE, "digit feature weights", fid.FEATURES_HINT)
+        fid.weights_file(spec.metric)
         return {"reference": "mnist5k held-out digits", "cleanfid_mode": spec.cleanfid_mode}
     fid.ensure_reference_stats(spec.dataset_name_cleanfid, resolution, spec.cleanfid_mode, spec.dataset_split)
-    fid.require_file(fid.inception_file(), "Inception weights", fid.PREFETCH_HINT)
+    fid.weights_file(spec.metric)
     return {
         "dataset_name_cleanfid": spec.dataset_name_cleanfid,
         "dataset_split": spec.dataset_split,

@@ -67,21 +67,26 @@ def results_dir(dataset_name: str, experiment: str) -> Path:
     return runs_dir() / dataset_name / "evaluation_results" / experiment
 
 
-def environment(device: str) -> dict:
-    """Where and with what an evaluation ran."""
+def package_versions(*packages: str) -> dict[str, str | None]:
+    """Python's and each installed package's version (``None`` where it has no metadata)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "clean-fid", "lintrans", "numpy"):
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in packages:
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
+    return versions
+
+
+def environment(device: str) -> dict:
+    """Where and with what an evaluation ran."""
     return {
         "device": device,
         "hostname": socket.gethostname(),
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": versions,
+        "versions": package_versions("torch", "clean-fid", "lintrans", "numpy"),
         "argv": sys.argv,
     }
 
