@@ -59,7 +59,7 @@ def _load(key: dict, rows: int) -> tuple[Tensor | None, str | None]:
     path = path_for(key)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no file (a file where a folder goes holds none either)
         return None, None
     except Exception as exc:  # noqa: BLE001 - a file that cannot be read is recomputed, and said so
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
