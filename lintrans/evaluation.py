@@ -129,18 +129,21 @@ def run_memorisation(samples: Tensor, train_set, metric: str, mode: str, batch_s
     key = memorisation_key(train_set, metric, mode, batch_size, device)
     n = len(train_set)
     cached = feature_cache.read(key, n)
-    computed = None
+    computed: Tensor | None = None
     for start, x in zip(range(0, n, MEMORISATION_CHUNK), datasets.in_batches(train_set, MEMORISATION_CHUNK)):
         pixel_nn.update(x.to(device))
-        if cached is None:
-            feats = fid.features(x, extractor, resize, mode, batch_size, device).cpu()
-            computed = torch.empty((n, feats.shape[1]), dtype=feats.dtype) if computed is None else computed
-            computed[start : start + len(x)] = feats
-        else:
+        if cached is not None:
             feats = cached[start : start + len(x)]
+        else:
+            feats = fid.features(x, extractor, resize, mode, batch_size, device).cpu()
+            if computed is None:  # the first chunk tells the feature size
+                computed = torch.empty((n, feats.shape[1]), dtype=feats.dtype)
+            computed[start : start + len(x)] = feats
         feature_nn.update(feats.to(device))
-    kept = None if computed is None else feature_cache.write(key, computed)
-    done = "read from" if cached is not None else "written to" if kept else "computed, not kept in"
+    if cached is not None:
+        done = "read from"
+    else:
+        done = "written to" if feature_cache.write(key, computed) else "computed, not kept in"
     print(f"memorisation: features of the {n} training images {done} {feature_cache.path_for(key)}", flush=True)
     pixel, feature = (memorisation.summary(*found.distances()[:2]) for found in (pixel_nn, feature_nn))
     metrics = {

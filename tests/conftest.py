@@ -63,13 +63,9 @@ def _feature_cache(tmp_path_factory) -> Iterator[None]:
     in the home folder; the processes the tests start inherit it."""
     from lintrans.feature_cache import CACHE_ENV
 
-    previous = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("feature-cache"))
-    yield
-    if previous is None:
-        os.environ.pop(CACHE_ENV)
-    else:
-        os.environ[CACHE_ENV] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("feature-cache")))
+        yield
 
 
 def env(**extra: str) -> dict[str, str]:
